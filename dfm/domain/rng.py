@@ -64,12 +64,12 @@ class SampleRNG:
     def randn(self, indices: Sequence[int] | torch.Tensor, shape: Sequence[int], stream: Stream) -> torch.Tensor:
         """Standard normal draws ``[B, *shape]``, row ``b`` from sample ``indices[b]``'s stream."""
         rows = [torch.randn(tuple(shape), generator=self.generator(i, stream)) for i in _as_list(indices)]
-        return torch.stack(rows)
+        return torch.stack(rows) if rows else torch.empty((0, *shape))
 
     def rand(self, indices: Sequence[int] | torch.Tensor, shape: Sequence[int], stream: Stream) -> torch.Tensor:
         """Uniform ``[0, 1)`` draws ``[B, *shape]``, row ``b`` from sample ``indices[b]``'s stream."""
         rows = [torch.rand(tuple(shape), generator=self.generator(i, stream)) for i in _as_list(indices)]
-        return torch.stack(rows)
+        return torch.stack(rows) if rows else torch.empty((0, *shape))
 
 
 def _as_list(indices: Sequence[int] | torch.Tensor) -> list[int]:

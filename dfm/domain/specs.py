@@ -113,40 +113,72 @@ class LatentSpec:
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """``(C, F', H', W')`` of a ``frames x height x width`` video (causal VAE: ``F' = 1 + (F-1)/4``)."""
-        for name, n, s in (("frames-1", frames - 1, self.temporal_stride), ("height", height, self.spatial_stride),
-                           ("width", width, self.spatial_stride)):
+        for name, n, s in (
+            ("frames-1", frames - 1, self.temporal_stride),
+            ("height", height, self.spatial_stride),
+            ("width", width, self.spatial_stride),
+        ):
             if n < 0 or n % s:
                 raise ValueError(f"{name}={n} must be a non-negative multiple of {s}")
-        return (self.channels, 1 + (frames - 1) // self.temporal_stride,
-                height // self.spatial_stride, width // self.spatial_stride)
+        return (
+            self.channels,
+            1 + (frames - 1) // self.temporal_stride,
+            height // self.spatial_stride,
+            width // self.spatial_stride,
+        )
 
 
 # Named specs ------------------------------------------------------------------------------------
 
 WAN_1_3B = WanSpec(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30)
 WAN_14B = WanSpec(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40)
-WAN_TINY = WanSpec(num_attention_heads=2, attention_head_dim=12, ffn_dim=48, num_layers=2, text_dim=32,
-                   freq_dim=16, in_channels=4, out_channels=4)
+WAN_TINY = WanSpec(
+    num_attention_heads=2,
+    attention_head_dim=12,
+    ffn_dim=48,
+    num_layers=2,
+    text_dim=32,
+    freq_dim=16,
+    in_channels=4,
+    out_channels=4,
+)
 DIT_S = DiTSpec(num_attention_heads=6, attention_head_dim=64, ffn_dim=1536, num_layers=12)
 DIT_B = DiTSpec(num_attention_heads=12, attention_head_dim=64, ffn_dim=3072, num_layers=12)
 DIT_L = DiTSpec(num_attention_heads=16, attention_head_dim=64, ffn_dim=4096, num_layers=24)
 DIT_XL = DiTSpec(num_attention_heads=16, attention_head_dim=72, ffn_dim=4608, num_layers=28)
-DIT_TINY = DiTSpec(num_attention_heads=2, attention_head_dim=12, ffn_dim=48, num_layers=2, text_dim=32,
-                   freq_dim=16, in_channels=4, out_channels=4)
+DIT_TINY = DiTSpec(
+    num_attention_heads=2,
+    attention_head_dim=12,
+    ffn_dim=48,
+    num_layers=2,
+    text_dim=32,
+    freq_dim=16,
+    in_channels=4,
+    out_channels=4,
+)
 
 NAMED_SPECS: dict[str, ModelSpec] = {
-    "wan-1.3b": WAN_1_3B, "wan-14b": WAN_14B, "wan-tiny": WAN_TINY,
-    "dit-s": DIT_S, "dit-b": DIT_B, "dit-l": DIT_L, "dit-xl": DIT_XL, "dit-tiny": DIT_TINY,
+    "wan-1.3b": WAN_1_3B,
+    "wan-14b": WAN_14B,
+    "wan-tiny": WAN_TINY,
+    "dit-s": DIT_S,
+    "dit-b": DIT_B,
+    "dit-l": DIT_L,
+    "dit-xl": DIT_XL,
+    "dit-tiny": DIT_TINY,
 }
 
 
 # FLOPs ------------------------------------------------------------------------------------------
 
+
 def num_tokens(spec: ModelSpec, latent_frames: int, latent_height: int, latent_width: int) -> int:
     """Video tokens ``L`` after patchifying a latent of the given size."""
     pt, ph, pw = spec.patch_size
     if latent_frames % pt or latent_height % ph or latent_width % pw:
-        raise ValueError(f"latent {latent_frames}x{latent_height}x{latent_width} is not divisible by patch {spec.patch_size}")
+        raise ValueError(
+            f"latent {latent_frames}x{latent_height}x{latent_width} is not divisible by patch {spec.patch_size}"
+        )
     return (latent_frames // pt) * (latent_height // ph) * (latent_width // pw)
 
 

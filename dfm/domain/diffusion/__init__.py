@@ -1,0 +1,31 @@
+"""Diffusion processes: flow matching (SD3, WAN 2.1) and EDM (Karras et al., 2022), and CFG text dropout."""
+
+from dfm.domain.diffusion.conditioning import DenoiserNetwork, TrainingTerms, drop_text, per_sample_view
+from dfm.domain.diffusion.edm import EDM, Preconditioning
+from dfm.domain.diffusion.flow import (
+    MODE_SCALE_MAX,
+    FlowMatching,
+    interpolate,
+    mode_transform,
+    mode_transform_inverse,
+    shift_sigma,
+    unshift_sigma,
+    velocity_target,
+)
+
+__all__ = [
+    "EDM",
+    "MODE_SCALE_MAX",
+    "DenoiserNetwork",
+    "FlowMatching",
+    "Preconditioning",
+    "TrainingTerms",
+    "drop_text",
+    "interpolate",
+    "mode_transform",
+    "mode_transform_inverse",
+    "per_sample_view",
+    "shift_sigma",
+    "unshift_sigma",
+    "velocity_target",
+]

@@ -1,14 +1,38 @@
 """EDM (Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models", 2022).
 
-``x = x0 + sigma n``; ``D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)``.
+``x = x0 + sigma n``; ``D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)``. Training draws
+``ln sigma ~ N(P_mean, P_std^2)`` per sample and weights the denoising error by
+``lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2`` (EDM Table 1).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import attrs
+import torch
 from attrs import validators as v
+
+from dfm.domain.diffusion.conditioning import DenoiserNetwork, TrainingTerms, per_sample_view
+from dfm.domain.rng import SampleRNG, Stream
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class Preconditioning:
+    """EDM preconditioning coefficients at ``sigma`` (Karras et al., 2022, Table 1), each ``[B]``.
+
+    Attributes:
+        c_skip: Skip scaling ``sigma_d^2 / (sigma^2 + sigma_d^2)``.
+        c_out: Output scaling ``sigma sigma_d / sqrt(sigma^2 + sigma_d^2)``.
+        c_in: Input scaling ``1 / sqrt(sigma^2 + sigma_d^2)``.
+        c_noise: Noise conditioning ``ln(sigma) / 4``.
+    """
+
+    c_skip: torch.Tensor
+    c_out: torch.Tensor
+    c_in: torch.Tensor
+    c_noise: torch.Tensor
 
 
 @attrs.frozen(kw_only=True)
@@ -35,3 +59,76 @@ class EDM:
     def __attrs_post_init__(self) -> None:
         if self.sigma_min >= self.sigma_max:
             raise ValueError(f"sigma_min={self.sigma_min} must be below sigma_max={self.sigma_max}")
+
+    def draw_sigma(self, rng: SampleRNG, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Draw ``sigma = exp(P_mean + P_std n)``, ``n ~ N(0, 1)`` from each sample's ``SIGMA`` stream.
+
+        Not clamped: ``sigma_min``/``sigma_max`` bound sampling only (Karras et al., 2022, sec. 5).
+
+        Returns:
+            ``sigma`` ``[B]`` float32 on the CPU.
+        """
+        n = rng.randn(indices, (), Stream.SIGMA)
+        return torch.exp(self.p_mean + self.p_std * n)
+
+    def preconditioning(self, sigma: torch.Tensor) -> Preconditioning:
+        """The coefficients ``c_skip, c_out, c_in, c_noise`` at ``sigma`` (Karras et al., 2022, Table 1)."""
+        sd2 = self.sigma_data**2
+        total = sigma**2 + sd2
+        return Preconditioning(
+            c_skip=sd2 / total,
+            c_out=sigma * self.sigma_data / total.sqrt(),
+            c_in=total.rsqrt(),
+            c_noise=sigma.log() / 4,
+        )
+
+    def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """``lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 = 1 / c_out^2`` (Karras et al., 2022)."""
+        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+
+    def denoise(
+        self,
+        network: DenoiserNetwork,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The preconditioned denoiser ``D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)`` (EDM eq. 7).
+
+        Args:
+            network: The raw network ``F``; it sees ``timestep = c_noise``.
+            x: Noisy latents ``x0 + sigma n``, ``[B, C, F, H, W]``.
+            sigma: Per-sample noise level ``[B]``.
+            text: Text embeddings ``[B, S, D]``.
+            text_mask: Optional ``[B, S]`` bool mask.
+
+        Returns:
+            The denoised estimate of ``x0``, in ``x``'s dtype.
+        """
+        c = self.preconditioning(sigma)
+        F_x = network(per_sample_view(c.c_in, x) * x, c.c_noise, text, text_mask)
+        return per_sample_view(c.c_skip, x) * x + per_sample_view(c.c_out, x) * F_x.to(x.dtype)
+
+    def training_terms(
+        self,
+        network: DenoiserNetwork,
+        x0: torch.Tensor,
+        eps: torch.Tensor,
+        sigma: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None,
+    ) -> TrainingTerms:
+        """Denoising regression ``lambda(sigma) ||D(x0 + sigma n; sigma) - x0||^2`` (Karras et al., 2022, eq. 8).
+
+        Args:
+            network: The raw network ``F``.
+            x0: Clean latents ``[B, C, F, H, W]``, float32.
+            eps: Noise ``n ~ N(0, I)``, ``[B, C, F, H, W]``, float32.
+            sigma: Per-sample ``sigma`` ``[B]``, float32.
+            text: Text embeddings ``[B, S, D]`` (after dropout).
+            text_mask: Optional ``[B, S]`` bool mask.
+        """
+        x = x0 + per_sample_view(sigma, x0) * eps
+        prediction = self.denoise(network, x, sigma, text, text_mask)
+        return TrainingTerms(prediction=prediction, target=x0, weight=self.loss_weight(sigma))

@@ -1,0 +1,286 @@
+"""Move WAN 2.1 weights between dfm and diffusers' directory layout.
+
+Usage::
+
+    python -m dfm.app.convert import --from DIFFUSERS_DIR --out wan.safetensors
+    python -m dfm.app.convert export --from wan.safetensors --out DIFFUSERS_DIR
+
+A *dfm weights file* is one safetensors file of the network's state dict (diffusers parameter names)
+whose metadata holds the model spec as JSON (key ``dfm.spec``), so it is self-describing. A *diffusers
+directory* is what ``WanTransformer3DModel.save_pretrained`` writes and ``from_pretrained`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import attrs
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from dfm.adapters.diffusers.wan_weights import load_wan_diffusers, save_wan_diffusers
+from dfm.domain.networks.attention import AttentionKernel
+from dfm.domain.networks.wan import WanTransformer
+from dfm.domain.specs import WanSpec
+
+SPEC_KEY = "dfm.spec"
+"""Metadata key of a dfm weights file that holds the spec as JSON."""
+
+DTYPES: dict[str, torch.dtype | None] = {
+    "keep": None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+"""``--dtype`` choices: floating tensors are cast to this dtype (``keep``: as stored)."""
+
+
+# Python API ------------------------------------------------------------------------------------
+
+
+def export_wan(
+    model: WanTransformer,
+    spec: WanSpec,
+    out_dir: Path | str,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` as a diffusers ``WanTransformer3DModel`` directory.
+
+    Args:
+        model: The network (its state dict carries diffusers' parameter names).
+        spec: Its architecture; must equal ``model.spec``.
+        out_dir: Target directory.
+        dtype: Cast floating weights to this dtype (default: as they are).
+        max_shard_bytes: Shard the weights (with an index file) above this size.
+        overwrite: Replace WAN files already in ``out_dir``.
+
+    Returns:
+        ``out_dir``.
+    """
+    if model.spec != spec:
+        raise ValueError(f"spec {spec} does not describe the model, which was built from {model.spec}")
+    state = cast_floating(model.state_dict(), dtype)
+    return save_wan_diffusers(state, spec, out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+
+
+def import_wan(
+    model_dir: Path | str, *, dtype: torch.dtype | None = None, attention: AttentionKernel | None = None
+) -> WanTransformer:
+    """Build a :class:`WanTransformer` from a diffusers directory, loading its weights strictly.
+
+    Args:
+        model_dir: A ``WanTransformer3DModel`` directory (``config.json`` + safetensors).
+        dtype: Cast floating weights to this dtype (default: as stored).
+        attention: Attention kernel for the network (default: SDPA).
+
+    Raises:
+        ValueError: For a bad directory (see :func:`load_wan_diffusers`) or weights that do not fit the
+            config, naming the missing, unexpected and mis-shaped keys.
+    """
+    spec, state = load_wan_diffusers(model_dir)
+    return build_wan(spec, cast_floating(state, dtype), source=model_dir, attention=attention)
+
+
+def build_wan(
+    spec: WanSpec,
+    state: Mapping[str, torch.Tensor],
+    *,
+    source: Path | str,
+    attention: AttentionKernel | None = None,
+) -> WanTransformer:
+    """A :class:`WanTransformer` of ``spec`` holding ``state`` (checked strictly; tensors used in place)."""
+    with torch.device("meta"):
+        model = WanTransformer(spec, attention=attention)
+    check_wan_state(model, state, source=source)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def check_wan_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: Path | str) -> None:
+    """Raise a ``ValueError`` naming every key of ``state`` that is missing, unexpected or mis-shaped for ``model``."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    problems = []
+    if missing := sorted(expected.keys() - got.keys()):
+        problems.append(f"missing keys {_some(missing)}")
+    if unexpected := sorted(got.keys() - expected.keys()):
+        problems.append(f"unexpected keys {_some(unexpected)}")
+    common = sorted(expected.keys() & got.keys())
+    if mismatched := [f"{k} is {got[k]}, expected {expected[k]}" for k in common if got[k] != expected[k]]:
+        problems.append(f"shape mismatches {_some(mismatched)}")
+    if problems:
+        raise ValueError(f"{source}: weights do not fit the WAN config: " + "; ".join(problems))
+
+
+def save_weights_file(
+    state: Mapping[str, torch.Tensor], spec: WanSpec, path: Path | str, *, overwrite: bool = False
+) -> Path:
+    """Write a dfm weights file: ``state`` as safetensors with ``spec`` as JSON in its metadata."""
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} already exists; choose another path or allow overwriting")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt", SPEC_KEY: json.dumps(attrs.asdict(spec))})
+    os.replace(tmp, out)
+    return out
+
+
+def load_weights_file(path: Path | str) -> tuple[WanSpec, dict[str, torch.Tensor]]:
+    """Read a dfm weights file written by :func:`save_weights_file` into ``(spec, state_dict)``."""
+    src = Path(path)
+    if not src.is_file():
+        raise ValueError(f"{src}: no such file (expected a dfm weights .safetensors file)")
+    try:
+        with safe_open(src, framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{src}: not a readable safetensors file ({err})") from err
+    if SPEC_KEY not in meta:
+        raise ValueError(f"{src}: no {SPEC_KEY!r} in its metadata; not a dfm weights file (import a diffusers dir)")
+    try:
+        fields = json.loads(meta[SPEC_KEY])
+        if fields.get("arch") != "wan":
+            raise ValueError(f"arch is {fields.get('arch')!r}, only 'wan' converts to diffusers")
+        return WanSpec(**fields), state
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{src}: bad {SPEC_KEY!r} metadata: {err}") from err
+
+
+def cast_floating(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """``state`` with floating tensors cast to ``dtype`` (unchanged when ``dtype`` is ``None``)."""
+    if dtype is None:
+        return dict(state)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _some(items: Sequence[str], limit: int = 10) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return f"[{', '.join(items[:limit])}]{more}"
+
+
+# CLI -------------------------------------------------------------------------------------------
+
+
+def _import(args: argparse.Namespace) -> str:
+    spec, state = load_wan_diffusers(args.source)
+    model = build_wan(spec, cast_floating(state, DTYPES[args.dtype]), source=args.source)
+    out = save_weights_file(model.state_dict(), spec, args.out, overwrite=args.overwrite)
+    return f"imported {args.source} ({_describe(spec, model.state_dict())}) -> {out}"
+
+
+def _export(args: argparse.Namespace) -> str:
+    spec, state = load_weights_file(args.source)
+    model = build_wan(spec, cast_floating(state, DTYPES[args.dtype]), source=args.source)
+    shard = None if args.max_shard_gb is None else int(args.max_shard_gb * 2**30)
+    out = export_wan(model, spec, args.out, max_shard_bytes=shard, overwrite=args.overwrite)
+    return f"exported {args.source} ({_describe(spec, model.state_dict())}) -> {out}"
+
+
+def _describe(spec: WanSpec, state: Mapping[str, torch.Tensor]) -> str:
+    params = sum(t.numel() for t in state.values())
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
+    return f"{spec.num_layers} layers, hidden {spec.hidden_size}, {params / 1e6:.1f}M parameters, {'/'.join(dtypes)}"
+
+
+_EXAMPLES = """examples:
+  python -m dfm.app.convert import --from ckpts/Wan2.1-T2V-1.3B-Diffusers/transformer --out wan-1.3b.safetensors
+  python -m dfm.app.convert export --from wan-1.3b.safetensors --out exported/transformer --dtype bfloat16
+
+errors (a missing or malformed file, weights that do not fit the config) print one line to stderr
+and exit with status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m dfm.app.convert`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dfm.app.convert",
+        description="Convert WAN 2.1 transformer weights between a dfm weights file (one .safetensors with the "
+        "spec in its metadata) and a diffusers WanTransformer3DModel directory (config.json + safetensors). "
+        "Parameter names are identical; nothing is renamed, nothing is pickled.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{import,export}")
+    imp = sub.add_parser(
+        "import",
+        help="diffusers directory -> dfm weights file",
+        description="Read a diffusers WanTransformer3DModel directory, check every weight against its config, "
+        "and write one dfm weights file.",
+    )
+    imp.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="diffusers WanTransformer3DModel directory (save_pretrained layout; sharded is fine)",
+    )
+    imp.add_argument("--out", required=True, type=Path, metavar="FILE.safetensors", help="dfm weights file to write")
+    exp = sub.add_parser(
+        "export",
+        help="dfm weights file -> diffusers directory",
+        description="Write a dfm weights file as a diffusers WanTransformer3DModel directory "
+        "(config.json + diffusion_pytorch_model.safetensors) that diffusers' from_pretrained loads.",
+    )
+    exp.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        type=Path,
+        metavar="FILE.safetensors",
+        help="dfm weights file (from `import` or a training export)",
+    )
+    exp.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="directory to write; WanTransformer3DModel.from_pretrained(DIR) loads it",
+    )
+    exp.add_argument(
+        "--max-shard-gb",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="split the weights into shards of at most GB gibibytes, with an index file",
+    )
+    for p in (imp, exp):
+        p.add_argument(
+            "--dtype",
+            choices=sorted(DTYPES),
+            default="keep",
+            help="cast floating weights (default: keep the stored dtypes)",
+        )
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        p.set_defaults(run=_import if p is imp else _export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; user errors go to stderr as one line with exit status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "max_shard_gb", None) is not None and args.max_shard_gb <= 0:
+        parser.error("--max-shard-gb must be positive")  # exits with status 2
+    try:
+        print(args.run(args))
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

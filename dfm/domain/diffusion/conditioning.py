@@ -1,0 +1,90 @@
+"""What a denoising network is conditioned on, and classifier-free-guidance text dropout.
+
+Holds the pieces every diffusion process shares: the network call protocol ``(x, timestep, text,
+text_mask) -> out``, per-sample broadcasting of ``sigma``, the (prediction, target, weight) triple a
+process hands to the training objective, and the text dropout of classifier-free guidance (Ho &
+Salimans, "Classifier-Free Diffusion Guidance", 2022) drawn per sample (DESIGN.md rule 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import attrs
+import torch
+
+from dfm.domain.rng import SampleRNG, Stream
+
+
+class DenoiserNetwork(Protocol):
+    """A denoising network as the diffusion math sees it.
+
+    ``network(x, timestep, text, text_mask) -> out`` with ``x`` and ``out`` of shape ``[B, C, F, H, W]``,
+    ``timestep`` ``[B]``, ``text`` ``[B, S, D]`` and ``text_mask`` ``[B, S]`` bool (``True`` for real
+    tokens) or ``None``. What ``timestep`` and ``out`` mean is the process's choice: under flow matching
+    (WAN 2.1) ``timestep = sigma * num_train_timesteps`` and ``out`` is the velocity ``eps - x0``; under
+    EDM (DiT) ``timestep = c_noise`` and ``out`` is the raw network output ``F``.
+    """
+
+    def __call__(
+        self, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
+    ) -> torch.Tensor: ...
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class TrainingTerms:
+    """What a diffusion process hands to the objective for one batch.
+
+    The objective's per-sample loss is ``weight[b] * mean((prediction[b] - target[b])^2)``.
+
+    Attributes:
+        prediction: The network's (preconditioned) prediction, ``[B, C, F, H, W]``.
+        target: The regression target, ``[B, C, F, H, W]``, float32.
+        weight: The per-sample loss weight, ``[B]``, float32.
+    """
+
+    prediction: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor
+
+
+def per_sample_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape per-sample values ``[B]`` to ``[B, 1, ..., 1]`` so they broadcast against ``like``.
+
+    Args:
+        values: One value per sample, ``[B]``.
+        like: A tensor ``[B, ...]`` whose number of dimensions the result matches.
+
+    Returns:
+        ``values`` viewed as ``[B] + [1] * (like.ndim - 1)``.
+    """
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def drop_text(
+    text: torch.Tensor, p: float, rng: SampleRNG, indices: Sequence[int] | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classifier-free-guidance text dropout (Ho & Salimans, 2022), decided per sample.
+
+    Sample ``b`` keeps its text when ``r_b >= p``, ``r_b ~ U[0, 1)`` drawn from the ``TEXT_DROPOUT``
+    stream of sample ``indices[b]``; otherwise its embedding is replaced by the null text (zeros).
+
+    The text mask is deliberately left as is for dropped samples. All tokens of the null text are
+    identical (zero embeddings; after any per-token text embedder they are still identical), so
+    attention over any non-empty subset of them yields the same output: keeping the mask is exact, and
+    it avoids all-``False`` mask rows, for which a softmax over no keys is undefined (NaN).
+
+    Args:
+        text: Text embeddings ``[B, S, D]``.
+        p: Probability of dropping a sample's text, in ``[0, 1]``.
+        rng: The step's per-sample random streams.
+        indices: Global sample indices ``[B]``.
+
+    Returns:
+        ``(text, keep)``: the new text ``[B, S, D]`` (same dtype and device) and ``keep`` ``[B]`` bool,
+        ``True`` where the sample kept its text.
+    """
+    r = rng.rand(indices, (), Stream.TEXT_DROPOUT).to(text.device)
+    keep = r >= p
+    return torch.where(per_sample_view(keep, text), text, torch.zeros_like(text)), keep

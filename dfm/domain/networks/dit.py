@@ -1,0 +1,352 @@
+"""Video DiT for EDM (Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023).
+
+The DiT-XL/2 design carried over to video latents ``[B, C, F, H, W]``:
+
+* Conv3d patch embedding with patch ``(1, 2, 2)``; tokens in (f, h, w) row-major order.
+* Noise-level conditioning: sinusoidal features of EDM's ``c_noise = ln(sigma) / 4`` (Karras et al.,
+  "Elucidating the Design Space of Diffusion-Based Generative Models", 2022) -> MLP -> ``c``.
+* Blocks with adaLN-zero: ``Linear(SiLU(c))`` gives shift/scale/gate for self-attention and MLP,
+  zero-initialised so each block starts as the identity.
+* Self-attention with 3D RoPE (Su et al., "RoFormer", 2021) on q and k, computed from the actual
+  token grid (no position table, so any latent size works) and per-head q/k RMSNorm (Dehghani et
+  al., "Scaling Vision Transformers to 22 Billion Parameters", 2023).
+* Cross-attention to the embedded text after a layer norm, as in PixArt-α (Chen et al., 2023): no
+  RoPE, output projection zero-initialised, optional ``text_mask``.
+* Final adaLN (shift, scale) + zero-initialised linear, unpatchified back to ``[B, C_out, F, H, W]``.
+
+The network returns EDM's raw ``F_theta``; preconditioning lives in :mod:`dfm.domain.diffusion.edm`.
+It is architecture only: :data:`DIT_PARALLEL_PLAN` says how runtimes may split it (DESIGN.md rule 4)
+and every attention module holds a swappable kernel in ``kernel`` (rule 5).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dfm.domain.networks.attention import AttentionKernel, SDPAAttention
+from dfm.domain.networks.layers import (
+    FP32LayerNorm,
+    Grid,
+    PatchEmbed3d,
+    RMSNorm,
+    apply_rope,
+    modulate,
+    patch_grid,
+    rope_3d,
+    timestep_features,
+    unpatchify,
+)
+from dfm.domain.networks.plan import ParallelPlan
+from dfm.domain.specs import DiTSpec
+
+Rope = tuple[Tensor, Tensor]
+"""``(cos, sin)`` tables ``[L, head_dim]`` from :func:`~dfm.domain.networks.layers.rope_3d`."""
+
+DIT_PARALLEL_PLAN = ParallelPlan(
+    blocks="blocks",
+    column_parallel=(
+        "blocks.*.self_attn.to_q",
+        "blocks.*.self_attn.to_k",
+        "blocks.*.self_attn.to_v",
+        "blocks.*.cross_attn.to_q",
+        "blocks.*.cross_attn.to_k",
+        "blocks.*.cross_attn.to_v",
+        "blocks.*.mlp.fc1",
+    ),
+    row_parallel=("blocks.*.self_attn.to_out", "blocks.*.cross_attn.to_out", "blocks.*.mlp.fc2"),
+    replicated=("patch_embedding", "time_embedder", "text_embedder", "blocks.*.modulation", "final_layer"),
+    sequence_parallel_attention=("blocks.*.self_attn",),
+)
+"""How :class:`DiT` may be split. q/k norms are per head, so tensor parallelism needs no ``head_norms``."""
+
+
+class Attention(nn.Module):
+    """Multi-head attention with per-head q/k RMSNorm, optional RoPE and a pluggable kernel.
+
+    Heads are recovered from the projection width with ``head_dim``, so a column-parallel shard of
+    ``to_q/to_k/to_v`` simply holds fewer heads.
+
+    Args:
+        dim: Model width ``h`` (queries, keys and values all have width ``h``).
+        head_dim: Channels per head ``D``.
+        eps: RMSNorm epsilon.
+        kernel: Attention kernel over ``[B, H, L, D]``, kept in :attr:`kernel` so runtimes can swap it.
+    """
+
+    def __init__(self, dim: int, head_dim: int, eps: float, kernel: AttentionKernel) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(head_dim, eps=eps)
+        self.norm_k = RMSNorm(head_dim, eps=eps)
+        self.kernel = kernel
+
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, rope: Rope | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """Attend from ``x`` ``[B, L, h]`` to ``context`` ``[B, S, h]`` (``x`` itself when ``None``).
+
+        Args:
+            x: Query tokens.
+            context: Key/value tokens; ``None`` for self-attention.
+            rope: RoPE tables applied to q and k (self-attention only: q and k share positions).
+            mask: Boolean ``[B, 1, 1 | L, S]``, ``True`` = attend. A query whose keys are all masked
+                gets a zero output (attending to nothing), not NaN.
+
+        Returns:
+            ``[B, L, h]``.
+        """
+        context = x if context is None else context
+        q = self.norm_q(self._heads(self.to_q(x)))
+        k = self.norm_k(self._heads(self.to_k(context)))
+        v = self._heads(self.to_v(context))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        keep = None
+        if mask is not None:
+            keep = mask.any(dim=-1, keepdim=True)
+            mask = mask | ~keep
+        out = self.to_out(self.kernel(q, k, v, mask).transpose(1, 2).flatten(2))
+        return out if keep is None else out * keep[:, 0].to(out.dtype)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """``[B, L, H * D]`` -> ``[B, H, L, D]``."""
+        return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+
+
+class MLP(nn.Module):
+    """Transformer MLP ``fc2(GELU_tanh(fc1(x)))`` (DiT's ``Mlp``)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the MLP to ``x`` ``[..., dim]``."""
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Embedder(nn.Module):
+    """Two-layer conditioning MLP ``linear_2(act(linear_1(x)))`` (DiT's timestep embedder; WAN's text embedder)."""
+
+    def __init__(self, in_dim: int, dim: int, act: nn.Module) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.act = act
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Embed ``x`` ``[..., in_dim]`` into ``[..., dim]``."""
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-zero block (Peebles & Xie, 2023) with cross-attention to text (PixArt-α, Chen et al., 2023).
+
+    ``x += gate_msa * SelfAttn(modulate(norm1(x)))``; ``x += CrossAttn(norm2(x), text)``;
+    ``x += gate_mlp * MLP(modulate(norm3(x)))``. With the modulation and the cross-attention output
+    projection zero-initialised the block is the identity.
+
+    Args:
+        spec: Model spec.
+        kernel: Attention kernel shared by both attention modules.
+    """
+
+    def __init__(self, spec: DiTSpec, kernel: AttentionKernel) -> None:
+        super().__init__()
+        h, d, eps = spec.hidden_size, spec.attention_head_dim, spec.eps
+        self.norm1 = FP32LayerNorm(h, eps=eps, elementwise_affine=False)
+        self.self_attn = Attention(h, d, eps, kernel)
+        self.norm2 = FP32LayerNorm(h, eps=eps, elementwise_affine=True)
+        self.cross_attn = Attention(h, d, eps, kernel)
+        self.norm3 = FP32LayerNorm(h, eps=eps, elementwise_affine=False)
+        self.mlp = MLP(h, spec.ffn_dim)
+        self.modulation = nn.Linear(h, 6 * h)
+
+    def forward(self, x: Tensor, c: Tensor, context: Tensor, rope: Rope, text_mask: Tensor | None = None) -> Tensor:
+        """Run the block.
+
+        Args:
+            x: Video tokens ``[B, L, h]``.
+            c: Noise-level embedding ``[B, h]``.
+            context: Embedded text ``[B, S, h]``.
+            rope: RoPE tables of the video tokens.
+            text_mask: Boolean ``[B, 1, 1, S]`` attention mask over the text, or ``None``.
+
+        Returns:
+            ``[B, L, h]``.
+        """
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.modulation(F.silu(c)).unsqueeze(1).chunk(6, dim=-1)
+        )
+        x = x + gate_msa * self.self_attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
+        x = x + self.cross_attn(self.norm2(x), context, mask=text_mask)
+        return x + gate_mlp * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """DiT's output head: adaLN (shift, scale) then a linear to ``out_channels * patch volume``."""
+
+    def __init__(self, dim: int, out_features: int, eps: float) -> None:
+        super().__init__()
+        self.norm = FP32LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.modulation = nn.Linear(dim, 2 * dim)
+        self.linear = nn.Linear(dim, out_features)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """Map tokens ``[B, L, h]`` under conditioning ``c`` ``[B, h]`` to ``[B, L, out_features]``."""
+        shift, scale = self.modulation(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Video diffusion transformer for EDM (Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023).
+
+    See the module docstring for the architecture. Inputs are cast to the parameters' dtype, so an
+    fp32 latent can drive a bf16 model.
+
+    Args:
+        spec: Model sizes.
+        attention: Attention kernel for every attention module (default ``SDPAAttention("auto")``).
+        generator: Random stream for the initial weights (default: a fixed seed; the global RNG is never
+            drawn). On the meta device nothing is initialised: call :meth:`init_weights` after materialising.
+
+    Attributes:
+        parallel_plan: Where runtimes may split this network (:data:`DIT_PARALLEL_PLAN`).
+    """
+
+    parallel_plan: ClassVar[ParallelPlan] = DIT_PARALLEL_PLAN
+
+    def __init__(
+        self, spec: DiTSpec, *, attention: AttentionKernel | None = None, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__()
+        if spec.attention_head_dim % 2:
+            raise ValueError(f"attention_head_dim must be even for RoPE, got {spec.attention_head_dim}")
+        with torch.random.fork_rng(devices=[]):  # torch's default init must not consume the global RNG
+            self._build(spec, SDPAAttention("auto") if attention is None else attention)
+        if not self.final_layer.linear.weight.is_meta:
+            self.init_weights(generator)
+
+    def _build(self, spec: DiTSpec, kernel: AttentionKernel) -> None:
+        h, patch_volume = spec.hidden_size, math.prod(spec.patch_size)
+        self.spec = spec
+        self.patch_embedding = PatchEmbed3d(spec.in_channels, h, spec.patch_size)
+        self.time_embedder = Embedder(spec.freq_dim, h, nn.SiLU())
+        self.text_embedder = Embedder(spec.text_dim, h, nn.GELU(approximate="tanh"))
+        self.blocks = nn.ModuleList(DiTBlock(spec, kernel) for _ in range(spec.num_layers))
+        self.final_layer = FinalLayer(h, spec.out_channels * patch_volume, spec.eps)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """DiT's initialisation (plus PixArt-α's zero cross-attention output).
+
+        Xavier-uniform linears and patch embedding with zero biases; N(0, 0.02) conditioning MLPs;
+        zero adaLN modulations, cross-attention output projections and final linear, so the network
+        starts as the identity on its tokens and outputs zero. Runtimes that build on the meta device
+        call this after materialising the parameters.
+
+        Args:
+            generator: Random stream (default: a fixed seed; the global RNG is never drawn). Values are
+                drawn on its device and copied to the parameters'.
+        """
+        gen = torch.Generator().manual_seed(0) if generator is None else generator
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                _draw(module.weight, lambda t: nn.init.xavier_uniform_(t, generator=gen), gen)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm | nn.RMSNorm):
+                module.reset_parameters()
+        xavier_flat = lambda t: nn.init.xavier_uniform_(t.view(t.shape[0], -1), generator=gen)
+        _draw(self.patch_embedding.weight, xavier_flat, gen)
+        nn.init.zeros_(self.patch_embedding.bias)
+        for embedder in (self.time_embedder, self.text_embedder):
+            for linear in (embedder.linear_1, embedder.linear_2):
+                _draw(linear.weight, lambda t: nn.init.normal_(t, std=0.02, generator=gen), gen)
+        zero = [self.final_layer.modulation, self.final_layer.linear]
+        zero += [m for block in self.blocks for m in (block.modulation, block.cross_attn.to_out)]
+        for linear in zero:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None = None) -> Tensor:
+        """EDM's raw network output ``F_theta(c_in x, c_noise)``.
+
+        Args:
+            x: Latents ``[B, C_in, F, H, W]`` (already scaled by ``c_in``); ``F, H, W`` divisible by the patch.
+            timestep: EDM's ``c_noise = ln(sigma) / 4`` per sample, ``[B]``.
+            text: Text embeddings ``[B, S, text_dim]``.
+            text_mask: Boolean ``[B, S]``, ``True`` for real tokens; masked tokens are ignored exactly as
+                if dropped. A sample with no real token gets no text conditioning.
+
+        Returns:
+            ``[B, C_out, F, H, W]`` in the parameters' dtype.
+        """
+        grid = self._check_inputs(x, timestep, text, text_mask)
+        dtype = self.patch_embedding.weight.dtype
+        tokens = self.patch_embedding(x.to(dtype))
+        c = self.embed_noise(timestep)
+        context = self.text_embedder(text.to(dtype))
+        rope = rope_3d(self.spec.attention_head_dim, grid, device=x.device)
+        mask = None if text_mask is None else text_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]
+        for block in self.blocks:
+            tokens = block(tokens, c, context, rope, mask)
+        out = self.final_layer(tokens, c)
+        return unpatchify(out, grid, self.spec.patch_size, self.spec.out_channels)
+
+    def embed_noise(self, timestep: Tensor) -> Tensor:
+        """Noise-level embedding ``c`` ``[B, h]`` of ``c_noise`` ``[B]``."""
+        features = timestep_features(timestep, self.spec.freq_dim)
+        return self.time_embedder(features.to(self.time_embedder.linear_1.weight.dtype))
+
+    def _check_inputs(self, x: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None) -> Grid:
+        """Validate shapes up front (DESIGN.md rule 7) and return the token grid."""
+        spec = self.spec
+        if x.ndim != 5 or x.shape[1] != spec.in_channels:
+            raise ValueError(f"x must be [B, {spec.in_channels}, F, H, W], got {tuple(x.shape)}")
+        batch = x.shape[0]
+        if tuple(timestep.shape) != (batch,):
+            raise ValueError(f"timestep must be [B]=[{batch}] (one c_noise per sample), got {tuple(timestep.shape)}")
+        if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != spec.text_dim:
+            raise ValueError(f"text must be [{batch}, S, {spec.text_dim}], got {tuple(text.shape)}")
+        if text_mask is not None and tuple(text_mask.shape) != tuple(text.shape[:2]):
+            raise ValueError(f"text_mask must be [B, S]={tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
+        return patch_grid(x.shape[2], x.shape[3], x.shape[4], spec.patch_size)
+
+
+def _draw(param: Tensor, init: Callable[[Tensor], object], generator: torch.Generator) -> None:
+    """Run the random ``init`` on ``param``, drawing on the generator's device and copying if they differ."""
+    if param.device == generator.device:
+        init(param)
+    else:
+        tmp = torch.empty(param.shape, dtype=param.dtype, device=generator.device)
+        init(tmp)
+        param.copy_(tmp)
+
+
+def dit_num_params(spec: DiTSpec) -> int:
+    """Closed-form parameter count of :class:`DiT` built from ``spec``.
+
+    Per block: four ``h x h`` projections (with bias) in each attention, two per-head RMSNorm weights
+    in each, the cross-attention layer norm, the MLP and the ``h -> 6h`` modulation.
+    """
+    h, d, ffn = spec.hidden_size, spec.attention_head_dim, spec.ffn_dim
+    patch_volume = math.prod(spec.patch_size)
+    attention = 4 * (h * h + h) + 2 * d
+    block = 2 * attention + 2 * h + (h * ffn + ffn + ffn * h + h) + (h * 6 * h + 6 * h)
+    embed = spec.in_channels * patch_volume * h + h  # patch embedding
+    embed += (spec.freq_dim * h + h) + (h * h + h)  # noise-level MLP
+    embed += (spec.text_dim * h + h) + (h * h + h)  # text MLP
+    head = (h * 2 * h + 2 * h) + (h * spec.out_channels * patch_volume + spec.out_channels * patch_volume)
+    return spec.num_layers * block + embed + head

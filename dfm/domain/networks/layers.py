@@ -1,0 +1,199 @@
+"""Layers shared by the video transformers: 3D RoPE, timestep features, norms, patchify.
+
+Numerics follow diffusers (``WanRotaryPosEmbed``, ``get_timestep_embedding``, ``FP32LayerNorm``) so
+that networks built from these layers reproduce diffusers' outputs to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Grid = tuple[int, int, int]
+"""Token grid ``(F, H, W)`` after patchifying: frames, height, width in patches."""
+
+RMSNorm = nn.RMSNorm
+"""Root-mean-square norm (Zhang & Sennrich, 2019); torch's own, as diffusers' WAN uses it."""
+
+
+# Rotary position embedding ---------------------------------------------------------------------
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """WAN's split of a head's channels among the (t, h, w) axes: h and w get ``2 * (D // 6)`` each.
+
+    Args:
+        head_dim: Channels per attention head ``D`` (even).
+
+    Returns:
+        ``(d_t, d_h, d_w)`` with ``d_t = D - 4 * (D // 6)``.
+    """
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"3D RoPE needs a positive even head_dim, got {head_dim}")
+    d_hw = 2 * (head_dim // 6)
+    return head_dim - 2 * d_hw, d_hw, d_hw
+
+
+def _rope_1d(dim: int, length: int, theta: float, device: torch.device | str | None) -> tuple[Tensor, Tensor]:
+    """cos/sin ``[length, dim]`` (float64) of one axis, each frequency repeated for its (even, odd) pair."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float64, device=device), inv_freq)
+    return angles.cos().repeat_interleave(2, dim=1), angles.sin().repeat_interleave(2, dim=1)
+
+
+def rope_3d(
+    head_dim: int, grid: Grid, *, theta: float = 10000.0, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """3D rotary position embedding (Su et al., "RoFormer", 2021; WAN 2.1's axis split).
+
+    The head channels are split among frame, height and width (:func:`rope_axis_dims`); each axis
+    rotates its channel pairs by ``position * theta^(-2i/d)``. Computed on the fly in float64 for any
+    grid, identical to diffusers' ``WanRotaryPosEmbed`` table for grids it covers.
+
+    Args:
+        head_dim: Channels per attention head.
+        grid: Token grid ``(F, H, W)``.
+        theta: RoPE base.
+        device: Device of the returned tensors.
+
+    Returns:
+        ``(cos, sin)``, each ``[F * H * W, head_dim]`` float32, tokens in (f, h, w) row-major order.
+    """
+    f, h, w = grid
+    axes = [_rope_1d(d, n, theta, device) for d, n in zip(rope_axis_dims(head_dim), grid, strict=True)]
+
+    def spread(tables: list[Tensor]) -> Tensor:
+        t, y, x = tables
+        parts = (
+            t.view(f, 1, 1, -1).expand(f, h, w, -1),
+            y.view(1, h, 1, -1).expand(f, h, w, -1),
+            x.view(1, 1, w, -1).expand(f, h, w, -1),
+        )
+        return torch.cat(parts, dim=-1).reshape(f * h * w, head_dim).float()
+
+    return spread([c for c, _ in axes]), spread([s for _, s in axes])
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved channel pairs ``(x[2i], x[2i+1])`` of ``x`` by the RoPE angles.
+
+    The rotation runs in the promoted dtype of ``x`` and the tables (float32 for bf16 ``x``) and the
+    result is cast back to ``x.dtype``, as diffusers' WAN attention does.
+
+    Args:
+        x: Queries or keys ``[B, H, L, D]``.
+        cos: ``[L, D]`` from :func:`rope_3d`.
+        sin: ``[L, D]`` from :func:`rope_3d`.
+
+    Returns:
+        The rotated tensor, shape and dtype of ``x``.
+    """
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
+
+
+# Timestep features -----------------------------------------------------------------------------
+
+
+def timestep_features(
+    t: Tensor, dim: int, *, flip_sin_to_cos: bool = True, downscale_freq_shift: float = 0.0, max_period: float = 10000.0
+) -> Tensor:
+    """Sinusoidal features of (fractional) timesteps (Ho et al., "DDPM", 2020; Vaswani et al., 2017).
+
+    ``freq_i = max_period^(-i / (dim/2 - downscale_freq_shift))``; features ``[sin(t freq), cos(t freq)]``,
+    or ``[cos, sin]`` with ``flip_sin_to_cos`` (diffusers ``get_timestep_embedding`` semantics).
+
+    Args:
+        t: Timesteps ``[B]``.
+        dim: Feature width (an odd width is zero-padded).
+        flip_sin_to_cos: Put the cosines first.
+        downscale_freq_shift: Shift of the frequency exponent's denominator.
+        max_period: Longest period.
+
+    Returns:
+        ``[B, dim]`` float32 features.
+    """
+    if t.ndim != 1:
+        raise ValueError(f"timesteps must be 1-D [B], got shape {tuple(t.shape)}")
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / (half - downscale_freq_shift))
+    angles = t[:, None].float() * freqs[None, :]
+    parts = (angles.cos(), angles.sin()) if flip_sin_to_cos else (angles.sin(), angles.cos())
+    emb = torch.cat(parts, dim=-1)
+    return F.pad(emb, (0, 1, 0, 0)) if dim % 2 else emb
+
+
+# Norms -----------------------------------------------------------------------------------------
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """Layer norm computed in float32 whatever the input dtype; the result returns to the input dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise the last dimension of ``x`` in float32."""
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation ``x * (1 + scale) + shift`` (Peebles & Xie, "DiT", 2023)."""
+    return x * (1 + scale) + shift
+
+
+# Patchify --------------------------------------------------------------------------------------
+
+
+def patch_grid(frames: int, height: int, width: int, patch: Grid) -> Grid:
+    """Token grid of a ``frames x height x width`` latent cut into ``patch`` patches.
+
+    Raises:
+        ValueError: If a size is not divisible by its patch size.
+    """
+    sizes = (frames, height, width)
+    if any(n % p for n, p in zip(sizes, patch, strict=True)):
+        raise ValueError(f"latent {frames}x{height}x{width} is not divisible by patch {tuple(patch)}")
+    return frames // patch[0], height // patch[1], width // patch[2]
+
+
+class PatchEmbed3d(nn.Conv3d):
+    """Non-overlapping 3D patch embedding: a Conv3d with kernel = stride = patch, returning tokens.
+
+    Its parameters are those of the Conv3d (``weight``, ``bias``), so state-dict names equal a plain
+    ``nn.Conv3d`` at the same place (diffusers' ``patch_embedding``).
+
+    Args:
+        in_channels: Latent channels ``C``.
+        dim: Token width.
+        patch: Patch size ``(pt, ph, pw)``.
+    """
+
+    def __init__(self, in_channels: int, dim: int, patch: Grid) -> None:
+        super().__init__(in_channels, dim, kernel_size=tuple(patch), stride=tuple(patch))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Embed ``x`` ``[B, C, F, H, W]`` into tokens ``[B, L, dim]`` in (f, h, w) row-major order."""
+        return super().forward(x).flatten(2).transpose(1, 2).contiguous()
+
+
+def unpatchify(x: Tensor, grid: Grid, patch: Grid, channels: int) -> Tensor:
+    """Fold tokens back into a latent video, inverse of patchifying with channels last per patch.
+
+    Args:
+        x: Tokens ``[B, L, pt * ph * pw * C]``, each token's features ordered ``(pt, ph, pw, C)``.
+        grid: Token grid ``(F, H, W)`` with ``L = F * H * W``.
+        patch: Patch size ``(pt, ph, pw)``.
+        channels: Latent channels ``C``.
+
+    Returns:
+        ``[B, C, F * pt, H * ph, W * pw]``.
+    """
+    (f, h, w), (pt, ph, pw) = grid, patch
+    x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, channels)
+    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(x.shape[0], channels, f * pt, h * ph, w * pw)

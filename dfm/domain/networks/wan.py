@@ -1,0 +1,337 @@
+"""WAN 2.1 text-to-video transformer (Wan Team, "Wan: Open and Advanced Large-Scale Video Generative
+Models", 2025).
+
+Parameter names and shapes equal diffusers' ``WanTransformer3DModel`` (text-to-video), so a diffusers
+state dict loads strictly into :class:`WanTransformer` and back. The forward pass reproduces diffusers'
+numerics, dtype casts included, with a pluggable attention kernel and an optional text mask.
+
+Notation: ``B`` batch, ``L`` video tokens, ``S`` text tokens, ``h`` hidden size, ``H`` heads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dfm.domain.networks.attention import AttentionKernel, SDPAAttention
+from dfm.domain.networks.layers import (
+    FP32LayerNorm,
+    PatchEmbed3d,
+    RMSNorm,
+    apply_rope,
+    modulate,
+    patch_grid,
+    rope_3d,
+    timestep_features,
+    unpatchify,
+)
+from dfm.domain.networks.plan import ParallelPlan
+from dfm.domain.specs import WanSpec
+
+Rope = tuple[Tensor, Tensor]
+
+
+class WanInputs(NamedTuple):
+    """What the blocks consume, as :meth:`WanTransformer.embed` prepares it.
+
+    Attributes:
+        tokens: Patch-embedded video ``[B, L, h]``.
+        context: Embedded text ``[B, S, h]``.
+        modulation: Six modulations per sample ``[B, 6, h]`` (before each block's ``scale_shift_table``).
+        temb: Timestep embedding ``[B, h]`` (for the output head).
+        rope: ``(cos, sin)`` ``[L, D]`` float32.
+        mask: Text key mask ``[B, 1, 1, S]`` bool, or ``None``.
+        grid: Token grid ``(F, H, W)``.
+    """
+
+    tokens: Tensor
+    context: Tensor
+    modulation: Tensor
+    temb: Tensor
+    rope: Rope
+    mask: Tensor | None
+    grid: tuple[int, int, int]
+
+
+WAN_PARALLEL_PLAN = ParallelPlan(
+    blocks="blocks",
+    column_parallel=(
+        "blocks.*.attn1.to_q",
+        "blocks.*.attn1.to_k",
+        "blocks.*.attn1.to_v",
+        "blocks.*.attn2.to_q",
+        "blocks.*.attn2.to_k",
+        "blocks.*.attn2.to_v",
+        "blocks.*.ffn.net.0.proj",
+    ),
+    row_parallel=("blocks.*.attn1.to_out.0", "blocks.*.attn2.to_out.0", "blocks.*.ffn.net.2"),
+    replicated=(
+        "patch_embedding",
+        "condition_embedder",
+        "proj_out",
+        "norm_out",
+        "scale_shift_table",
+        "blocks.*.scale_shift_table",
+        "blocks.*.norm2",
+    ),
+    sequence_parallel_attention=("blocks.*.attn1",),
+    head_norms=("blocks.*.attn1.norm_q", "blocks.*.attn1.norm_k", "blocks.*.attn2.norm_q", "blocks.*.attn2.norm_k"),
+)
+"""Where :class:`WanTransformer` may be split (Megatron-style column/row pairs per attention and FFN)."""
+
+
+class WanAttention(nn.Module):
+    """Multi-head attention with RMSNorm over all heads on q and k, optional RoPE and key mask.
+
+    Args:
+        dim: Hidden size ``h``.
+        heads: Number of heads ``H``.
+        eps: RMSNorm epsilon.
+        kernel: Attention kernel over ``[B, H, L, D]``; held in ``self.kernel`` so a runtime may swap it.
+    """
+
+    def __init__(self, dim: int, heads: int, eps: float, kernel: AttentionKernel) -> None:
+        super().__init__()
+        self.heads = heads
+        self.kernel = kernel
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.norm_q = RMSNorm(dim, eps=eps)
+        self.norm_k = RMSNorm(dim, eps=eps)
+
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, rope: Rope | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """Attend from ``x`` ``[B, L, h]`` to ``context`` ``[B, S, h]`` (itself when ``None``).
+
+        Args:
+            x: Query tokens.
+            context: Key/value tokens; ``None`` for self-attention.
+            rope: ``(cos, sin)`` ``[L, D]`` applied to q and k (self-attention only).
+            mask: Boolean key mask broadcastable to ``[B, H, L, S]``, ``True`` = attend. A query whose keys
+                are all masked gets a zero attention output (attending to nothing), so its result is
+                ``to_out``'s bias.
+        """
+        context = x if context is None else context
+        q = self._heads(self.norm_q(self.to_q(x)))
+        k = self._heads(self.norm_k(self.to_k(context)))
+        v = self._heads(self.to_v(context))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if mask is None:
+            out = self.kernel(q, k, v)
+        else:  # a query with no key to attend to gets a zero output (not the NaN of an all-masked softmax)
+            has_keys = mask.any(dim=-1, keepdim=True)
+            out = self.kernel(q, k, v, mask | ~has_keys) * has_keys
+        return self.to_out[0](out.transpose(1, 2).flatten(2).type_as(q))
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """``[B, L, H*D] -> [B, H, L, D]``."""
+        return x.unflatten(2, (self.heads, -1)).transpose(1, 2)
+
+
+class MLP(nn.Module):
+    """``linear_2(act(linear_1(x)))``: diffusers' ``TimestepEmbedding`` / ``PixArtAlphaTextProjection``."""
+
+    def __init__(self, in_dim: int, dim: int, act: nn.Module) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.act = act
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the two-layer MLP."""
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN ``W2 gelu_tanh(W1 x)``, laid out as diffusers' ``FeedForward`` (``net.0.proj``, ``net.2``)."""
+
+    def __init__(self, dim: int, ffn_dim: int) -> None:
+        super().__init__()
+        proj_in = nn.Module()
+        proj_in.proj = nn.Linear(dim, ffn_dim)
+        self.net = nn.ModuleList([proj_in, nn.Identity(), nn.Linear(ffn_dim, dim)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the FFN to ``x`` ``[..., h]``."""
+        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+
+
+class WanConditionEmbedder(nn.Module):
+    """Timestep and text conditioning: ``temb = MLP(features(t))``, six modulations ``time_proj(silu(temb))``,
+    and the text projection ``MLP_gelu_tanh(text)`` into the hidden size."""
+
+    def __init__(self, dim: int, freq_dim: int, text_dim: int) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.time_embedder = MLP(freq_dim, dim, nn.SiLU())
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_embedder = MLP(text_dim, dim, nn.GELU(approximate="tanh"))
+
+    def forward(self, timestep: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Return ``temb`` ``[B, h]``, modulations ``[B, 6, h]`` and embedded text ``[B, S, h]``."""
+        features = timestep_features(timestep, self.freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0.0)
+        temb = self.time_embedder(features.to(self.time_embedder.linear_1.weight.dtype)).type_as(text)
+        modulation = self.time_proj(F.silu(temb)).unflatten(1, (6, -1))
+        return temb, modulation, self.text_embedder(text)
+
+
+class WanBlock(nn.Module):
+    """One WAN block: modulated self-attention with 3D RoPE, cross-attention to text, modulated FFN.
+
+    The six modulations ``(shift, scale, gate)`` for attention and FFN are ``scale_shift_table + temb_proj``
+    (adaLN, Peebles & Xie 2023); residual sums and norms run in float32 as in the reference.
+    """
+
+    def __init__(self, spec: WanSpec, kernel: AttentionKernel) -> None:
+        super().__init__()
+        dim, eps = spec.hidden_size, spec.eps
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.attn1 = WanAttention(dim, spec.num_attention_heads, eps, kernel)
+        self.attn2 = WanAttention(dim, spec.num_attention_heads, eps, kernel)
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if spec.cross_attn_norm else nn.Identity()
+        self.ffn = FeedForward(dim, spec.ffn_dim)
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: Tensor, context: Tensor, modulation: Tensor, rope: Rope, mask: Tensor | None) -> Tensor:
+        """Update video tokens ``x`` ``[B, L, h]`` given text ``context``, ``modulation`` ``[B, 6, h]``, RoPE, mask."""
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + modulation.float()).chunk(6, dim=1)
+        y = self.attn1(modulate(self.norm1(x.float()), shift, scale).type_as(x), rope=rope)
+        x = (x.float() + y * gate).type_as(x)
+        x = x + self.attn2(self.norm2(x.float()).type_as(x), context, mask=mask)
+        y = self.ffn(modulate(self.norm3(x.float()), c_shift, c_scale).type_as(x))
+        return (x.float() + y.float() * c_gate).type_as(x)
+
+
+class WanTransformer(nn.Module):
+    """WAN 2.1 text-to-video diffusion transformer.
+
+    Args:
+        spec: Architecture.
+        attention: Attention kernel shared by all attention modules (default: SDPA, backend ``"auto"``).
+        generator: Generator for the initial weights (default: a fixed seed; no global RNG is drawn).
+    """
+
+    parallel_plan: ParallelPlan = WAN_PARALLEL_PLAN
+    """Tensor/sequence/pipeline parallel plan (DESIGN.md rule 4)."""
+
+    def __init__(
+        self, spec: WanSpec, *, attention: AttentionKernel | None = None, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):  # torch's default init must not consume the global RNG
+            self._build(spec, attention)
+        if not self.proj_out.weight.is_meta:
+            self.init_weights(generator)
+
+    def _build(self, spec: WanSpec, attention: AttentionKernel | None) -> None:
+        if spec.attention_head_dim % 2:
+            raise ValueError(f"attention_head_dim must be even for RoPE, got {spec.attention_head_dim}")
+        kernel = SDPAAttention("auto") if attention is None else attention
+        dim, patch = spec.hidden_size, spec.patch_size
+        self.spec = spec
+        self.patch_embedding = PatchEmbed3d(spec.in_channels, dim, patch)
+        self.condition_embedder = WanConditionEmbedder(dim, spec.freq_dim, spec.text_dim)
+        self.blocks = nn.ModuleList([WanBlock(spec, kernel) for _ in range(spec.num_layers)])
+        self.norm_out = FP32LayerNorm(dim, spec.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, spec.out_channels * math.prod(patch))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None = None) -> Tensor:
+        """Predict the flow-matching velocity (or whatever the weights were trained for).
+
+        Args:
+            x: Noisy latents ``[B, C, F, H, W]``.
+            timestep: ``[B]`` float timesteps (``sigma * 1000`` for flow matching).
+            text: Text-encoder embeddings ``[B, S, text_dim]``.
+            text_mask: Optional ``[B, S]`` bool, ``True`` for real tokens; masked tokens are ignored by
+                cross-attention (a sample with no real token gets no text information). ``None`` attends
+                to every token, as diffusers does.
+
+        Returns:
+            ``[B, out_channels, F, H, W]``.
+        """
+        state = self.embed(x, timestep, text, text_mask)
+        tokens = state.tokens
+        for block in self.blocks:
+            tokens = block(tokens, state.context, state.modulation, state.rope, state.mask)
+        return self.head(tokens, state.temb, state.grid)
+
+    def embed(self, x: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None = None) -> WanInputs:
+        """Everything before the blocks: patch embedding, conditioning, RoPE tables and the text mask.
+
+        ``forward`` is ``embed``, then each block on ``(tokens, context, modulation, rope, mask)``, then
+        :meth:`head`; pipeline and sequence-parallel runtimes call the stages themselves (a runtime that
+        shards the tokens over ranks slices ``rope`` along ``L`` the same way).
+        """
+        self._check_inputs(x, timestep, text, text_mask)
+        grid = patch_grid(*x.shape[2:], self.spec.patch_size)
+        rope = rope_3d(self.spec.attention_head_dim, grid, device=x.device)
+        temb, modulation, context = self.condition_embedder(timestep, text)
+        mask = None if text_mask is None else text_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]
+        return WanInputs(self.patch_embedding(x), context, modulation, temb, rope, mask, grid)
+
+    def head(self, tokens: Tensor, temb: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """Everything after the blocks: modulated output norm, projection to patches, unpatchify."""
+        shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        tokens = modulate(self.norm_out(tokens.float()), shift, scale).type_as(tokens)
+        return unpatchify(self.proj_out(tokens), grid, self.spec.patch_size, self.spec.out_channels)
+
+    def _check_inputs(self, x: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None) -> None:
+        s = self.spec
+        if x.ndim != 5 or x.shape[1] != s.in_channels:
+            raise ValueError(f"x must be [B, {s.in_channels}, F, H, W], got {tuple(x.shape)}")
+        if timestep.shape != (x.shape[0],):
+            raise ValueError(f"timestep must be [B]=[{x.shape[0]}], got {tuple(timestep.shape)}")
+        if text.ndim != 3 or text.shape[0] != x.shape[0] or text.shape[2] != s.text_dim:
+            raise ValueError(f"text must be [B, S, {s.text_dim}] with B={x.shape[0]}, got {tuple(text.shape)}")
+        if text_mask is not None and text_mask.shape != text.shape[:2]:
+            raise ValueError(f"text_mask must be [B, S]={tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """(Re-)initialise every parameter as the WAN reference does, drawing only from ``generator``.
+
+        Linears: Xavier-uniform weights, zero biases; patch embedding Xavier-uniform over its flattened
+        kernel; time and text embedders N(0, 0.02); scale-shift tables N(0, 1/h); output projection zero;
+        norms to identity.
+        """
+        gen = torch.Generator().manual_seed(0) if generator is None else generator
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                _fill(m.weight, lambda t: nn.init.xavier_uniform_(t, generator=gen), gen)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm | nn.RMSNorm) and m.weight is not None:
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        _fill(
+            self.patch_embedding.weight, lambda t: nn.init.xavier_uniform_(t.view(t.shape[0], -1), generator=gen), gen
+        )
+        nn.init.zeros_(self.patch_embedding.bias)
+        for mlp in (self.condition_embedder.time_embedder, self.condition_embedder.text_embedder):
+            for lin in (mlp.linear_1, mlp.linear_2):
+                _fill(lin.weight, lambda t: nn.init.normal_(t, std=0.02, generator=gen), gen)
+        tables = [self.scale_shift_table] + [b.scale_shift_table for b in self.blocks]
+        for table in tables:
+            _fill(table, lambda t: nn.init.normal_(t, std=self.spec.hidden_size**-0.5, generator=gen), gen)
+        nn.init.zeros_(self.proj_out.weight)
+
+
+def _fill(param: Tensor, init: Callable[[Tensor], object], generator: torch.Generator) -> None:
+    """Run ``init`` on ``param``, drawing on the generator's device and copying over if they differ."""
+    if param.device == generator.device:
+        init(param)
+    else:
+        tmp = torch.empty(param.shape, dtype=param.dtype, device=generator.device)
+        init(tmp)
+        param.copy_(tmp)

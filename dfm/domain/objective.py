@@ -1,0 +1,115 @@
+"""The whole training math as one pure function (DESIGN.md, "objective").
+
+Given a network callable, a batch and the step's per-sample random streams, :func:`training_loss`
+draws noise, ``sigma`` and the text-dropout decisions per sample (DESIGN.md rule 2), lets the
+diffusion process (flow matching or EDM) form its prediction and target, and returns the weighted
+MSE. Runtimes only decide where this runs and how gradients are reduced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import attrs
+import torch
+
+from dfm.domain.batch import Batch
+from dfm.domain.diffusion.conditioning import DenoiserNetwork, TrainingTerms, drop_text
+from dfm.domain.rng import SampleRNG, Stream
+
+__all__ = ["DenoiserNetwork", "DiffusionProcess", "LossOutput", "per_sample_mse", "training_loss"]
+
+
+@runtime_checkable
+class DiffusionProcess(Protocol):
+    """What the objective needs from a diffusion process; :class:`FlowMatching` and :class:`EDM` are ones."""
+
+    @property
+    def text_dropout(self) -> float:
+        """Probability of dropping a sample's text (classifier-free guidance)."""
+        ...
+
+    def draw_sigma(self, rng: SampleRNG, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Per-sample ``sigma`` ``[B]`` (float32, CPU) from each sample's ``SIGMA`` stream."""
+        ...
+
+    def training_terms(
+        self,
+        network: DenoiserNetwork,
+        x0: torch.Tensor,
+        eps: torch.Tensor,
+        sigma: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None,
+    ) -> TrainingTerms:
+        """The network's prediction, the regression target and the per-sample weight."""
+        ...
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class LossOutput:
+    """The result of one training loss evaluation.
+
+    Attributes:
+        loss: Scalar float32: the mean over samples of :attr:`per_sample`.
+        per_sample: ``[B]`` float32: ``weight(sigma_b) * mean((prediction_b - target_b)^2)``.
+        metrics: Detached float32 scalars: ``mse`` (unweighted, mean over samples), ``sigma_mean``,
+            ``weight_mean`` and ``text_dropped`` (fraction of samples whose text was dropped).
+    """
+
+    loss: torch.Tensor
+    per_sample: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over all elements of each sample, in float32: ``[B, ...] -> [B]``.
+
+    Raises:
+        ValueError: If the network's prediction does not have the target's shape.
+    """
+    if prediction.shape != target.shape:
+        raise ValueError(
+            f"the network returned shape {tuple(prediction.shape)} but the target has shape {tuple(target.shape)}; "
+            "check that the model's out_channels and patch size match the latents"
+        )
+    return (prediction.float() - target.float()).square().flatten(1).mean(dim=1)
+
+
+def training_loss(network: DenoiserNetwork, batch: Batch, process: DiffusionProcess, rng: SampleRNG) -> LossOutput:
+    """The diffusion training loss of one (micro-)batch.
+
+    Noise ``eps`` is drawn in float32 from each sample's ``NOISE`` stream with the sample's full latent
+    shape (so a context-parallel rank can slice the same noise), ``sigma`` from its ``SIGMA`` stream and
+    the text dropout from its ``TEXT_DROPOUT`` stream, all on CPU generators, then moved to the latents'
+    device. The math runs in float32 (latents are upcast); the network receives float32 inputs, and a
+    runtime training in bf16 casts inside it (autocast or its engine's mixed-precision wrapper).
+    A sample's loss depends only on its data and ``(rng.seed, rng.step, sample_index)``, so any split
+    of a global batch gives the same per-sample losses (DESIGN.md rule 2).
+
+    Args:
+        network: ``network(x, timestep, text, text_mask) -> [B, C, F, H, W]``.
+        batch: Clean latents ``x0``, text and global sample indices.
+        process: The diffusion process (e.g. ``FlowMatching`` or ``EDM``).
+        rng: The step's per-sample random streams.
+
+    Returns:
+        The loss, the per-sample losses and detached metrics.
+    """
+    x0 = batch.latents.float()
+    indices = batch.sample_index
+    eps = rng.randn(indices, x0.shape[1:], Stream.NOISE).to(x0.device)
+    sigma = process.draw_sigma(rng, indices).to(x0.device)
+    text, keep = drop_text(batch.text, process.text_dropout, rng, indices)
+    terms = process.training_terms(network, x0, eps, sigma, text, batch.text_mask)
+    mse = per_sample_mse(terms.prediction, terms.target)
+    weight = terms.weight.float()
+    per_sample = weight * mse
+    metrics = {
+        "mse": mse.detach().mean(),
+        "sigma_mean": sigma.detach().float().mean(),
+        "weight_mean": weight.detach().mean(),
+        "text_dropped": (~keep).float().mean(),
+    }
+    return LossOutput(loss=per_sample.mean(), per_sample=per_sample, metrics=metrics)
