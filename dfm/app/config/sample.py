@@ -1,0 +1,36 @@
+"""The ``sample`` section: how videos are generated during and after training."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+from attrs import validators as v
+
+from dfm.app.config.checks import choice, optional, positive
+
+SamplerName = Literal["unipc", "flow_euler", "edm_euler", "edm_heun"]
+FLOW_SAMPLERS: tuple[str, ...] = ("unipc", "flow_euler")
+"""Samplers for flow-matching models (``diffusion.kind: flow``)."""
+EDM_SAMPLERS: tuple[str, ...] = ("edm_euler", "edm_heun")
+"""Samplers for EDM models (``diffusion.kind: edm``)."""
+
+
+@attrs.frozen(kw_only=True)
+class SampleConfig:
+    """Sampler, number of steps, classifier-free guidance and the size of generated videos."""
+
+    sampler: SamplerName = attrs.field(default="unipc", validator=choice(SamplerName))
+    """``unipc`` / ``flow_euler`` for flow models, ``edm_euler`` / ``edm_heun`` (2nd order) for EDM."""
+    steps: int = attrs.field(default=50, validator=positive)
+    """Solver steps."""
+    guidance: float = attrs.field(default=5.0, validator=v.ge(0.0))
+    """Classifier-free guidance scale (1 = conditional only, 0 = unconditional only)."""
+    shift: float | None = attrs.field(default=None, validator=optional(v.gt(0.0)))
+    """Time shift of the flow sampling schedule; ``null`` uses ``diffusion.shift`` (flow models only)."""
+    frames: int = attrs.field(default=17, validator=positive)
+    """Frames per generated video."""
+    height: int = attrs.field(default=64, validator=positive)
+    """Height of generated videos in pixels."""
+    width: int = attrs.field(default=64, validator=positive)
+    """Width of generated videos in pixels."""

@@ -1,0 +1,48 @@
+"""Tiny recipes for tests and smoke runs: a few steps of a 2-layer network on mock latents, on CPU."""
+
+from __future__ import annotations
+
+from dfm.app.config import (
+    CheckpointConfig,
+    DataConfig,
+    OptimConfig,
+    RunConfig,
+    SampleConfig,
+    TrainConfig,
+    TrainingConfig,
+)
+from dfm.app.config.sample import SamplerName
+from dfm.app.recipes.presets import EDM_DEFAULT, FLOW_PRETRAIN
+from dfm.app.recipes.registry import register_recipe
+from dfm.domain.diffusion.edm import EDM
+from dfm.domain.diffusion.flow import FlowMatching
+from dfm.domain.specs import DIT_TINY, WAN_TINY, ModelSpec
+
+FRAMES, HEIGHT, WIDTH, TEXT_LEN = 5, 32, 32, 8
+
+
+def _tiny(name: str, spec: ModelSpec, diffusion: FlowMatching | EDM, sampler: SamplerName) -> TrainConfig:
+    """4 fp32 steps of batch 2 (micro-batch 1) on the local runtime; checkpoints every 2 steps."""
+    return TrainConfig(
+        run=RunConfig(dir=f"runs/{name}"),
+        runtime="local",
+        model=spec,
+        diffusion=diffusion,
+        train=TrainingConfig(max_steps=4, global_batch_size=2, micro_batch_size=1, log_interval=1, precision="fp32"),
+        optim=OptimConfig(lr=1e-3),
+        checkpoint=CheckpointConfig(interval=2, keep_last=2),
+        data=DataConfig(source="mock", frames=FRAMES, height=HEIGHT, width=WIDTH, text_len=TEXT_LEN, num_workers=0),
+        sample=SampleConfig(sampler=sampler, steps=4, guidance=5.0, frames=FRAMES, height=HEIGHT, width=WIDTH),
+    )
+
+
+@register_recipe
+def wan_tiny_t2v() -> TrainConfig:
+    """Tiny WAN (2 layers, width 24) with pretraining flow matching; flow Euler sampler."""
+    return _tiny("wan_tiny_t2v", WAN_TINY, FLOW_PRETRAIN, "flow_euler")
+
+
+@register_recipe
+def dit_tiny_edm() -> TrainConfig:
+    """Tiny DiT (2 layers, width 24) with EDM; EDM Heun sampler."""
+    return _tiny("dit_tiny_edm", DIT_TINY, EDM_DEFAULT, "edm_heun")

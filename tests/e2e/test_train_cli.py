@@ -1,0 +1,127 @@
+"""``python -m dfm.app.train`` end to end (subprocesses): dry runs, layering and user errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dfm.app.config import config_from_yaml, config_to_dict
+from dfm.app.recipes import get_recipe, recipe_names
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "examples" / "configs").glob("*.yaml"))
+
+
+def train_cli_many(*argvs: Sequence[str | Path]) -> list[subprocess.CompletedProcess[str]]:
+    """Run ``python -m dfm.app.train`` once per argv, concurrently (each start imports torch)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    commands = [[sys.executable, "-m", "dfm.app.train", *map(str, argv)] for argv in argvs]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+        for cmd in commands
+    ]
+    results = []
+    for cmd, proc in zip(commands, procs, strict=True):
+        stdout, stderr = proc.communicate(timeout=120)
+        results.append(subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr))
+    return results
+
+
+def train_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return train_cli_many(args)[0]
+
+
+@pytest.fixture(scope="module")
+def dry_runs() -> dict[str, subprocess.CompletedProcess[str]]:
+    """``--dry-run`` of every recipe and of every example config (over the default recipe)."""
+    argvs = {name: ["--recipe", name, "--dry-run"] for name in recipe_names()}
+    argvs |= {path.name: ["--dry-run", "--config", path] for path in EXAMPLES}
+    return dict(zip(argvs, train_cli_many(*argvs.values()), strict=True))
+
+
+def user_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    return result.stderr
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_dry_run_prints_the_recipe(name: str, dry_runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
+    result = dry_runs[name]
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout) == config_to_dict(get_recipe(name))
+    assert config_from_yaml(result.stdout) == get_recipe(name)
+
+
+def test_precedence_recipe_yaml_cli(tmp_path: Path) -> None:
+    path = tmp_path / "over.yaml"
+    path.write_text("train:\n  max_steps: 7\n  log_interval: 5\nmodel:\n  num_layers: 3\n")
+    argv = ["--dry-run", "--config", path, "train.max_steps=9", "--recipe", "wan_tiny_t2v", "--runtime", "fsdp2"]
+    result = train_cli(*argv, "--resume", "never", "optim.betas=0.8,0.9", "train.ema_decay=null")
+    assert result.returncode == 0, result.stderr
+    data = yaml.safe_load(result.stdout)
+    recipe = config_to_dict(get_recipe("wan_tiny_t2v"))
+    assert data["train"]["max_steps"] == 9
+    assert data["train"]["log_interval"] == 5
+    assert data["model"]["num_layers"] == 3
+    assert data["train"]["global_batch_size"] == recipe["train"]["global_batch_size"]
+    assert data["runtime"] == "fsdp2"
+    assert data["checkpoint"]["resume"] == "never"
+    assert data["optim"]["betas"] == [0.8, 0.9]
+    assert data["train"]["ema_decay"] is None
+
+
+def test_misspelled_key_on_the_command_line() -> None:
+    stderr = user_error(train_cli("--dry-run", "model.num_layer=3"))
+    assert stderr == "error: model.num_layer: unknown key; did you mean model.num_layers?\n"
+
+
+def test_misspelled_key_in_a_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "typo.yaml"
+    path.write_text("model:\n  num_layer: 3\n")
+    stderr = user_error(train_cli("--dry-run", "--config", path))
+    assert stderr == "error: model.num_layer: unknown key; did you mean model.num_layers?\n"
+
+
+def test_wrong_type_and_range_are_reported_together() -> None:
+    stderr = user_error(train_cli("--dry-run", "train.max_steps=ten", "train.log_interval=0"))
+    assert stderr == "error: train.max_steps: expected int, got 'ten'\nerror: train.log_interval: must be > 0, got 0\n"
+
+
+def test_tag_switch_on_the_command_line() -> None:
+    result = train_cli("--dry-run", "model.arch=dit", "diffusion.kind=edm", "sample.sampler=edm_heun")
+    assert result.returncode == 0, result.stderr
+    config = config_from_yaml(result.stdout)
+    assert config.model.arch == "dit" and config.diffusion.kind == "edm"
+
+
+def test_unknown_recipe() -> None:
+    stderr = user_error(train_cli("--dry-run", "--recipe", "wan_tiny"))
+    assert stderr.startswith("error: unknown recipe 'wan_tiny'; did you mean 'wan_tiny_t2v'?")
+
+
+def test_list_recipes_and_help() -> None:
+    listed, helped = train_cli_many(["--list-recipes"], ["--help"])
+    assert listed.returncode == 0
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == recipe_names()
+    assert helped.returncode == 0 and all(name in helped.stdout for name in recipe_names())
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_configs_resolve(path: Path, dry_runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
+    result = dry_runs[path.name]
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dfm.app.services") is not None, reason="the training service exists")
+def test_without_dry_run_reports_the_missing_service() -> None:
+    stderr = user_error(train_cli("--recipe", "wan_tiny_t2v"))
+    assert stderr == ("error: the training service is not available yet (python -m dfm.app.train --dry-run works)\n")
