@@ -1,0 +1,5 @@
+"""In-memory adapters: ports implemented with Python objects, for users and unit tests (no files)."""
+
+from dfm.adapters.memory.tracking import InMemoryMetricsSink, InMemoryVideoWriter
+
+__all__ = ["InMemoryMetricsSink", "InMemoryVideoWriter"]
