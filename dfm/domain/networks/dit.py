@@ -35,6 +35,7 @@ from dfm.domain.networks.layers import (
     Grid,
     PatchEmbed3d,
     RMSNorm,
+    TwoLayerMLP,
     apply_rope,
     modulate,
     patch_grid,
@@ -137,20 +138,6 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Embedder(nn.Module):
-    """Two-layer conditioning MLP ``linear_2(act(linear_1(x)))`` (DiT's timestep embedder; WAN's text embedder)."""
-
-    def __init__(self, in_dim: int, dim: int, act: nn.Module) -> None:
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.act = act
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Embed ``x`` ``[..., in_dim]`` into ``[..., dim]``."""
-        return self.linear_2(self.act(self.linear_1(x)))
-
-
 class DiTBlock(nn.Module):
     """adaLN-zero block (Peebles & Xie, 2023) with cross-attention to text (PixArt-α, Chen et al., 2023).
 
@@ -243,8 +230,8 @@ class DiT(nn.Module):
         h, patch_volume = spec.hidden_size, math.prod(spec.patch_size)
         self.spec = spec
         self.patch_embedding = PatchEmbed3d(spec.in_channels, h, spec.patch_size)
-        self.time_embedder = Embedder(spec.freq_dim, h, nn.SiLU())
-        self.text_embedder = Embedder(spec.text_dim, h, nn.GELU(approximate="tanh"))
+        self.time_embedder = TwoLayerMLP(spec.freq_dim, h, nn.SiLU())
+        self.text_embedder = TwoLayerMLP(spec.text_dim, h, nn.GELU(approximate="tanh"))
         self.blocks = nn.ModuleList(DiTBlock(spec, kernel) for _ in range(spec.num_layers))
         self.final_layer = FinalLayer(h, spec.out_channels * patch_volume, spec.eps)
 

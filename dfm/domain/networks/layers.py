@@ -197,3 +197,18 @@ def unpatchify(x: Tensor, grid: Grid, patch: Grid, channels: int) -> Tensor:
     x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, channels)
     x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
     return x.reshape(x.shape[0], channels, f * pt, h * ph, w * pw)
+
+
+class TwoLayerMLP(nn.Module):
+    """``linear_2(act(linear_1(x)))``: diffusers' ``TimestepEmbedding`` / ``PixArtAlphaTextProjection``; WAN's
+    and DiT's timestep and text embedders."""
+
+    def __init__(self, in_dim: int, dim: int, act: nn.Module) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.act = act
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the two-layer MLP."""
+        return self.linear_2(self.act(self.linear_1(x)))

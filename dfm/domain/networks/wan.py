@@ -23,6 +23,7 @@ from dfm.domain.networks.layers import (
     FP32LayerNorm,
     PatchEmbed3d,
     RMSNorm,
+    TwoLayerMLP,
     apply_rope,
     modulate,
     patch_grid,
@@ -137,20 +138,6 @@ class WanAttention(nn.Module):
         return x.unflatten(2, (self.heads, -1)).transpose(1, 2)
 
 
-class MLP(nn.Module):
-    """``linear_2(act(linear_1(x)))``: diffusers' ``TimestepEmbedding`` / ``PixArtAlphaTextProjection``."""
-
-    def __init__(self, in_dim: int, dim: int, act: nn.Module) -> None:
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.act = act
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Apply the two-layer MLP."""
-        return self.linear_2(self.act(self.linear_1(x)))
-
-
 class FeedForward(nn.Module):
     """Position-wise FFN ``W2 gelu_tanh(W1 x)``, laid out as diffusers' ``FeedForward`` (``net.0.proj``, ``net.2``)."""
 
@@ -172,9 +159,9 @@ class WanConditionEmbedder(nn.Module):
     def __init__(self, dim: int, freq_dim: int, text_dim: int) -> None:
         super().__init__()
         self.freq_dim = freq_dim
-        self.time_embedder = MLP(freq_dim, dim, nn.SiLU())
+        self.time_embedder = TwoLayerMLP(freq_dim, dim, nn.SiLU())
         self.time_proj = nn.Linear(dim, 6 * dim)
-        self.text_embedder = MLP(text_dim, dim, nn.GELU(approximate="tanh"))
+        self.text_embedder = TwoLayerMLP(text_dim, dim, nn.GELU(approximate="tanh"))
 
     def forward(self, timestep: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Return ``temb`` ``[B, h]``, modulations ``[B, 6, h]`` and embedded text ``[B, S, h]``."""
