@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from dfm.app.cli import (
-    UserError,
     add_config_arguments,
     config_from_args,
     make_parser,
@@ -21,7 +20,6 @@ from dfm.app.cli import (
     print_recipes,
     run_main,
 )
-from dfm.app.config import TrainConfig
 from dfm.app.logging import configure_logging
 
 EXAMPLES = """\
@@ -30,7 +28,8 @@ EXAMPLES = """\
   torchrun --nproc-per-node 8 -m dfm.app.train --runtime fsdp2 --recipe wan_1_3b_t2v_finetune \\
       --config my_data.yaml data.path=/data/shards"""
 
-SERVICE_MISSING = "the training service is not available yet (python -m dfm.app.train --dry-run works)"
+SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
+"""Exit status after a signal stopped training (a checkpoint was written first): 128 + the signal number."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,17 +60,6 @@ def _shortcuts(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def _training_service() -> Callable[[TrainConfig], object]:
-    """``dfm.app.services.training.train``; a :class:`UserError` while that module does not exist."""
-    try:
-        from dfm.app.services.training import train  # type: ignore[import-not-found]
-    except ModuleNotFoundError as exc:
-        if exc.name in ("dfm.app.services", "dfm.app.services.training"):
-            raise UserError(SERVICE_MISSING) from None
-        raise
-    return train
-
-
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -89,8 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     log = config.logging
     configure_logging(rank=_rank(), level=log.level, fmt=log.format, all_ranks=log.all_ranks)
-    _training_service()(config)
-    return 0
+    from dfm.app.services.training import TrainingError, train
+
+    try:
+        result = train(config)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return SIGNAL_EXIT.get(result.stopped_by or "", 0)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -121,7 +120,6 @@ def test_example_configs_resolve(path: Path, dry_runs: dict[str, subprocess.Comp
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.skipif(importlib.util.find_spec("dfm.app.services") is not None, reason="the training service exists")
-def test_without_dry_run_reports_the_missing_service() -> None:
-    stderr = user_error(train_cli("--recipe", "wan_tiny_t2v"))
-    assert stderr == ("error: the training service is not available yet (python -m dfm.app.train --dry-run works)\n")
+def test_unavailable_runtime_is_a_user_error(tmp_path: Path) -> None:
+    stderr = user_error(train_cli("--recipe", "wan_tiny_t2v", "--runtime", "megatron", f"run.dir={tmp_path}"))
+    assert stderr == "error: runtime: 'megatron' is not available in this version of dfm; use runtime=local\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
 from dfm.app.config import ConfigError, TrainConfig
@@ -76,9 +77,11 @@ def test_dit_xl_edm() -> None:
 
 def test_tiny_recipes() -> None:
     wan, dit = get_recipe("wan_tiny_t2v"), get_recipe("dit_tiny_edm")
-    assert wan.model == WAN_TINY and isinstance(wan.diffusion, FlowMatching)
-    assert dit.model == DIT_TINY and isinstance(dit.diffusion, EDM)
+    assert wan.model == attrs.evolve(WAN_TINY, in_channels=3, out_channels=3)
+    assert dit.model == attrs.evolve(DIT_TINY, in_channels=3, out_channels=3)
+    assert isinstance(wan.diffusion, FlowMatching) and isinstance(dit.diffusion, EDM)
     assert wan.runtime == dit.runtime == "local"
+    assert wan.data.source == dit.data.source == "synthetic"
 
 
 def test_default_is_a_small_wan_on_synthetic_pixels() -> None:

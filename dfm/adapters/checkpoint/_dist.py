@@ -1,0 +1,108 @@
+"""The few collectives the checkpoint store needs, all no-ops in a single process.
+
+Every helper here must be called by every rank of the default process group (when one is
+initialised), in the same order. A failure on any rank is shared, so all ranks raise together
+instead of some waiting forever in the next collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+
+from dfm.ports.checkpoint import CheckpointError
+
+T = TypeVar("T")
+
+
+class RemoteRankError(CheckpointError):
+    """Another rank failed in a step all ranks take together.
+
+    Attributes:
+        rank: The failing rank.
+        errno: The ``errno`` of its OSError, if it was one (``errno.ENOSPC`` for a full disk).
+    """
+
+    def __init__(self, message: str, *, rank: int, errno: int | None) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.errno = errno
+
+
+def is_distributed() -> bool:
+    """Whether a default process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Ranks in the default process group, 1 without one."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def process_rank() -> int:
+    """This process's rank in the default process group, 0 without one."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def _failure(exc: BaseException) -> tuple[str, int | None]:
+    """A transportable description of an exception: its message and OSError errno."""
+    code = exc.errno if isinstance(exc, RemoteRankError) else getattr(exc, "errno", None)
+    message = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+    return message, code if isinstance(code, int) else None
+
+
+def _raise_first(outcomes: list[tuple[Any, tuple[str, int | None] | None]], local: BaseException | None) -> None:
+    """Re-raises this rank's own exception, or a RemoteRankError for the lowest failing rank."""
+    if local is not None:
+        raise local
+    for rank, (_, failure) in enumerate(outcomes):
+        if failure is not None:
+            message, code = failure
+            raise RemoteRankError(f"rank {rank} failed: {message}", rank=rank, errno=code) from None
+
+
+def on_every_rank(fn: Callable[[], T]) -> list[T]:
+    """Runs ``fn`` on every rank and returns every rank's result (index = rank).
+
+    Raises:
+        Exception: This rank's own exception if ``fn`` raised here; else a ``RemoteRankError`` if it raised
+            on another rank.
+    """
+    local: BaseException | None = None
+    result: Any = None
+    failure = None
+    try:
+        result = fn()
+    except Exception as exc:
+        local, failure = exc, _failure(exc)
+    if not is_distributed():
+        if local is not None:
+            raise local
+        return [result]
+    outcomes: list[Any] = [None] * world_size()
+    dist.all_gather_object(outcomes, (result, failure))
+    _raise_first(outcomes, local)
+    return [value for value, _ in outcomes]
+
+
+def on_rank_zero(fn: Callable[[], T], *, rank: int) -> T:
+    """Runs ``fn`` on rank 0 only and gives its result (or its failure) to every rank."""
+    local: BaseException | None = None
+    result: Any = None
+    failure = None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as exc:
+            local, failure = exc, _failure(exc)
+    if not is_distributed():
+        if local is not None:
+            raise local
+        return result
+    box: list[Any] = [(result, failure)]
+    dist.broadcast_object_list(box, src=0)
+    outcomes = [box[0]]
+    _raise_first(outcomes, local)
+    return outcomes[0][0]

@@ -1,0 +1,84 @@
+"""AdamW with decoupled weight decay, its parameter groups and an eagerly created state.
+
+Weight-decay rule: decay the weight matrices and kernels (parameters with ``ndim >= 2``) except the
+adaLN ``scale_shift_table`` s; never decay biases, norm scales or any other 1-D parameter. The tables
+are learned offsets of the modulation (like biases), so shrinking them towards zero would bias the
+network's conditioning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dfm.ports.runtime import OptimizerSettings
+
+NO_DECAY_SUFFIXES = ("scale_shift_table",)
+"""Parameter names ending like this are never decayed, whatever their rank."""
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether the parameter named ``name`` gets weight decay (see the module docstring)."""
+    return param.ndim >= 2 and not name.endswith(NO_DECAY_SUFFIXES)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups of the trainable parameters: decayed (``weight_decay``) and not (``0``); empty ones dropped."""
+    decayed, plain = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decayed if decays(name, param) else plain).append(param)
+    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_adamw(model: nn.Module, settings: OptimizerSettings, *, fused: bool) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` over :func:`param_groups`, its state created at once (see :func:`materialize_state`).
+
+    Args:
+        model: The network (fp32 parameters on their final device).
+        settings: Peak rate, betas, epsilon and weight decay.
+        fused: Use the fused kernel (CUDA).
+    """
+    optimizer = torch.optim.AdamW(
+        param_groups(model, settings.weight_decay),
+        lr=settings.lr,
+        betas=tuple(settings.betas),
+        eps=settings.eps,
+        weight_decay=settings.weight_decay,
+        fused=True if fused else None,
+    )
+    materialize_state(optimizer)
+    return optimizer
+
+
+@torch.no_grad()
+def materialize_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's per-parameter state now, exactly as its first step would find it.
+
+    A checkpoint loader (``torch.distributed.checkpoint.load``) loads in place into a state dict of the
+    same structure, so a fresh optimizer must already hold its moment tensors. Like
+    ``torch.distributed.checkpoint.state_dict`` does, this runs one step with zero gradients and a zero
+    learning rate (AdamW leaves the parameters bit-identical and its moments zero); unlike it, the step
+    counters are then reset to zero, so the first real step is the one a fresh optimizer would take.
+    """
+    if optimizer.state:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert all(p.grad is None for p in params), "materialize_state needs an optimizer that has not run"
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"].zero_()
+        elif "step" in state:
+            state["step"] = 0
+    optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,117 @@
+"""Checkpointable state of a model and its optimizer, keyed by fully-qualified parameter names.
+
+``torch.distributed.checkpoint.state_dict.get_state_dict`` gives the model and optimizer state in the
+layout FSDP2 uses (optimizer state keyed by parameter name, not index), so a checkpoint written by the
+local runtime has the structure a sharded runtime reads; it needs no process group for a plain module.
+The tensors returned alias the live ones, so ``torch.distributed.checkpoint.load`` into them restores
+in place; loading copies values into the live tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict
+
+_LISTED = 8
+_KEEP_OWN = ("params", "fused", "foreach", "capturable", "differentiable")
+"""Parameter-group entries a checkpoint does not override (the parameters and this runtime's kernel choice)."""
+
+
+def check_compatible(expected: Mapping[str, Any], given: Mapping[str, Any], what: str) -> None:
+    """Raise a ``ValueError`` naming missing and unexpected keys and shape mismatches of tensor entries.
+
+    Args:
+        expected: The state the receiver has (name -> tensor).
+        given: The state offered to it.
+        what: What is being loaded, for the message (e.g. ``"initial weights"``).
+    """
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    mismatched = [
+        f"{k}: expected {tuple(expected[k].shape)}, got {tuple(given[k].shape)}"
+        for k in sorted(set(expected) & set(given))
+        if isinstance(expected[k], torch.Tensor)
+        and isinstance(given[k], torch.Tensor)
+        and expected[k].shape != given[k].shape
+    ]
+    problems = [
+        f"{label} ({len(items)}): {_listing(items)}"
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        )
+        if items
+    ]
+    if problems:
+        raise ValueError(
+            f"{what} do not match the model: " + "; ".join(problems) + ". Check that the model spec matches the "
+            "weights (sizes, number of layers, architecture)"
+        )
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_LISTED])
+    return shown + (f", ... ({len(items) - _LISTED} more)" if len(items) > _LISTED else "")
+
+
+def model_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """``(model_state, optimizer_state)`` with fully-qualified names as keys (aliasing the live tensors).
+
+    The optimizer state is ``{"state": {name: {"step", "exp_avg", ...}}, "param_groups": [{..., "params":
+    [names]}]}``; it must already exist (see :func:`dfm.adapters.local.optim.materialize_state`).
+    """
+    assert optimizer.state, "the optimizer state must be materialized before it is checkpointed"
+    return get_state_dict(model, optimizer)
+
+
+def load_model_and_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_state: Mapping[str, Any], optimizer_state: Mapping
+) -> None:
+    """Restore what :func:`model_and_optimizer_state` returned (strict), copying into the live tensors.
+
+    Values are copied in place (``torch.optim.Optimizer.load_state_dict`` would keep the given tensors
+    themselves, so a runtime loading another's in-memory state would share its moments). The
+    implementation flags of the parameter groups (``fused``, ``foreach``, ...) stay this runtime's.
+
+    Raises:
+        ValueError: If the model keys or shapes differ, or the optimizer state names other parameters.
+    """
+    check_compatible(model.state_dict(), model_state, "checkpointed model weights")
+    missing = [k for k in ("state", "param_groups") if k not in optimizer_state]
+    if missing:
+        raise ValueError(f"the checkpointed optimizer state lacks {missing}; is it from a dfm runtime?")
+    model.load_state_dict(dict(model_state), strict=True)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    _load_param_state(optimizer, params, optimizer_state["state"])
+    _load_param_groups(optimizer, params, optimizer_state["param_groups"])
+
+
+@torch.no_grad()
+def _load_param_state(optimizer: torch.optim.Optimizer, params: Mapping[str, nn.Parameter], saved: Mapping) -> None:
+    own = {name: optimizer.state[p] for name, p in params.items()}
+    check_compatible({n: None for n in own}, saved, "checkpointed optimizer states")
+    for name, state in own.items():
+        check_compatible(state, saved[name], f"checkpointed optimizer state entries of {name}")
+        for key, value in saved[name].items():
+            if isinstance(state[key], torch.Tensor):
+                state[key].copy_(value)
+            else:
+                state[key] = value
+
+
+def _load_param_groups(optimizer: torch.optim.Optimizer, params: Mapping[str, nn.Parameter], saved: list) -> None:
+    name_of = {id(p): name for name, p in params.items()}
+    by_names = {frozenset(group["params"]): group for group in saved}
+    for group in optimizer.param_groups:
+        names = frozenset(name_of[id(p)] for p in group["params"])
+        if names not in by_names:
+            raise ValueError(
+                "the checkpointed optimizer groups parameters differently (e.g. another weight-decay rule): "
+                f"no saved group holds exactly {_listing(sorted(names))}"
+            )
+        group.update({k: v for k, v in by_names[names].items() if k not in _KEEP_OWN})

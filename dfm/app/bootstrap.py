@@ -1,0 +1,114 @@
+"""The composition root: the one place that turns a resolved config into adapters.
+
+Services receive ports; only this module knows which adapter implements which port.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dfm.adapters.checkpoint import DCPCheckpointStore
+from dfm.adapters.local import LocalRuntime
+from dfm.adapters.synthetic import HashTextEncoder, IdentityPixelCodec, MockLatentSource, SyntheticVideoSource
+from dfm.adapters.tracking import JsonlMetricsSink
+from dfm.app.config import ConfigError, TrainConfig
+from dfm.domain.specs import ModelSpec
+from dfm.ports.checkpoint import CheckpointStore
+from dfm.ports.codecs import LatentCodec, TextEncoder
+from dfm.ports.data import DataSource
+from dfm.ports.runtime import OptimizerSettings, ParallelRuntime, Topology
+from dfm.ports.tracking import MetricsSink
+
+
+def build_runtime(cfg: TrainConfig, device: str = "auto") -> ParallelRuntime:
+    """The runtime named by ``cfg.runtime``."""
+    if cfg.runtime != "local":
+        raise ConfigError(f"runtime: {cfg.runtime!r} is not available in this version of dfm; use runtime=local")
+    t = cfg.train
+    return LocalRuntime(
+        device=device,
+        precision=t.precision,
+        grad_clip=t.grad_clip,
+        ema_decay=t.ema_decay,
+        activation_checkpointing=t.activation_checkpointing,
+        checkpoint_every=t.activation_checkpointing_every_k,
+        attention_backend=t.attention_backend,
+        seed=cfg.seed,
+    )
+
+
+def optimizer_settings(cfg: TrainConfig) -> OptimizerSettings:
+    """The optimizer section as the runtime port takes it."""
+    o = cfg.optim
+    return OptimizerSettings(
+        lr=o.lr,
+        betas=o.betas,
+        weight_decay=o.weight_decay,
+        eps=o.eps,
+        schedule=o.schedule,
+        warmup_steps=o.warmup_steps,
+        min_lr_ratio=o.min_lr_ratio,
+        total_steps=cfg.train.max_steps,
+    )
+
+
+def build_codecs(cfg: TrainConfig) -> tuple[LatentCodec, TextEncoder]:
+    """The pixel codec and text encoder the data (and generation) use."""
+    if cfg.data.source in ("synthetic", "mock"):
+        return IdentityPixelCodec(), HashTextEncoder(dim=cfg.model.text_dim)
+    raise ConfigError(
+        f"data.source: {cfg.data.source!r} is not available in this version of dfm; use synthetic or mock"
+    )
+
+
+def latent_shape(cfg: TrainConfig, codec: LatentCodec) -> tuple[int, int, int, int]:
+    """``(C, F, H, W)`` of the training latents."""
+    d = cfg.data
+    return codec.latent_spec.latent_shape(d.frames, d.height, d.width)
+
+
+def build_data_source(cfg: TrainConfig, topology: Topology, codec: LatentCodec | None, text: TextEncoder) -> DataSource:
+    """This rank's data source."""
+    d, t = cfg.data, cfg.train
+    common = {
+        "global_batch_size": t.global_batch_size,
+        "micro_batch_size": t.micro_batch_size,
+        "seed": cfg.seed,
+        "rank": topology.dp_rank,
+        "world": topology.dp_size,
+    }
+    if d.source == "synthetic":
+        return SyntheticVideoSource(
+            frames=d.frames,
+            height=d.height,
+            width=d.width,
+            text_len=d.text_len,
+            codec=codec,
+            text_encoder=text,
+            **common,
+        )
+    if d.source == "mock":
+        return MockLatentSource(
+            latent_shape=latent_shape(cfg, codec), text_len=d.text_len, text_dim=cfg.model.text_dim, **common
+        )
+    raise ConfigError(f"data.source: {d.source!r} is not available in this version of dfm; use synthetic or mock")
+
+
+def build_checkpoint_store(cfg: TrainConfig) -> CheckpointStore:
+    """Checkpoints under ``RUN_DIR/checkpoints``."""
+    return DCPCheckpointStore(Path(cfg.run.dir) / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+
+
+def build_metrics_sink(cfg: TrainConfig, resume_step: int | None) -> MetricsSink:
+    """``RUN_DIR/metrics.jsonl`` (records after ``resume_step`` from an interrupted run are dropped)."""
+    return JsonlMetricsSink(Path(cfg.run.dir) / "metrics.jsonl", resume_step=resume_step)
+
+
+def check_model_fits_data(spec: ModelSpec, shape: tuple[int, int, int, int]) -> None:
+    """A clear error when the latents do not fit the network."""
+    c, f, h, w = shape
+    if c != spec.in_channels:
+        raise ConfigError(f"model.in_channels: is {spec.in_channels}, but the data's latents have {c} channels")
+    pt, ph, pw = spec.patch_size
+    if f % pt or h % ph or w % pw:
+        raise ConfigError(f"data: latent {f}x{h}x{w} is not divisible by model.patch_size {tuple(spec.patch_size)}")

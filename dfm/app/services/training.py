@@ -1,0 +1,263 @@
+"""The training service: the loop every runtime shares (Python API first; the CLI wraps it).
+
+```python
+from dfm.app.config import resolve_config
+from dfm.app.services.training import train
+result = train(resolve_config("default", None, ["train.max_steps=20", "run.dir=runs/try"]))
+```
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from dfm.app import bootstrap
+from dfm.app.config import TrainConfig, config_to_yaml
+from dfm.app.logging import bind_step, configure_logging, get_logger
+from dfm.app.services.resume import resolve_resume
+from dfm.app.services.signals import StopRequest
+from dfm.domain.batch import Batch
+from dfm.domain.objective import training_loss
+from dfm.domain.rng import SampleRNG
+from dfm.domain.specs import num_tokens, training_flops
+from dfm.ports.checkpoint import CheckpointInfo, CheckpointStore
+from dfm.ports.data import DataSource
+from dfm.ports.runtime import ParallelRuntime, StepResult
+from dfm.ports.tracking import MetricsSink
+
+log = get_logger("dfm.train")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); the last checkpoint is intact."""
+
+
+@attrs.frozen(kw_only=True)
+class TrainResult:
+    """How a run ended."""
+
+    step: int
+    """Steps completed."""
+    checkpoint: CheckpointInfo | None
+    """The last checkpoint written (or resumed from)."""
+    stopped_by: str | None = None
+    """The signal's name when a SIGTERM/SIGINT stopped the run early."""
+    skipped_steps: int = 0
+    """Steps skipped because the loss or gradients were not finite."""
+
+
+@attrs.define
+class _Run:
+    cfg: TrainConfig
+    runtime: ParallelRuntime
+    data: DataSource
+    store: CheckpointStore
+    sink: MetricsSink
+    step: int = 0
+    skipped: int = 0
+    consecutive_nonfinite: int = 0
+    last_checkpoint: CheckpointInfo | None = None
+    batches: Iterator[Batch] | None = None
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    runtime: ParallelRuntime | None = None,
+    data: DataSource | None = None,
+    store: CheckpointStore | None = None,
+    sink: MetricsSink | None = None,
+) -> TrainResult:
+    """Train ``cfg``; any port may be injected (e.g. the in-memory adapters), the rest come from bootstrap.
+
+    Raises:
+        TrainingError: after ``train.max_consecutive_nonfinite`` non-finite steps in a row.
+        CheckpointError: a checkpoint to resume from is unusable (before any training step).
+    """
+    runtime = runtime or bootstrap.build_runtime(cfg)
+    configure_logging(
+        rank=runtime.topology.rank, level=cfg.logging.level, fmt=cfg.logging.format, all_ranks=cfg.logging.all_ranks
+    )
+    codec, text = bootstrap.build_codecs(cfg)
+    bootstrap.check_model_fits_data(cfg.model, bootstrap.latent_shape(cfg, codec))
+    data = data or bootstrap.build_data_source(cfg, runtime.topology, codec, text)
+    store = store or bootstrap.build_checkpoint_store(cfg)
+    runtime.build(cfg.model, bootstrap.optimizer_settings(cfg))
+    run = _Run(cfg=cfg, runtime=runtime, data=data, store=store, sink=None)  # type: ignore[arg-type]
+    resume_from = resolve_resume(cfg.checkpoint.resume, store)
+    if resume_from is not None:
+        _restore(run, resume_from)
+    run.sink = sink or bootstrap.build_metrics_sink(cfg, resume_step=run.step)
+    _write_config(cfg, runtime)
+    try:
+        return _loop(run)
+    finally:
+        run.sink.close()
+        bind_step(None)
+
+
+def _write_config(cfg: TrainConfig, runtime: ParallelRuntime) -> None:
+    if runtime.topology.is_main:
+        run_dir = Path(cfg.run.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+
+
+def _loop(run: _Run) -> TrainResult:
+    cfg = run.cfg
+    meter = _Meter(cfg, run.runtime)
+    log.info(
+        "training",
+        start_step=run.step,
+        max_steps=cfg.train.max_steps,
+        run_dir=cfg.run.dir,
+        device=run.runtime.topology.device,
+    )
+    with StopRequest() as stop:
+        while run.step < cfg.train.max_steps and not stop.requested:
+            result = _one_step(run)
+            meter.add(result)
+            if run.step % cfg.train.log_interval == 0 or run.step == cfg.train.max_steps:
+                _log_metrics(run, meter.flush(run.step))
+            if run.step % cfg.checkpoint.interval == 0 and run.step < cfg.train.max_steps:
+                _save(run)
+        if run.last_checkpoint is None or run.last_checkpoint.step != run.step:
+            _save(run)
+        if stop.requested:
+            log.warning(
+                "stopped",
+                signal=stop.name,
+                step=run.step,
+                checkpoint=str(run.last_checkpoint.path),
+                hint="run again with --resume auto to continue",
+            )
+    return TrainResult(
+        step=run.step, checkpoint=run.last_checkpoint, stopped_by=stop.name or None, skipped_steps=run.skipped
+    )
+
+
+def _one_step(run: _Run) -> StepResult:
+    cfg, step = run.cfg, run.step
+    n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * run.runtime.topology.dp_size)
+    if run.batches is None:
+        run.batches = iter(run.data)
+    micro = [next(run.batches) for _ in range(n_micro)]
+    rng = SampleRNG(seed=cfg.seed, step=step)
+    result = run.runtime.train_step(
+        micro, lambda model, batch: training_loss(model, batch, cfg.diffusion, rng), cfg.train.global_batch_size
+    )
+    run.step = step + 1
+    bind_step(run.step)
+    _count_nonfinite(run, result)
+    return result
+
+
+def _count_nonfinite(run: _Run, result: StepResult) -> None:
+    if not result.skipped:
+        run.consecutive_nonfinite = 0
+        return
+    run.skipped += 1
+    run.consecutive_nonfinite += 1
+    log.warning(
+        "non-finite step skipped",
+        step=run.step,
+        loss=result.loss,
+        grad_norm=result.grad_norm,
+        consecutive=run.consecutive_nonfinite,
+    )
+    limit = run.cfg.train.max_consecutive_nonfinite
+    if run.consecutive_nonfinite >= limit:
+        where = run.last_checkpoint.path if run.last_checkpoint else "none written yet"
+        raise TrainingError(
+            f"{limit} consecutive steps had a non-finite loss or gradient (last at step {run.step}); stopping. "
+            f"The last good checkpoint is intact: {where}. Lower optim.lr, check the data, or raise "
+            "train.max_consecutive_nonfinite."
+        )
+
+
+def _state(run: _Run) -> dict[str, Any]:
+    return {"runtime": run.runtime.state_dict(), "rng": {"torch": torch.get_rng_state()}}
+
+
+def _save(run: _Run) -> None:
+    meta = {
+        "step": run.step,
+        "config": config_to_yaml(run.cfg),
+        "data": run.data.state_dict(),
+        "skipped_steps": run.skipped,
+        "model": {"arch": run.cfg.model.arch},
+    }
+    t0 = time.perf_counter()
+    run.last_checkpoint = run.store.save(run.step, _state(run), meta)
+    log.info(
+        "checkpoint saved",
+        step=run.step,
+        path=str(run.last_checkpoint.path),
+        seconds=round(time.perf_counter() - t0, 2),
+    )
+
+
+def _restore(run: _Run, info: CheckpointInfo) -> None:
+    state = _state(run)
+    meta = run.store.load(info, state)
+    run.runtime.load_state_dict(state["runtime"])
+    torch.set_rng_state(state["rng"]["torch"])
+    run.data.load_state_dict(meta["data"])
+    run.step = int(meta["step"])
+    run.skipped = int(meta.get("skipped_steps", 0))
+    run.last_checkpoint = info
+    log.info("resumed", step=run.step, checkpoint=str(info.path))
+
+
+def _log_metrics(run: _Run, metrics: Mapping[str, float]) -> None:
+    run.sink.log(run.step, metrics)
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+    log.info("step", **shown)
+
+
+class _Meter:
+    """Throughput and means over one log interval."""
+
+    def __init__(self, cfg: TrainConfig, runtime: ParallelRuntime) -> None:
+        codec, _ = bootstrap.build_codecs(cfg)
+        _, f, h, w = bootstrap.latent_shape(cfg, codec)
+        self.tokens = num_tokens(cfg.model, f, h, w)
+        self.flops = training_flops(cfg.model, self.tokens, cfg.data.text_len)
+        self.batch = cfg.train.global_batch_size
+        self.world = runtime.topology.world_size
+        self.runtime = runtime
+        self._reset()
+
+    def _reset(self) -> None:
+        self.t0, self.steps, self.skipped, self.sums, self.last = time.perf_counter(), 0, 0, {}, None
+
+    def add(self, result: StepResult) -> None:
+        self.steps += 1
+        self.skipped += int(result.skipped)
+        self.last = result
+        values = {"loss": result.loss, "grad_norm": result.grad_norm, **result.metrics}
+        for k, v in values.items():
+            if math.isfinite(v):
+                self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def flush(self, step: int) -> dict[str, float]:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        samples_per_s = self.steps * self.batch / dt
+        out = {k: v / self.steps for k, v in self.sums.items()}
+        out.update(
+            lr=self.last.lr if self.last else 0.0,
+            samples_per_s=samples_per_s,
+            tokens_per_s=samples_per_s * self.tokens,
+            model_tflops=samples_per_s * self.flops / self.world / 1e12,
+            max_memory_gib=self.runtime.max_memory_gib(),
+            skipped=float(self.skipped),
+        )
+        self._reset()
+        return out

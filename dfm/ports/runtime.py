@@ -1,0 +1,112 @@
+"""How and where training runs: the ``ParallelRuntime`` port and the values that cross it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import attrs
+from torch import nn
+
+from dfm.domain.batch import Batch
+from dfm.domain.objective import LossOutput
+from dfm.domain.specs import ModelSpec
+
+LossFn = Callable[[nn.Module, Batch], LossOutput]
+"""Computes one micro-batch's loss with the runtime's model (the domain objective, bound to a step)."""
+
+
+@attrs.frozen(kw_only=True)
+class Topology:
+    """Where this process sits in the job."""
+
+    world_size: int = 1
+    """Processes in the job."""
+    rank: int = 0
+    """This process's global rank."""
+    dp_size: int = 1
+    """Data-parallel size (ranks that see different samples)."""
+    dp_rank: int = 0
+    """This rank's data-parallel index."""
+    tp_size: int = 1
+    """Tensor-parallel size."""
+    cp_size: int = 1
+    """Context-parallel size."""
+    pp_size: int = 1
+    """Pipeline-parallel size."""
+    device: str = "cpu"
+    """This rank's device (``cpu``, ``cuda:0``...)."""
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is global rank 0 (the one that writes shared files and logs)."""
+        return self.rank == 0
+
+
+@attrs.frozen(kw_only=True)
+class OptimizerSettings:
+    """AdamW and its learning-rate schedule, as every runtime builds them with ``torch.optim``."""
+
+    lr: float
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After warmup: constant, or cosine decay to ``min_lr_ratio * lr`` at ``total_steps``."""
+    warmup_steps: int = 0
+    """Linear warmup steps from ``lr / (warmup_steps + 1)``."""
+    min_lr_ratio: float = 0.0
+    """Floor of the cosine schedule as a fraction of ``lr``."""
+    total_steps: int = 1
+    """Steps of the whole run (the cosine horizon)."""
+
+
+@attrs.frozen(kw_only=True)
+class StepResult:
+    """What one optimizer step reports."""
+
+    loss: float
+    """Mean loss over the global batch (NaN/inf when the step was skipped)."""
+    grad_norm: float
+    """Global gradient norm before clipping."""
+    lr: float
+    """Learning rate the step used."""
+    skipped: bool = False
+    """True when the loss or gradients were not finite and no update was made."""
+    metrics: Mapping[str, float] = attrs.field(factory=dict)
+    """Other means over the global batch (sigma_mean, mse, ...)."""
+
+
+@runtime_checkable
+class ParallelRuntime(Protocol):
+    """Builds the parallel model and optimizer, and runs optimizer steps over micro-batches."""
+
+    topology: Topology
+
+    def build(self, spec: ModelSpec, optimizer: OptimizerSettings) -> nn.Module:
+        """Build the (parallelized) network, its optimizer, schedule and EMA; returns the model."""
+        ...
+
+    def train_step(self, micro_batches: Sequence[Batch], loss_fn: LossFn, global_batch_size: int) -> StepResult:
+        """Forward/backward over this rank's micro-batches, reduce, clip, step (or skip if non-finite)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer, scheduler and EMA state (as the runtime's checkpoint format wants it)."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        ...
+
+    def inference_model(self, use_ema: bool = True) -> nn.Module:
+        """The model to sample with (the EMA weights when kept and asked for)."""
+        ...
+
+    def max_memory_gib(self) -> float:
+        """Peak accelerator memory of this rank (process RSS on CPU)."""
+        ...
