@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dfm.app.cli import make_parser, run_main
+from dfm.app.cli import UserError, make_parser, run_main
 
 EXAMPLES = """\
   python -m dfm.app.generate --checkpoint runs/demo --prompt "a red circle moving left slowly" --out out/red.mp4
@@ -42,23 +42,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dfm.app.services.generation import GenerateRequest, generate
 
     configure_logging()
-    request = GenerateRequest(
-        checkpoint=args.checkpoint,
-        prompts=args.prompt,
-        out=args.out,
-        negative_prompt=args.negative_prompt,
-        sampler=args.sampler,
-        steps=args.steps,
-        guidance=args.guidance,
-        shift=args.shift,
-        seed=args.seed,
-        frames=args.frames,
-        height=args.height,
-        width=args.width,
-        fps=args.fps,
-        use_ema=not args.no_ema,
-    )
-    paths = generate(request)
+    try:
+        request = GenerateRequest(
+            checkpoint=args.checkpoint,
+            prompts=args.prompt,
+            out=args.out,
+            negative_prompt=args.negative_prompt,
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance=args.guidance,
+            shift=args.shift,
+            seed=args.seed,
+            frames=args.frames,
+            height=args.height,
+            width=args.width,
+            fps=args.fps,
+            use_ema=not args.no_ema,
+        )
+        paths = generate(request)
+    except ValueError as exc:  # bad request values, a sampler that does not fit the model: the user's to fix
+        raise UserError(str(exc)) from None
     for path in paths:
         print(path)
     print(request.out.with_suffix(".png"))

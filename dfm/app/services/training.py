@@ -77,6 +77,8 @@ def train(
 ) -> TrainResult:
     """Train ``cfg``; any port may be injected (e.g. the in-memory adapters), the rest come from bootstrap.
 
+    With an injected ``store`` and ``sink`` nothing is written to disk (``config.yaml`` included).
+
     Raises:
         TrainingError: after ``train.max_consecutive_nonfinite`` non-finite steps in a row.
         CheckpointError: a checkpoint to resume from is unusable (before any training step).
@@ -88,18 +90,22 @@ def train(
     codec, text = bootstrap.build_codecs(cfg)
     bootstrap.check_model_fits_data(cfg.model, bootstrap.latent_shape(cfg, codec))
     data = data or bootstrap.build_data_source(cfg, runtime.topology, codec, text)
+    writes_run_dir = store is None
     store = store or bootstrap.build_checkpoint_store(cfg)
     runtime.build(cfg.model, bootstrap.optimizer_settings(cfg))
     run = _Run(cfg=cfg, runtime=runtime, data=data, store=store, sink=None)  # type: ignore[arg-type]
     resume_from = resolve_resume(cfg.checkpoint.resume, store)
     if resume_from is not None:
         _restore(run, resume_from)
+    owns_sink = sink is None
     run.sink = sink or bootstrap.build_metrics_sink(cfg, resume_step=run.step)
-    _write_config(cfg, runtime)
+    if writes_run_dir:
+        _write_config(cfg, runtime)
     try:
         return _loop(run)
     finally:
-        run.sink.close()
+        if owns_sink:  # an injected sink belongs to the caller
+            run.sink.close()
         bind_step(None)
 
 
