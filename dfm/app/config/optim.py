@@ -36,6 +36,6 @@ class OptimConfig:
     schedule: Schedule = attrs.field(default="constant", validator=choice(Schedule))
     """Learning rate after warmup: ``constant``, or ``cosine`` decay to ``min_lr_ratio * lr`` at ``max_steps``."""
     warmup_steps: int = attrs.field(default=0, validator=non_negative)
-    """Steps of linear warmup from 0 to ``lr``."""
+    """Steps of linear warmup: step s < warmup_steps uses ``lr * (s + 1) / (warmup_steps + 1)``."""
     min_lr_ratio: float = attrs.field(default=0.0, validator=unit_interval)
     """Final learning rate of the cosine schedule as a fraction of ``lr``."""
