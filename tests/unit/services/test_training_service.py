@@ -44,3 +44,33 @@ def test_in_memory_resume_continues_exactly(tmp_path: Path) -> None:
     assert [s for s, _ in part_sink.records] == [1, 2, 3, 4]
     assert losses == [m["loss"] for _, m in whole_sink.records]
     assert torch.isfinite(torch.tensor(losses)).all()
+
+
+def test_in_memory_data_source_drives_training_and_resumes(tmp_path: Path) -> None:
+    from dfm.adapters.memory import InMemoryDataSource
+    from dfm.domain.batch import Batch
+
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        Batch(
+            latents=torch.randn(1, 3, 5, 16, 16, generator=g),
+            text=torch.randn(1, 8, 32, generator=g),
+            sample_index=torch.tensor([i]),
+        )
+        for i in range(3)
+    ]
+
+    def cfg(steps: int):
+        return resolve_config(
+            "wan_tiny_t2v",
+            None,
+            [f"run.dir={tmp_path}", f"train.max_steps={steps}", "checkpoint.interval=1", "logging.level=WARNING"],
+        )
+
+    whole, part, store = InMemoryMetricsSink(), InMemoryMetricsSink(), InMemoryCheckpointStore()
+    train(cfg(3), data=InMemoryDataSource(batches), store=InMemoryCheckpointStore(), sink=whole)
+    train(cfg(1), data=InMemoryDataSource(batches), store=store, sink=part)
+    resumed_source = InMemoryDataSource(batches)
+    train(cfg(3), data=resumed_source, store=store, sink=part)
+    assert resumed_source.position == 6  # 2 micro-batches per step, 3 steps
+    assert [m["loss"] for _, m in part.records] == [m["loss"] for _, m in whole.records]
