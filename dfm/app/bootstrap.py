@@ -12,7 +12,7 @@ from dfm.adapters.local import LocalRuntime
 from dfm.adapters.synthetic import HashTextEncoder, IdentityPixelCodec, MockLatentSource, SyntheticVideoSource
 from dfm.adapters.tracking import JsonlMetricsSink
 from dfm.app.config import ConfigError, TrainConfig
-from dfm.domain.specs import ModelSpec
+from dfm.domain.specs import LatentSpec, ModelSpec
 from dfm.ports.checkpoint import CheckpointStore
 from dfm.ports.codecs import LatentCodec, TextEncoder
 from dfm.ports.data import DataSource
@@ -52,19 +52,29 @@ def optimizer_settings(cfg: TrainConfig) -> OptimizerSettings:
     )
 
 
-def build_codecs(cfg: TrainConfig) -> tuple[LatentCodec, TextEncoder]:
-    """The pixel codec and text encoder the data (and generation) use."""
-    if cfg.data.source in ("synthetic", "mock"):
+def build_codecs(cfg: TrainConfig) -> tuple[LatentCodec | None, TextEncoder]:
+    """The pixel codec and text encoder the data (and generation) use; ``mock`` data has no pixel codec."""
+    if cfg.data.source == "synthetic":
         return IdentityPixelCodec(), HashTextEncoder(dim=cfg.model.text_dim)
+    if cfg.data.source == "mock":
+        return None, HashTextEncoder(dim=cfg.model.text_dim)
     raise ConfigError(
         f"data.source: {cfg.data.source!r} is not available in this version of dfm; use synthetic or mock"
     )
 
 
-def latent_shape(cfg: TrainConfig, codec: LatentCodec) -> tuple[int, int, int, int]:
+def latent_spec(cfg: TrainConfig, codec: LatentCodec | None) -> LatentSpec:
+    """The data's latent space: the codec's, or for ``mock`` data a WAN-VAE-like one with the model's channels."""
+    return codec.latent_spec if codec is not None else LatentSpec(channels=cfg.model.in_channels)
+
+
+def latent_shape(cfg: TrainConfig, codec: LatentCodec | None) -> tuple[int, int, int, int]:
     """``(C, F, H, W)`` of the training latents."""
     d = cfg.data
-    return codec.latent_spec.latent_shape(d.frames, d.height, d.width)
+    try:
+        return latent_spec(cfg, codec).latent_shape(d.frames, d.height, d.width)
+    except ValueError as exc:
+        raise ConfigError(f"data: {exc} (data.frames/height/width do not fit the codec)") from None
 
 
 def build_data_source(cfg: TrainConfig, topology: Topology, codec: LatentCodec | None, text: TextEncoder) -> DataSource:

@@ -11,6 +11,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+import torch
+
 from dfm.app.cli import (
     add_config_arguments,
     config_from_args,
@@ -83,6 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = train(config)
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError as exc:
+        print(
+            f"error: out of accelerator memory ({str(exc).splitlines()[0]}); lower train.micro_batch_size, "
+            "set train.activation_checkpointing=full, or use a parallel runtime",
+            file=sys.stderr,
+        )
         return 1
     return SIGNAL_EXIT.get(result.stopped_by or "", 0)
 

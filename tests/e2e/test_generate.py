@@ -90,3 +90,24 @@ def test_a_bad_output_name_is_a_one_line_error(run_dir: Path, tmp_path: Path) ->
     result = cli("generate", "--checkpoint", str(run_dir), "--prompt", "x", "--out", str(tmp_path / "o.gif"))
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: --out must name an .mp4 file, got {tmp_path / 'o.gif'}"
+
+
+def test_mock_latent_training_runs_with_vae_shaped_latents_but_cannot_decode(tmp_path: Path) -> None:
+    cfg = resolve_config(
+        "wan_tiny_t2v",
+        None,
+        [
+            f"run.dir={tmp_path}",
+            "data.source=mock",
+            "model.in_channels=16",
+            "model.out_channels=16",
+            "data.frames=9",
+            "data.height=32",
+            "data.width=32",
+            "train.max_steps=1",
+            "logging.level=WARNING",
+        ],
+    )
+    assert train(cfg).step == 1  # latents (16, 3, 4, 4): the WAN VAE's shape for 9 x 32 x 32 videos
+    with pytest.raises(ValueError, match="trained on mock latents"):
+        _videos(tmp_path, steps=2)

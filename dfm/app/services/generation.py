@@ -78,6 +78,10 @@ def generate(request: GenerateRequest, *, writer: VideoWriter | None = None) -> 
     """Generate one video per prompt; returns the mp4 paths (the contact sheet is ``out`` with ``.png``)."""
     cfg, model = load_for_inference(request.checkpoint, use_ema=request.use_ema)
     codec, text_encoder = bootstrap.build_codecs(cfg)
+    if codec is None:
+        raise ValueError(
+            f"{request.checkpoint} was trained on mock latents (data.source=mock): there is no codec to decode videos"
+        )
     device = next(model.parameters()).device
     videos = [
         _one_video(request, cfg, model, codec, text_encoder, prompt, device, i)
