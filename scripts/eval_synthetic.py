@@ -78,6 +78,7 @@ def generate_videos(
     captions: Sequence[str],
     *,
     seed: int = 0,
+    sampler: str | None = None,
     steps: int | None = None,
     guidance: float | None = None,
     shift: float | None = None,
@@ -110,7 +111,7 @@ def generate_videos(
             model,
             cfg.diffusion,
             noise[start : start + len(chunk)].to(device),
-            sampler=s.sampler,
+            sampler=sampler or s.sampler,
             steps=steps or s.steps,
             guidance=s.guidance if guidance is None else guidance,
             text=text.to(device),
@@ -243,9 +244,19 @@ def score(videos: torch.Tensor, specs: Sequence[VideoSpec]) -> dict[str, float]:
 
 
 def evaluate(
-    checkpoint: Path | str, *, n: int = 40, seed: int = 0, reference: bool = False, **sampling: float | int | None
+    checkpoint: Path | str,
+    *,
+    n: int = 40,
+    seed: int = 0,
+    reference: bool = False,
+    sheet: Path | str | None = None,
+    **sampling: float | int | None,
 ) -> dict[str, float]:
-    """Generate (or, with ``reference``, render) ``n`` balanced captions' videos and :func:`score` them."""
+    """Generate (or, with ``reference``, render) ``n`` balanced captions' videos and :func:`score` them.
+
+    ``sheet``: also save a PNG contact sheet of the videos with their captions there. ``sampling`` goes
+    to :func:`generate_videos` (``sampler``, ``steps``, ``guidance``, ``shift``, ``batch_size``, ``use_ema``).
+    """
     specs = eval_specs(n, seed)
     if reference:
         from dfm.app.services.checkpoints import load_for_inference
@@ -254,6 +265,11 @@ def evaluate(
         videos = reference_videos(specs, s.frames, s.height, s.width)
     else:
         videos = generate_videos(checkpoint, [s.caption for s in specs], seed=seed, **sampling)
+    if sheet is not None:
+        from dfm.adapters.video import contact_sheet, save_png, to_uint8_frames
+
+        frames = [to_uint8_frames(v * 2 - 1) for v in videos]
+        save_png(contact_sheet(frames, captions=[s.caption for s in specs]), sheet)
     return score(videos, specs)
 
 
@@ -262,10 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, type=Path, help="run directory or checkpoint directory")
     p.add_argument("-n", type=int, default=40, help="captions (balanced over colours, shapes, directions)")
     p.add_argument("--seed", type=int, default=0, help="seed of the caption draw and of the noise")
+    p.add_argument("--sampler", default=None, help="unipc | flow_euler (default: the checkpoint's)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the checkpoint's)")
     p.add_argument("--shift", type=float, default=None, help="sampling shift (default: the checkpoint's)")
     p.add_argument("--reference", action="store_true", help="score the true clips (checks the scorer)")
+    p.add_argument("--sheet", type=Path, default=None, help="save a PNG contact sheet of the videos here")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -274,13 +292,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         n=args.n,
         seed=args.seed,
         reference=args.reference,
-        **({} if args.reference else {"steps": args.steps, "guidance": args.guidance, "shift": args.shift}),
+        sheet=args.sheet,
+        **(
+            {}
+            if args.reference
+            else {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, "shift": args.shift}
+        ),
     )
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{args.checkpoint}: {result['n']} videos ({'reference' if args.reference else 'generated'}), "
-          f"{time.perf_counter() - t0:.0f} s")
+    print(
+        f"{args.checkpoint}: {result['n']} videos ({'reference' if args.reference else 'generated'}), "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     for k in (*ATTRIBUTES, "all"):
         chance = CHANCE.get(k, math.prod(CHANCE.values()))
         print(f"  {k:<9} {result[k]:6.1%}   (chance {chance:.1%})")
