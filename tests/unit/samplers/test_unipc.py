@@ -7,38 +7,17 @@ import math
 import pytest
 import torch
 from diffusers import UniPCMultistepScheduler
+from support.oracles import SHAPE, GaussianFlow
 
 from dfm.domain.diffusion.flow import shift_sigma
 from dfm.domain.samplers import flow_sigmas, sample_flow_euler, sample_flow_unipc
-
-SHAPE = (2, 4, 3, 5, 5)  # [B, C, F, H, W]
-
-
-class GaussianVelocity:
-    """Exact velocity ``(x - E[x0 | x]) / sigma`` for data ``N(mu, s^2)`` per channel (see test_flow_samplers)."""
-
-    def __init__(self, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.mu = torch.randn(1, SHAPE[1], 1, 1, 1, generator=g, dtype=torch.float64)
-        self.s = 0.3 + torch.rand(1, SHAPE[1], 1, 1, 1, generator=g, dtype=torch.float64)
-        self.calls = 0
-
-    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        self.calls += 1
-        a, xd = 1.0 - sigma, x.double()
-        x0 = self.mu + a * self.s**2 * (xd - a * self.mu) / (a**2 * self.s**2 + sigma**2)
-        return ((xd - x0) / sigma).to(x.dtype)
-
-    def transport(self, x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
-        std = lambda sigma: torch.sqrt((1 - sigma) ** 2 * self.s**2 + sigma**2)
-        return (1 - sigma_to) * self.mu + std(sigma_to) * (x - (1 - sigma_from) * self.mu) / std(sigma_from)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-def _diffusers_trajectory(velocity: GaussianVelocity, x: torch.Tensor, n: int, **config: object) -> list[torch.Tensor]:
+def _diffusers_trajectory(velocity: GaussianFlow, x: torch.Tensor, n: int, **config: object) -> list[torch.Tensor]:
     """The loop of diffusers' WanPipeline around ``UniPCMultistepScheduler``."""
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, **config)
     scheduler.set_timesteps(n)
@@ -50,9 +29,7 @@ def _diffusers_trajectory(velocity: GaussianVelocity, x: torch.Tensor, n: int, *
     return states
 
 
-def _our_trajectory(
-    velocity: GaussianVelocity, x: torch.Tensor, n: int, shift: float, **kw: object
-) -> list[torch.Tensor]:
+def _our_trajectory(velocity: GaussianFlow, x: torch.Tensor, n: int, shift: float, **kw: object) -> list[torch.Tensor]:
     states: list[torch.Tensor] = []
     sample_flow_unipc(velocity, x, flow_sigmas(n, shift=shift), callback=lambda i, total, s: states.append(s), **kw)
     return states
@@ -63,7 +40,7 @@ def _our_trajectory(
 @pytest.mark.parametrize("n", [5, 10, 25])
 def test_unipc_matches_diffusers_wan_config(n: int, shift: float, dtype: torch.dtype) -> None:
     """WAN 2.1: flow_prediction, use_flow_sigmas, flow_shift, solver_order=2, bh2, lower_order_final."""
-    velocity = GaussianVelocity()
+    velocity = GaussianFlow()
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=dtype)
     config = {"flow_shift": shift, "solver_order": 2, "solver_type": "bh2", "lower_order_final": True}
     expected = _diffusers_trajectory(velocity, x.clone(), n, **config)
@@ -80,7 +57,7 @@ def test_unipc_matches_diffusers_wan_config(n: int, shift: float, dtype: torch.d
 )
 def test_unipc_other_orders_and_options_match_diffusers(options: dict) -> None:
     n, shift = 10, 3.0
-    velocity = GaussianVelocity(seed=2)
+    velocity = GaussianFlow(seed=2)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
     config = {
         "flow_shift": shift,
@@ -99,7 +76,7 @@ def test_unipc_other_orders_and_options_match_diffusers(options: dict) -> None:
 
 def test_unipc_bh1_matches_diffusers_before_its_nan_final_step() -> None:
     n, shift = 10, 5.0
-    velocity = GaussianVelocity(seed=4)
+    velocity = GaussianFlow(seed=4)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
     expected = _diffusers_trajectory(velocity, x.clone(), n, flow_shift=shift, solver_type="bh1")
     ours = _our_trajectory(velocity, x.clone(), n, shift, solver_type="bh1")
@@ -111,7 +88,7 @@ def test_unipc_bh1_matches_diffusers_before_its_nan_final_step() -> None:
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_unipc_converges_at_order_p_plus_one_on_the_exact_flow(order: int) -> None:
     """UniC raises UniP-p to order p + 1 (Zhao et al. 2023, Thm 3.3); observed between 64 and 128 steps."""
-    velocity = GaussianVelocity(seed=7)
+    velocity = GaussianFlow(seed=7)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     errors = []
     for n in (64, 128):
@@ -125,7 +102,7 @@ def test_unipc_converges_at_order_p_plus_one_on_the_exact_flow(order: int) -> No
 
 
 def test_unipc_last_step_returns_the_data_prediction() -> None:
-    velocity = GaussianVelocity()
+    velocity = GaussianFlow()
     x = torch.randn(SHAPE, dtype=torch.float64)
     out = sample_flow_unipc(velocity, x, [0.6, 0.0])
     torch.testing.assert_close(out, x - 0.6 * velocity(x, 0.6))
@@ -141,4 +118,4 @@ def test_unipc_last_step_returns_the_data_prediction() -> None:
 )
 def test_unipc_rejects_invalid_arguments(sigmas: list[float], options: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        sample_flow_unipc(GaussianVelocity(), torch.zeros(SHAPE), sigmas, **options)
+        sample_flow_unipc(GaussianFlow(), torch.zeros(SHAPE), sigmas, **options)
