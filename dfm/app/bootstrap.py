@@ -95,6 +95,9 @@ def build_data_source(cfg: TrainConfig, topology: Topology, codec: LatentCodec |
             text_len=d.text_len,
             codec=codec,
             text_encoder=text,
+            background=d.synthetic.background,
+            placement=d.synthetic.placement,
+            radius=d.synthetic.radius,
             **common,
         )
     if d.source == "mock":

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from dfm.adapters.synthetic.codecs import HashTextEncoder, IdentityPixelCodec
-from dfm.adapters.synthetic.videos import DATA_STEP, describe, render_batch
+from dfm.adapters.synthetic.videos import DATA_STEP, RADIUS_RANGE, describe, render_batch
 from dfm.domain.batch import Batch
 from dfm.domain.rng import stream_seed
 from dfm.ports.codecs import LatentCodec, TextEncoder
@@ -194,6 +194,8 @@ class SyntheticVideoSource(_SteppedSource):
         text_dim: Width of the default text encoder (64 when not given); must equal the encoder's ``dim``
             when both are given.
         background: Dim coloured backgrounds, named in captions; otherwise plain black.
+        placement: How far start positions vary (see :func:`~dfm.adapters.synthetic.videos.describe`).
+        radius: Range of shape radii (see :func:`~dfm.adapters.synthetic.videos.describe`).
         start_step: The step the iterator starts at.
     """
 
@@ -215,6 +217,8 @@ class SyntheticVideoSource(_SteppedSource):
         text_encoder: TextEncoder | None = None,
         text_dim: int | None = None,
         background: bool = False,
+        placement: float = 1.0,
+        radius: tuple[float, float] = RADIUS_RANGE,
         start_step: int = 0,
     ) -> None:
         super().__init__(
@@ -225,6 +229,7 @@ class SyntheticVideoSource(_SteppedSource):
             world=world,
             start_step=start_step,
         )
+        describe(0, 0, placement=placement, radius=radius)  # validates the scene options
         if frames < 1 or height < 4 or width < 4 or text_len < 1:
             raise ValueError(
                 f"need frames >= 1, height, width >= 4 and text_len >= 1; got frames={frames}, "
@@ -237,12 +242,13 @@ class SyntheticVideoSource(_SteppedSource):
         self.text_encoder: TextEncoder = (
             text_encoder if text_encoder is not None else HashTextEncoder(dim=text_dim if text_dim else 64)
         )
-        self.background = background
+        self.background, self.placement, self.radius = background, placement, (float(radius[0]), float(radius[1]))
 
     def batch_for_indices(self, indices: Sequence[int]) -> Batch:
         """Render, encode and caption the given global samples."""
         ix = self._check_indices(indices)
-        specs = [describe(i, self.seed, background=self.background) for i in ix]
+        scene = {"background": self.background, "placement": self.placement, "radius": self.radius}
+        specs = [describe(i, self.seed, **scene) for i in ix]
         captions = tuple(s.caption for s in specs)
         with torch.no_grad():
             latents = self.codec.encode(render_batch(specs, self.frames, self.height, self.width))

@@ -130,7 +130,14 @@ class VideoSpec:
         return text if self.background is None else f"{text} on a {self.background} background"
 
 
-def describe(index: int, seed: int, *, background: bool = False) -> VideoSpec:
+def describe(
+    index: int,
+    seed: int,
+    *,
+    background: bool = False,
+    placement: float = 1.0,
+    radius: tuple[float, float] = RADIUS_RANGE,
+) -> VideoSpec:
     """The clip of global sample ``index``: a function of ``(seed, index)`` only.
 
     Args:
@@ -138,15 +145,23 @@ def describe(index: int, seed: int, *, background: bool = False) -> VideoSpec:
         seed: The data seed.
         background: Draw and name a background colour; otherwise the background is plain black.
             The other attributes do not depend on this flag.
+        placement: How far the start position varies, as a fraction of the free range centred on its
+            middle: 1.0 anywhere the shape stays inside the frame, 0.0 always centred (the clip is then a
+            function of its caption and radius alone, which a small model learns much sooner).
+        radius: ``(low, high)`` range of the shape radius, fractions of ``min(height, width)``.
     """
     if index < 0:
         raise ValueError(f"sample index must be non-negative, got {index}")
+    if not 0.0 <= placement <= 1.0:
+        raise ValueError(f"placement must lie in [0, 1], got {placement!r}")
+    if not 0.0 < radius[0] <= radius[1] <= 0.5:
+        raise ValueError(f"radius must be a range (low, high) with 0 < low <= high <= 0.5, got {radius!r}")
     g = torch.Generator(device="cpu")
     g.manual_seed(stream_seed(seed, DATA_STEP, index, CAPTION_STREAM))
     values = all_attribute_values()
     picks = {name: opts[int(torch.randint(len(opts), (), generator=g))] for name, opts in values.items()}
     u = torch.rand(3, generator=g, dtype=torch.float64).tolist()
-    low, high = RADIUS_RANGE
+    low, high = radius
     return VideoSpec(
         shape=picks["shape"],
         colour=picks["colour"],
@@ -154,8 +169,8 @@ def describe(index: int, seed: int, *, background: bool = False) -> VideoSpec:
         speed=picks["speed"],
         background=picks["background"] if background else None,
         radius=low + (high - low) * u[0],
-        start_along=u[1],
-        start_across=u[2],
+        start_along=0.5 + placement * (u[1] - 0.5),
+        start_across=0.5 + placement * (u[2] - 0.5),
     )
 
 

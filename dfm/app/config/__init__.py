@@ -7,7 +7,7 @@ Problems are reported together in one :class:`ConfigError`, one ``dotted.key: re
 """
 
 from dfm.app.config.checkpoint import CheckpointConfig
-from dfm.app.config.data import DataConfig
+from dfm.app.config.data import DataConfig, SyntheticConfig
 from dfm.app.config.docs import attribute_docs, config_classes
 from dfm.app.config.errors import ConfigError
 from dfm.app.config.layering import merge, parse_overrides, resolve_config
@@ -37,6 +37,7 @@ __all__ = [
     "ParallelConfig",
     "RunConfig",
     "SampleConfig",
+    "SyntheticConfig",
     "TrainConfig",
     "TrainingConfig",
     "attribute_docs",

@@ -7,11 +7,31 @@ from typing import Literal
 import attrs
 from attrs import validators as v
 
-from dfm.app.config.checks import choice, non_empty, non_negative, optional, positive
+from dfm.app.config.checks import choice, non_empty, non_negative, optional, positive, unit_interval
 from dfm.app.config.errors import FieldError
 
 DataSourceName = Literal["synthetic", "mock", "energon", "hf_datasets"]
 _NEEDS_PATH = ("energon", "hf_datasets")
+
+
+def _radius_range(_inst: object, attr: attrs.Attribute, value: tuple[float, float]) -> None:
+    if len(value) != 2 or not 0.0 < value[0] <= value[1] <= 0.5:
+        raise ValueError(f"{attr.name} must be [low, high] with 0 < low <= high <= 0.5, got {list(value)}")
+
+
+@attrs.frozen(kw_only=True)
+class SyntheticConfig:
+    """What the procedural videos of ``data.source: synthetic`` show (see ``dfm/adapters/synthetic/videos.py``)."""
+
+    background: bool = False
+    """Dim coloured backgrounds, named in the caption ("... on a navy background"); otherwise plain black."""
+    placement: float = attrs.field(default=1.0, validator=unit_interval)
+    """How far the start position varies, as a fraction of the range that keeps the shape inside the
+    frame: 1.0 anywhere, 0.0 always centred (the clip is then fixed by its caption and radius)."""
+    radius: tuple[float, float] = attrs.field(
+        default=(0.14, 0.19), converter=lambda x: tuple(float(r) for r in x), validator=_radius_range
+    )
+    """Range ``[low, high]`` the shape radius is drawn from, as fractions of ``min(height, width)``."""
 
 
 @attrs.frozen(kw_only=True)
@@ -35,6 +55,8 @@ class DataConfig:
     """Text tokens per caption (padded or truncated)."""
     num_workers: int = attrs.field(default=2, validator=non_negative)
     """Data-loader worker processes per rank (0 loads in the training process)."""
+    synthetic: SyntheticConfig = attrs.field(factory=SyntheticConfig)
+    """Scene options of the ``synthetic`` source."""
 
     def __attrs_post_init__(self) -> None:
         if self.source in _NEEDS_PATH and self.path is None:

@@ -21,11 +21,19 @@ def _cell(text: object) -> str:
 
 
 def _table(prefix: str, cls: type, defaults: dict) -> list[str]:
-    docs = attribute_docs(cls)
-    rows = ["| key | default | meaning |", "|---|---|---|"]
+    return ["| key | default | meaning |", "|---|---|---|", *_rows(prefix, cls, defaults)]
+
+
+def _rows(prefix: str, cls: type, defaults: dict) -> list[str]:
+    """One row per key; a nested section's keys follow under its dotted name."""
+    docs, types = attribute_docs(cls), field_types(cls)
+    rows = []
     for field in attrs.fields(cls):
         value = defaults.get(field.name)
-        rows.append(f"| `{prefix}{field.name}` | `{_cell(value)}` | {_cell(docs.get(field.name, ''))} |")
+        if attrs.has(types[field.name]) and isinstance(value, dict):
+            rows += _rows(f"{prefix}{field.name}.", types[field.name], value)
+        else:
+            rows.append(f"| `{prefix}{field.name}` | `{_cell(value)}` | {_cell(docs.get(field.name, ''))} |")
     return rows
 
 

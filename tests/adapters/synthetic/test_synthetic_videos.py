@@ -179,3 +179,28 @@ def test_invalid_inputs_raise_value_errors() -> None:
         VideoSpec(shape="hexagon", colour="red", direction="left", speed="slowly")
     with pytest.raises(ValueError):
         VideoSpec(shape="circle", colour="red", direction="left", speed="slowly", start_along=1.5)
+
+
+def test_placement_zero_centres_every_clip_and_radius_range_is_honoured() -> None:
+    for i in range(50):
+        spec = describe(i, 4, placement=0.0, radius=(0.2, 0.24))
+        assert (spec.start_along, spec.start_across) == (0.5, 0.5)
+        assert 0.2 <= spec.radius <= 0.24
+        # the categorical attributes do not depend on the scene options
+        other = describe(i, 4)
+        assert (spec.shape, spec.colour, spec.direction, spec.speed) == (
+            other.shape,
+            other.colour,
+            other.direction,
+            other.speed,
+        )
+    spread = [describe(i, 4, placement=0.5) for i in range(200)]
+    assert all(0.25 <= s.start_along <= 0.75 and 0.25 <= s.start_across <= 0.75 for s in spread)
+    assert max(s.start_along for s in spread) > 0.7 and min(s.start_along for s in spread) < 0.3
+
+
+def test_invalid_scene_options_raise_value_errors() -> None:
+    with pytest.raises(ValueError, match=r"placement must lie in \[0, 1\], got 1.5"):
+        describe(0, 0, placement=1.5)
+    with pytest.raises(ValueError, match="radius must be a range"):
+        describe(0, 0, radius=(0.3, 0.2))

@@ -86,6 +86,13 @@ def test_custom_validator_message_is_kept() -> None:
     assert line.startswith("model.patch_size: must be three positive ints")
 
 
+def test_nested_section_errors_name_the_full_key() -> None:
+    assert problems({"data": {"synthetic": {"placement": 1.5, "radius": [0.3, 0.2]}}}) == [
+        "data.synthetic.placement: must be <= 1.0, got 1.5",
+        "data.synthetic.radius: must be [low, high] with 0 < low <= high <= 0.5, got [0.3, 0.2]",
+    ]
+
+
 def test_cross_field_checks_name_the_key() -> None:
     assert problems({"data": {"source": "energon"}}) == [
         "data.path: required when data.source is 'energon' (set data.path=DIR)"
