@@ -22,8 +22,7 @@ and every attention module holds a swappable kernel in ``kernel`` (rule 5).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +36,7 @@ from dfm.domain.networks.layers import (
     RMSNorm,
     TwoLayerMLP,
     apply_rope,
+    draw_init,
     modulate,
     patch_grid,
     rope_3d,
@@ -48,6 +48,27 @@ from dfm.domain.specs import DiTSpec
 
 Rope = tuple[Tensor, Tensor]
 """``(cos, sin)`` tables ``[L, head_dim]`` from :func:`~dfm.domain.networks.layers.rope_3d`."""
+
+
+class DiTInputs(NamedTuple):
+    """What the blocks consume, as :meth:`DiT.embed` prepares it (the fields WAN's ``WanInputs`` shares).
+
+    Attributes:
+        tokens: Patch-embedded video ``[B, L, h]``.
+        context: Embedded text ``[B, S, h]``.
+        temb: Noise-level embedding ``c`` ``[B, h]`` (for the blocks' and the output head's adaLN).
+        rope: ``(cos, sin)`` ``[L, head_dim]`` float32.
+        mask: Text key mask ``[B, 1, 1, S]`` bool, or ``None``.
+        grid: Token grid ``(F, H, W)``.
+    """
+
+    tokens: Tensor
+    context: Tensor
+    temb: Tensor
+    rope: Rope
+    mask: Tensor | None
+    grid: Grid
+
 
 DIT_PARALLEL_PLAN = ParallelPlan(
     blocks="blocks",
@@ -246,21 +267,22 @@ class DiT(nn.Module):
 
         Args:
             generator: Random stream (default: a fixed seed; the global RNG is never drawn). Values are
-                drawn on its device and copied to the parameters'.
+                drawn full-shape on its device and copied to the parameters' device or shards
+                (:func:`~dfm.domain.networks.layers.draw_init`), so every parallel layout gets the same weights.
         """
         gen = torch.Generator().manual_seed(0) if generator is None else generator
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                _draw(module.weight, lambda t: nn.init.xavier_uniform_(t, generator=gen), gen)
+                draw_init(module.weight, lambda t: nn.init.xavier_uniform_(t, generator=gen), gen)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm | nn.RMSNorm):
                 module.reset_parameters()
         xavier_flat = lambda t: nn.init.xavier_uniform_(t.view(t.shape[0], -1), generator=gen)
-        _draw(self.patch_embedding.weight, xavier_flat, gen)
+        draw_init(self.patch_embedding.weight, xavier_flat, gen)
         nn.init.zeros_(self.patch_embedding.bias)
         for embedder in (self.time_embedder, self.text_embedder):
             for linear in (embedder.linear_1, embedder.linear_2):
-                _draw(linear.weight, lambda t: nn.init.normal_(t, std=0.02, generator=gen), gen)
+                draw_init(linear.weight, lambda t: nn.init.normal_(t, std=0.02, generator=gen), gen)
         zero = [self.final_layer.modulation, self.final_layer.linear]
         zero += [m for block in self.blocks for m in (block.modulation, block.cross_attn.to_out)]
         for linear in zero:
@@ -280,6 +302,17 @@ class DiT(nn.Module):
         Returns:
             ``[B, C_out, F, H, W]`` in the parameters' dtype.
         """
+        inputs = self.embed(x, timestep, text, text_mask)
+        tokens = self.run_blocks(inputs.tokens, inputs)
+        return self.unpatchify(self.project(tokens, inputs.temb), inputs.grid)
+
+    def embed(self, x: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None = None) -> DiTInputs:
+        """Everything before the blocks: patch embedding, noise and text embeddings, RoPE tables, text mask.
+
+        ``forward`` is ``embed``, :meth:`run_blocks`, :meth:`project`, :meth:`unpatchify` (the stages of
+        ``WanTransformer``); sequence-parallel runtimes call them themselves, slicing ``rope`` along ``L``
+        like the tokens and passing ``inputs._replace(rope=...)``. Arguments as in :meth:`forward`.
+        """
         grid = self._check_inputs(x, timestep, text, text_mask)
         dtype = self.patch_embedding.weight.dtype
         tokens = self.patch_embedding(x.to(dtype))
@@ -287,10 +320,26 @@ class DiT(nn.Module):
         context = self.text_embedder(text.to(dtype))
         rope = rope_3d(self.spec.attention_head_dim, grid, device=x.device)
         mask = None if text_mask is None else text_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]
+        return DiTInputs(tokens, context, c, rope, mask, grid)
+
+    def run_blocks(self, tokens: Tensor, inputs: DiTInputs) -> Tensor:
+        """Every block on ``tokens`` ``[B, L, h]`` (``L`` may be a sequence shard matching ``inputs.rope``)."""
         for block in self.blocks:
-            tokens = block(tokens, c, context, rope, mask)
-        out = self.final_layer(tokens, c)
-        return unpatchify(out, grid, self.spec.patch_size, self.spec.out_channels)
+            tokens = block(tokens, inputs.temb, inputs.context, inputs.rope, inputs.mask)
+        return tokens
+
+    def project(self, tokens: Tensor, temb: Tensor) -> Tensor:
+        """The output head's adaLN and linear, token by token: ``[B, L, h]`` -> ``[B, L, pt * ph * pw * C_out]``.
+
+        Args:
+            tokens: Block outputs (all tokens or a sequence shard).
+            temb: Noise-level embedding ``[B, h]`` (:attr:`DiTInputs.temb`).
+        """
+        return self.final_layer(tokens, temb)
+
+    def unpatchify(self, patches: Tensor, grid: Grid) -> Tensor:
+        """Fold :meth:`project`'s ``[B, L, pt * ph * pw * C_out]`` (all ``L`` tokens) into ``[B, C_out, F, H, W]``."""
+        return unpatchify(patches, grid, self.spec.patch_size, self.spec.out_channels)
 
     def embed_noise(self, timestep: Tensor) -> Tensor:
         """Noise-level embedding ``c`` ``[B, h]`` of ``c_noise`` ``[B]``."""
@@ -310,16 +359,6 @@ class DiT(nn.Module):
         if text_mask is not None and tuple(text_mask.shape) != tuple(text.shape[:2]):
             raise ValueError(f"text_mask must be [B, S]={tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
         return patch_grid(x.shape[2], x.shape[3], x.shape[4], spec.patch_size)
-
-
-def _draw(param: Tensor, init: Callable[[Tensor], object], generator: torch.Generator) -> None:
-    """Run the random ``init`` on ``param``, drawing on the generator's device and copying if they differ."""
-    if param.device == generator.device:
-        init(param)
-    else:
-        tmp = torch.empty(param.shape, dtype=param.dtype, device=generator.device)
-        init(tmp)
-        param.copy_(tmp)
 
 
 def dit_num_params(spec: DiTSpec) -> int:

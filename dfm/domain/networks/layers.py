@@ -7,6 +7,7 @@ that networks built from these layers reproduce diffusers' outputs to float roun
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -212,3 +213,29 @@ class TwoLayerMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Apply the two-layer MLP."""
         return self.linear_2(self.act(self.linear_1(x)))
+
+
+# Initialisation --------------------------------------------------------------------------------
+
+
+def draw_init(param: Tensor, init: Callable[[Tensor], object], generator: torch.Generator) -> None:
+    """Run the random ``init`` (e.g. ``nn.init.xavier_uniform_(t, generator=g)``) for ``param``.
+
+    A plain tensor on the generator's device is drawn in place. Otherwise the full-shape values are
+    drawn into a plain tensor on the generator's device and copied over: a parameter on another device,
+    or a tensor subclass such as a sharded (FSDP2/tensor-parallel) parameter, whose own in-place draw
+    would not reproduce the plain one. So every layout gets the same weights from the same generator,
+    and at most one full parameter exists at a time. (A subclass is detected by ``type``, so the domain
+    needs no distributed import.)
+
+    Args:
+        param: Parameter to fill (its global shape for a sharded one).
+        init: In-place initialiser of a plain tensor, drawing from ``generator``.
+        generator: Random stream.
+    """
+    if type(param) in (Tensor, nn.Parameter) and param.device == generator.device:
+        init(param)
+        return
+    tmp = torch.empty(param.shape, dtype=param.dtype, device=generator.device)
+    init(tmp)
+    param.copy_(tmp)

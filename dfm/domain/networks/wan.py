@@ -11,7 +11,6 @@ Notation: ``B`` batch, ``L`` video tokens, ``S`` text tokens, ``h`` hidden size,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -25,6 +24,7 @@ from dfm.domain.networks.layers import (
     RMSNorm,
     TwoLayerMLP,
     apply_rope,
+    draw_init,
     modulate,
     patch_grid,
     rope_3d,
@@ -89,6 +89,9 @@ WAN_PARALLEL_PLAN = ParallelPlan(
 class WanAttention(nn.Module):
     """Multi-head attention with RMSNorm over all heads on q and k, optional RoPE and key mask.
 
+    Heads are recovered from the projection width with ``head_dim = dim // heads``, so a column-parallel
+    shard of ``to_q/to_k/to_v`` (``dim / tp`` channels) simply holds ``heads / tp`` heads.
+
     Args:
         dim: Hidden size ``h``.
         heads: Number of heads ``H``.
@@ -98,7 +101,8 @@ class WanAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, eps: float, kernel: AttentionKernel) -> None:
         super().__init__()
-        self.heads = heads
+        assert dim % heads == 0, f"hidden size {dim} is not a multiple of {heads} heads"
+        self.head_dim = dim // heads
         self.kernel = kernel
         self.to_q = nn.Linear(dim, dim)
         self.to_k = nn.Linear(dim, dim)
@@ -131,11 +135,11 @@ class WanAttention(nn.Module):
         else:  # a query with no key to attend to gets a zero output (not the NaN of an all-masked softmax)
             has_keys = mask.any(dim=-1, keepdim=True)
             out = self.kernel(q, k, v, mask | ~has_keys) * has_keys
-        return self.to_out[0](out.transpose(1, 2).flatten(2).type_as(q))
+        return self.to_out[0](out.transpose(1, 2).flatten(2).type_as(q))  # [B, H, L, D] -> [B, L, H*D]
 
     def _heads(self, x: Tensor) -> Tensor:
-        """``[B, L, H*D] -> [B, H, L, D]``."""
-        return x.unflatten(2, (self.heads, -1)).transpose(1, 2)
+        """``[B, L, H*D] -> [B, H, L, D]``, ``H`` from the width (fewer heads on a tensor-parallel shard)."""
+        return x.unflatten(2, (-1, self.head_dim)).transpose(1, 2)
 
 
 class FeedForward(nn.Module):
@@ -247,18 +251,16 @@ class WanTransformer(nn.Module):
         Returns:
             ``[B, out_channels, F, H, W]``.
         """
-        state = self.embed(x, timestep, text, text_mask)
-        tokens = state.tokens
-        for block in self.blocks:
-            tokens = block(tokens, state.context, state.modulation, state.rope, state.mask)
-        return self.head(tokens, state.temb, state.grid)
+        inputs = self.embed(x, timestep, text, text_mask)
+        tokens = self.run_blocks(inputs.tokens, inputs)
+        return self.unpatchify(self.project(tokens, inputs.temb), inputs.grid)
 
     def embed(self, x: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None = None) -> WanInputs:
         """Everything before the blocks: patch embedding, conditioning, RoPE tables and the text mask.
 
-        ``forward`` is ``embed``, then each block on ``(tokens, context, modulation, rope, mask)``, then
-        :meth:`head`; pipeline and sequence-parallel runtimes call the stages themselves (a runtime that
-        shards the tokens over ranks slices ``rope`` along ``L`` the same way).
+        ``forward`` is ``embed``, :meth:`run_blocks`, :meth:`project`, :meth:`unpatchify`; pipeline and
+        sequence-parallel runtimes call the stages themselves (a runtime that shards the tokens over ranks
+        slices ``rope`` along ``L`` the same way and passes ``inputs._replace(rope=...)``).
         """
         self._check_inputs(x, timestep, text, text_mask)
         grid = patch_grid(*x.shape[2:], self.spec.patch_size)
@@ -267,11 +269,35 @@ class WanTransformer(nn.Module):
         mask = None if text_mask is None else text_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]
         return WanInputs(self.patch_embedding(x), context, modulation, temb, rope, mask, grid)
 
-    def head(self, tokens: Tensor, temb: Tensor, grid: tuple[int, int, int]) -> Tensor:
-        """Everything after the blocks: modulated output norm, projection to patches, unpatchify."""
+    def run_blocks(self, tokens: Tensor, inputs: WanInputs) -> Tensor:
+        """Every block on ``tokens`` ``[B, L, h]`` (``L`` may be a sequence shard matching ``inputs.rope``)."""
+        for block in self.blocks:
+            tokens = block(tokens, inputs.context, inputs.modulation, inputs.rope, inputs.mask)
+        return tokens
+
+    def project(self, tokens: Tensor, temb: Tensor) -> Tensor:
+        """Every parameterised op after the blocks: modulated output norm and projection to patches.
+
+        Works token by token, so a sequence-parallel runtime projects its shard and gathers afterwards.
+
+        Args:
+            tokens: ``[B, L, h]``.
+            temb: Timestep embedding ``[B, h]`` (:attr:`WanInputs.temb`).
+
+        Returns:
+            ``[B, L, pt * ph * pw * out_channels]``.
+        """
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         tokens = modulate(self.norm_out(tokens.float()), shift, scale).type_as(tokens)
-        return unpatchify(self.proj_out(tokens), grid, self.spec.patch_size, self.spec.out_channels)
+        return self.proj_out(tokens)
+
+    def unpatchify(self, patches: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """Fold :meth:`project`'s ``[B, L, pt * ph * pw * C]`` (all ``L`` tokens) into ``[B, C, F, H, W]``."""
+        return unpatchify(patches, grid, self.spec.patch_size, self.spec.out_channels)
+
+    def head(self, tokens: Tensor, temb: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """Everything after the blocks: :meth:`unpatchify` of :meth:`project`."""
+        return self.unpatchify(self.project(tokens, temb), grid)
 
     def _check_inputs(self, x: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None) -> None:
         s = self.spec
@@ -290,35 +316,27 @@ class WanTransformer(nn.Module):
 
         Linears: Xavier-uniform weights, zero biases; patch embedding Xavier-uniform over its flattened
         kernel; time and text embedders N(0, 0.02); scale-shift tables N(0, 1/h); output projection zero;
-        norms to identity.
+        norms to identity. Random values are drawn full-shape from ``generator`` in a fixed order, also
+        for sharded (FSDP2/tensor-parallel) parameters, so every layout gets the same weights
+        (:func:`~dfm.domain.networks.layers.draw_init`).
         """
         gen = torch.Generator().manual_seed(0) if generator is None else generator
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                _fill(m.weight, lambda t: nn.init.xavier_uniform_(t, generator=gen), gen)
+                draw_init(m.weight, lambda t: nn.init.xavier_uniform_(t, generator=gen), gen)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm | nn.RMSNorm) and m.weight is not None:
                 nn.init.ones_(m.weight)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-        _fill(
+        draw_init(
             self.patch_embedding.weight, lambda t: nn.init.xavier_uniform_(t.view(t.shape[0], -1), generator=gen), gen
         )
         nn.init.zeros_(self.patch_embedding.bias)
         for mlp in (self.condition_embedder.time_embedder, self.condition_embedder.text_embedder):
             for lin in (mlp.linear_1, mlp.linear_2):
-                _fill(lin.weight, lambda t: nn.init.normal_(t, std=0.02, generator=gen), gen)
+                draw_init(lin.weight, lambda t: nn.init.normal_(t, std=0.02, generator=gen), gen)
         tables = [self.scale_shift_table] + [b.scale_shift_table for b in self.blocks]
         for table in tables:
-            _fill(table, lambda t: nn.init.normal_(t, std=self.spec.hidden_size**-0.5, generator=gen), gen)
+            draw_init(table, lambda t: nn.init.normal_(t, std=self.spec.hidden_size**-0.5, generator=gen), gen)
         nn.init.zeros_(self.proj_out.weight)
-
-
-def _fill(param: Tensor, init: Callable[[Tensor], object], generator: torch.Generator) -> None:
-    """Run ``init`` on ``param``, drawing on the generator's device and copying over if they differ."""
-    if param.device == generator.device:
-        init(param)
-    else:
-        tmp = torch.empty(param.shape, dtype=param.dtype, device=generator.device)
-        init(tmp)
-        param.copy_(tmp)
