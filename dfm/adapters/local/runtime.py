@@ -20,20 +20,17 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel
 
-from dfm.adapters.local.checkpointing import apply_activation_checkpointing
 from dfm.adapters.local.ema import build_ema, reset_ema
-from dfm.adapters.local.optim import build_adamw
-from dfm.adapters.local.schedule import (
+from dfm.adapters.local.state import load_model_and_optimizer_state, model_and_optimizer_state
+from dfm.adapters.torch_dist.checkpointing import apply_activation_checkpointing
+from dfm.adapters.torch_dist.optim import build_adamw
+from dfm.adapters.torch_dist.schedule import (
     build_scheduler,
     check_optimizer_settings,
     load_scheduler_state,
     scheduler_state,
 )
-from dfm.adapters.local.state import (
-    check_compatible,
-    load_model_and_optimizer_state,
-    model_and_optimizer_state,
-)
+from dfm.adapters.torch_dist.state import check_compatible
 from dfm.domain.batch import Batch
 from dfm.domain.networks.attention import SDPAAttention
 from dfm.domain.networks.dit import DiT

@@ -16,54 +16,17 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-_LISTED = 8
+from dfm.adapters.torch_dist.state import check_compatible, listing
+
 _KEEP_OWN = ("params", "fused", "foreach", "capturable", "differentiable")
 """Parameter-group entries a checkpoint does not override (the parameters and this runtime's kernel choice)."""
-
-
-def check_compatible(expected: Mapping[str, Any], given: Mapping[str, Any], what: str) -> None:
-    """Raise a ``ValueError`` naming missing and unexpected keys and shape mismatches of tensor entries.
-
-    Args:
-        expected: The state the receiver has (name -> tensor).
-        given: The state offered to it.
-        what: What is being loaded, for the message (e.g. ``"initial weights"``).
-    """
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    mismatched = [
-        f"{k}: expected {tuple(expected[k].shape)}, got {tuple(given[k].shape)}"
-        for k in sorted(set(expected) & set(given))
-        if isinstance(expected[k], torch.Tensor)
-        and isinstance(given[k], torch.Tensor)
-        and expected[k].shape != given[k].shape
-    ]
-    problems = [
-        f"{label} ({len(items)}): {_listing(items)}"
-        for label, items in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches", mismatched),
-        )
-        if items
-    ]
-    if problems:
-        raise ValueError(
-            f"{what} do not match the model: " + "; ".join(problems) + ". Check that the model spec matches the "
-            "weights (sizes, number of layers, architecture)"
-        )
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_LISTED])
-    return shown + (f", ... ({len(items) - _LISTED} more)" if len(items) > _LISTED else "")
 
 
 def model_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """``(model_state, optimizer_state)`` with fully-qualified names as keys (aliasing the live tensors).
 
     The optimizer state is ``{"state": {name: {"step", "exp_avg", ...}}, "param_groups": [{..., "params":
-    [names]}]}``; it must already exist (see :func:`dfm.adapters.local.optim.materialize_state`).
+    [names]}]}``; it must already exist (see :func:`dfm.adapters.torch_dist.optim.materialize_state`).
     """
     assert optimizer.state, "the optimizer state must be materialized before it is checkpointed"
     return get_state_dict(model, optimizer)
@@ -112,6 +75,6 @@ def _load_param_groups(optimizer: torch.optim.Optimizer, params: Mapping[str, nn
         if names not in by_names:
             raise ValueError(
                 "the checkpointed optimizer groups parameters differently (e.g. another weight-decay rule): "
-                f"no saved group holds exactly {_listing(sorted(names))}"
+                f"no saved group holds exactly {listing(sorted(names))}"
             )
         group.update({k: v for k, v in by_names[names].items() if k not in _KEEP_OWN})

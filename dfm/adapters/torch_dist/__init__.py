@@ -1,0 +1,52 @@
+"""``torch`` and ``torch.distributed`` helpers the runtimes share (the one package adapters may all import).
+
+- :mod:`.process_group`: the launcher's environment and the default process group;
+- :mod:`.mesh`: the ``dp_replicate x dp_shard x cp x tp`` device mesh, its sizes and the topology;
+- :mod:`.sequence`: context parallelism (sequence sharding, gathering, Ulysses attention);
+- :mod:`.schedule`, :mod:`.optim`, :mod:`.checkpointing`, :mod:`.state`: the LR schedule, AdamW and its
+  parameter groups, activation checkpointing that keeps parameter names, and state checks.
+"""
+
+from dfm.adapters.torch_dist.checkpointing import apply_activation_checkpointing, checkpoint_module, is_checkpointed
+from dfm.adapters.torch_dist.mesh import DIM_NAMES, MeshSizes, build_mesh, fsdp_mesh, resolve_sizes, topology
+from dfm.adapters.torch_dist.optim import NO_DECAY_SUFFIXES, build_adamw, decays, materialize_state, param_groups
+from dfm.adapters.torch_dist.process_group import DistEnv, destroy, init_process_group
+from dfm.adapters.torch_dist.schedule import (
+    build_scheduler,
+    check_optimizer_settings,
+    load_scheduler_state,
+    lr_factor,
+    scheduler_state,
+)
+from dfm.adapters.torch_dist.sequence import GatherSequence, UlyssesAttention, gather_sequence, shard_sequence
+from dfm.adapters.torch_dist.state import check_compatible
+
+__all__ = [
+    "DIM_NAMES",
+    "NO_DECAY_SUFFIXES",
+    "DistEnv",
+    "GatherSequence",
+    "MeshSizes",
+    "UlyssesAttention",
+    "apply_activation_checkpointing",
+    "build_adamw",
+    "build_mesh",
+    "build_scheduler",
+    "check_compatible",
+    "check_optimizer_settings",
+    "checkpoint_module",
+    "decays",
+    "destroy",
+    "fsdp_mesh",
+    "gather_sequence",
+    "init_process_group",
+    "is_checkpointed",
+    "load_scheduler_state",
+    "lr_factor",
+    "materialize_state",
+    "param_groups",
+    "resolve_sizes",
+    "scheduler_state",
+    "shard_sequence",
+    "topology",
+]
