@@ -128,13 +128,7 @@ def save_wan_diffusers(
         ValueError: If ``out_dir`` is a file, or already holds WAN files and ``overwrite`` is false.
     """
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a directory")
-    existing = sorted(p.name for p in out.glob("diffusion_pytorch_model*")) + (
-        [CONFIG_NAME] if (out / CONFIG_NAME).exists() else []
-    )
-    if existing and not overwrite:
-        raise ValueError(f"{out} already holds {existing}; choose an empty directory or allow overwriting")
+    existing = existing_wan_files(out, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     for name in existing:
         (out / name).unlink()
@@ -145,12 +139,12 @@ def save_wan_diffusers(
     else:
         weight_map: dict[str, str] = {}
         for i, shard in enumerate(shards, start=1):
-            file = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
+            file = shard_file_name(i, len(shards))
             _atomic_save(shard, out / file)
             weight_map.update(dict.fromkeys(shard, file))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        _atomic_write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, out / INDEX_NAME)
-    _atomic_write_json(spec_to_config(spec), out / CONFIG_NAME)
+        atomic_write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, out / INDEX_NAME)
+    atomic_write_json(spec_to_config(spec), out / CONFIG_NAME)
     return out
 
 
@@ -221,22 +215,53 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _shard(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
-    """Split in name order into groups of at most ``max_bytes`` (a larger tensor gets a shard of its own)."""
+def shard_plan(sizes: Mapping[str, int], max_bytes: int | None) -> list[list[str]]:
+    """Names per shard: in the given order, groups of at most ``max_bytes`` (a larger tensor gets a shard
+    of its own); one shard when ``max_bytes`` is ``None``.
+
+    Raises:
+        ValueError: ``max_bytes`` is not positive.
+    """
     if max_bytes is None:
-        return [tensors]
+        return [list(sizes)]
     if max_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_bytes}")
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+    for name, nbytes in sizes.items():
         if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = t
+        shards[-1].append(name)
         size += nbytes
     return shards
+
+
+def shard_file_name(index: int, count: int) -> str:
+    """diffusers' name of weights file ``index`` (from 1) of ``count``."""
+    return WEIGHTS_NAME if count == 1 else f"diffusion_pytorch_model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def existing_wan_files(out: Path, *, overwrite: bool) -> list[str]:
+    """The WAN files already in ``out`` (to be replaced).
+
+    Raises:
+        ValueError: ``out`` is a file, or holds WAN files and ``overwrite`` is false.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory")
+    existing = sorted(p.name for p in out.glob("diffusion_pytorch_model*")) + (
+        [CONFIG_NAME] if (out / CONFIG_NAME).exists() else []
+    )
+    if existing and not overwrite:
+        raise ValueError(f"{out} already holds {existing}; choose an empty directory or allow overwriting")
+    return existing
+
+
+def _shard(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    """:func:`shard_plan` of ``tensors``, as tensor dicts."""
+    plan = shard_plan({k: t.numel() * t.element_size() for k, t in tensors.items()}, max_bytes)
+    return [{k: tensors[k] for k in names} for names in plan]
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -245,7 +270,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write_json(data: dict[str, Any], path: Path) -> None:
+def atomic_write_json(data: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
