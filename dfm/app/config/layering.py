@@ -142,12 +142,31 @@ def load_config_file(path: Path) -> dict[str, Any]:
     return load_yaml(text, source=str(path))
 
 
+RECIPE_KEY = "recipe"
+"""Top-level key of a YAML config file naming the recipe it starts from (so one file says everything)."""
+
+
+def _base_recipe(cli: str | None, from_file: object, config_file: Path | None) -> str:
+    """The recipe to start from: ``--recipe``, else the file's ``recipe:`` key, else ``default``.
+
+    Raises:
+        ConfigError: the file's ``recipe`` is not a string, or differs from ``--recipe``.
+    """
+    if from_file is not None and not isinstance(from_file, str):
+        raise ConfigError(f"{config_file}: recipe: expected a recipe name, got {from_file!r}")
+    if cli is not None and from_file is not None and cli != from_file:
+        raise ConfigError(f"--recipe {cli} differs from recipe: {from_file} in {config_file}; give one of them")
+    return cli or from_file or "default"
+
+
 def resolve_config(recipe: str | None, config_file: Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Resolve the effective config: recipe < YAML file < CLI overrides, validated once at the end.
 
     Args:
-        recipe: Name of a registered recipe (see :mod:`dfm.app.recipes`); None uses ``default``.
-        config_file: A YAML file with a partial nested config merged over the recipe, or None.
+        recipe: Name of a registered recipe (see :mod:`dfm.app.recipes`); None uses the file's top-level
+            ``recipe:`` key, else ``default``.
+        config_file: A YAML file with a partial nested config merged over the recipe, or None. Its
+            optional top-level ``recipe: NAME`` names the recipe it starts from.
         overrides: Dotted ``key.sub=value`` items, applied in order (a later item wins).
 
     Returns:
@@ -158,8 +177,10 @@ def resolve_config(recipe: str | None, config_file: Path | None, overrides: Sequ
     """
     from dfm.app.recipes import get_recipe  # recipes build TrainConfig; import late to avoid a cycle
 
-    data = config_to_dict(get_recipe(recipe or "default"))
+    overlay = load_config_file(config_file) if config_file is not None else {}
+    recipe = _base_recipe(recipe, overlay.pop(RECIPE_KEY, None), config_file)
+    data = config_to_dict(get_recipe(recipe))
     if config_file is not None:
-        data = merge(data, load_config_file(config_file))
+        data = merge(data, overlay)
     data = merge(data, parse_overrides(overrides))
     return config_from_dict(data)

@@ -35,6 +35,23 @@ def test_precedence_recipe_then_yaml_then_cli(tmp_path: Path) -> None:
     assert config.model == recipe.model
 
 
+def test_a_config_file_names_its_recipe(tmp_path: Path) -> None:
+    yaml_file = write(tmp_path, "recipe: wan_tiny_t2v\ntrain:\n  max_steps: 7\n")
+    config = resolve_config(None, yaml_file, [])
+    assert config == attrs.evolve(
+        get_recipe("wan_tiny_t2v"), train=attrs.evolve(get_recipe("wan_tiny_t2v").train, max_steps=7)
+    )
+    assert resolve_config("wan_tiny_t2v", yaml_file, []) == config
+
+
+def test_recipe_in_file_and_on_the_command_line_must_agree(tmp_path: Path) -> None:
+    yaml_file = write(tmp_path, "recipe: wan_tiny_t2v\n")
+    with pytest.raises(ConfigError, match=r"^--recipe default differs from recipe: wan_tiny_t2v in .*; give one"):
+        resolve_config("default", yaml_file, [])
+    with pytest.raises(ConfigError, match=r"recipe: expected a recipe name, got 3"):
+        resolve_config(None, write(tmp_path, "recipe: 3\n"), [])
+
+
 def test_later_cli_override_wins() -> None:
     assert resolve_config(None, None, ["seed=1", "seed=2"]).seed == 2
 
