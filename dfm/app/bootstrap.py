@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dfm.adapters.checkpoint import DCPCheckpointStore
+from dfm.adapters.fsdp2 import FSDP2Runtime
 from dfm.adapters.local import LocalRuntime
 from dfm.adapters.synthetic import HashTextEncoder, IdentityPixelCodec, MockLatentSource, SyntheticVideoSource
 from dfm.adapters.tracking import JsonlMetricsSink
@@ -21,19 +22,41 @@ from dfm.ports.tracking import MetricsSink
 
 
 def build_runtime(cfg: TrainConfig, device: str = "auto") -> ParallelRuntime:
-    """The runtime named by ``cfg.runtime``."""
-    if cfg.runtime != "local":
-        raise ConfigError(f"runtime: {cfg.runtime!r} is not available in this version of dfm; use runtime=local")
+    """The runtime named by ``cfg.runtime``, with the ``train.*`` knobs (and ``parallel.*`` sizes for ``fsdp2``).
+
+    ``fsdp2`` joins (or, in a lone process, creates) the process group and builds its device mesh here,
+    so the topology is known before the data source is built.
+    """
     t = cfg.train
-    return LocalRuntime(
-        device=device,
-        precision=t.precision,
-        grad_clip=t.grad_clip,
-        ema_decay=t.ema_decay,
-        activation_checkpointing=t.activation_checkpointing,
-        checkpoint_every=t.activation_checkpointing_every_k,
-        attention_backend=t.attention_backend,
-        seed=cfg.seed,
+    knobs = {
+        "device": device,
+        "precision": t.precision,
+        "grad_clip": t.grad_clip,
+        "ema_decay": t.ema_decay,
+        "activation_checkpointing": t.activation_checkpointing,
+        "checkpoint_every": t.activation_checkpointing_every_k,
+        "attention_backend": t.attention_backend,
+        "seed": cfg.seed,
+    }
+    if cfg.runtime == "local":
+        return LocalRuntime(**knobs)
+    if cfg.runtime == "fsdp2":
+        p = cfg.parallel
+        sizes = {
+            "data_replicate": p.data_replicate,
+            "data_shard": p.data_shard,
+            "context": p.context,
+            "tensor": p.tensor,
+            "pipeline": p.pipeline,
+        }
+        try:
+            runtime = FSDP2Runtime(**sizes, compile=t.compile, **knobs)
+            runtime.check_model(cfg.model)
+        except ValueError as exc:  # the messages name the parallel.* / train.* keys
+            raise ConfigError(str(exc)) from None
+        return runtime
+    raise ConfigError(
+        f"runtime: {cfg.runtime!r} is not available in this version of dfm; use runtime=local or runtime=fsdp2"
     )
 
 

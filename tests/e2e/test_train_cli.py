@@ -15,7 +15,7 @@ from dfm.app.config import config_from_yaml, config_to_dict
 from dfm.app.recipes import get_recipe, recipe_names
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((REPO / "examples" / "configs").glob("*.yaml"))
+EXAMPLES = sorted((REPO / "examples").glob("**/*.yaml"))
 
 
 def train_cli_many(*argvs: Sequence[str | Path]) -> list[subprocess.CompletedProcess[str]]:
@@ -41,7 +41,7 @@ def train_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
 def dry_runs() -> dict[str, subprocess.CompletedProcess[str]]:
     """``--dry-run`` of every recipe and of every example config (over the default recipe)."""
     argvs = {name: ["--recipe", name, "--dry-run"] for name in recipe_names()}
-    argvs |= {path.name: ["--dry-run", "--config", path] for path in EXAMPLES}
+    argvs |= {str(path.relative_to(REPO)): ["--dry-run", "--config", path] for path in EXAMPLES}
     return dict(zip(argvs, train_cli_many(*argvs.values()), strict=True))
 
 
@@ -114,12 +114,15 @@ def test_list_recipes_and_help() -> None:
     assert helped.returncode == 0 and all(name in helped.stdout for name in recipe_names())
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(REPO / "examples")))
 def test_example_configs_resolve(path: Path, dry_runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
-    result = dry_runs[path.name]
+    result = dry_runs[str(path.relative_to(REPO))]
     assert result.returncode == 0, result.stderr
 
 
 def test_unavailable_runtime_is_a_user_error(tmp_path: Path) -> None:
     stderr = user_error(train_cli("--recipe", "wan_tiny_t2v", "--runtime", "megatron", f"run.dir={tmp_path}"))
-    assert stderr == "error: runtime: 'megatron' is not available in this version of dfm; use runtime=local\n"
+    assert (
+        stderr
+        == "error: runtime: 'megatron' is not available in this version of dfm; use runtime=local or runtime=fsdp2\n"
+    )

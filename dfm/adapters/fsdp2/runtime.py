@@ -1,0 +1,350 @@
+"""The ``fsdp2`` runtime: PyTorch FSDP2 (``fully_shard``) with DTensor tensor and Ulysses context parallelism.
+
+One process per device (``torchrun``), or a lone process as a world of one. The ranks form the mesh
+``dp_replicate x dp_shard x cp x tp`` (:mod:`dfm.adapters.torch_dist.mesh`). Data-parallel ranks read
+different samples; the context- and tensor-parallel ranks of one data-parallel coordinate read the
+same ones. It reproduces the local runtime's numbers: each rank backpropagates
+``sum(per_sample) / global_batch_size`` over its samples and FSDP sums the gradients over the
+data- and context-parallel ranks; gradients are reduced only after the last micro-batch; the norm is
+clipped like ``clip_grad_norm_``; a non-finite step is skipped on every rank alike (it is decided on
+reduced values); weights and AdamW state stay float32 and bf16 enters through FSDP's mixed precision.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from dfm.adapters.fsdp2 import state as fsdp_state
+from dfm.adapters.fsdp2.ema import ShardedEMA
+from dfm.adapters.fsdp2.grads import clip_grads, set_gradient_sync, total_grad_norm
+from dfm.adapters.fsdp2.parallelize import ShardingOptions, build_sharded_network
+from dfm.adapters.torch_dist.mesh import build_mesh, resolve_sizes, topology
+from dfm.adapters.torch_dist.optim import build_adamw
+from dfm.adapters.torch_dist.process_group import DEFAULT_TIMEOUT, DistEnv, destroy, init_process_group
+from dfm.adapters.torch_dist.schedule import (
+    build_scheduler,
+    check_optimizer_settings,
+    load_scheduler_state,
+    scheduler_state,
+)
+from dfm.domain.batch import Batch
+from dfm.domain.specs import ModelSpec
+from dfm.ports.runtime import LossFn, OptimizerSettings, StepResult
+
+_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def _device_type(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda' (each rank uses cuda:LOCAL_RANK)")
+    return kind
+
+
+def _check_options(precision: str, grad_clip: float | None, ema_decay: float | None, ac: str, every: int) -> None:
+    problems = [
+        f"train.precision must be one of ('auto', 'fp32', 'bf16'), got {precision!r}"
+        if precision not in ("auto", *_PRECISIONS)
+        else None,
+        f"train.grad_clip must be > 0 or None, got {grad_clip}" if grad_clip is not None and grad_clip <= 0 else None,
+        f"train.ema_decay must be in (0, 1) or None, got {ema_decay}"
+        if ema_decay is not None and not 0 < ema_decay < 1
+        else None,
+        f"train.activation_checkpointing must be 'off' or 'full', got {ac!r}" if ac not in ("off", "full") else None,
+        f"train.activation_checkpointing_every_k must be >= 1, got {every}" if every < 1 else None,
+    ]
+    if any(problems):
+        raise ValueError("; ".join(p for p in problems if p))
+
+
+class FSDP2Runtime:
+    """FSDP2/HSDP over ``dp_replicate x dp_shard``, DTensor tensor parallelism, Ulysses context parallelism.
+
+    Constructing it joins (or creates) the default process group and builds the device mesh, so
+    :attr:`topology` is known before the data source is built.
+
+    Args:
+        data_replicate: ``parallel.data_replicate`` (HSDP replicas).
+        data_shard: ``parallel.data_shard``; ``-1`` infers it from the world size.
+        context: ``parallel.context`` (Ulysses; the heads must divide by ``tensor * context``).
+        tensor: ``parallel.tensor``.
+        pipeline: ``parallel.pipeline``; must be 1.
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``; a rank uses ``cuda:LOCAL_RANK``.
+        precision: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"fp32"`` or ``"bf16"`` (FSDP mixed precision:
+            bf16 compute, float32 weights, optimizer state and gradient reduction).
+        grad_clip: Clip the global gradient norm to this; ``None`` disables clipping.
+        ema_decay: Keep a sharded EMA of the weights with this decay; ``None``: none.
+        activation_checkpointing: ``"off"`` or ``"full"``.
+        checkpoint_every: With ``"full"``, checkpoint every k-th block (1 = all).
+        attention_backend: SDPA backend (``"auto"``, ``"math"``, ``"flash"``, ``"efficient"``, ``"cudnn"``).
+        compile: ``torch.compile`` each block (on CUDA; ignored on the CPU).
+        seed: Seed of the initial weights (the local runtime's weights for the same seed).
+        timeout: How long a collective waits for the other ranks.
+
+    Raises:
+        ValueError: Naming the config key, for sizes that do not fit the world, or an invalid option.
+    """
+
+    def __init__(
+        self,
+        *,
+        data_replicate: int = 1,
+        data_shard: int = -1,
+        context: int = 1,
+        tensor: int = 1,
+        pipeline: int = 1,
+        device: str = "auto",
+        precision: str = "auto",
+        grad_clip: float | None = 1.0,
+        ema_decay: float | None = None,
+        activation_checkpointing: str = "off",
+        checkpoint_every: int = 1,
+        attention_backend: str = "auto",
+        compile: bool = False,
+        seed: int = 0,
+        timeout: timedelta = DEFAULT_TIMEOUT,
+    ) -> None:
+        device_type = _device_type(device)
+        _check_options(precision, grad_clip, ema_decay, activation_checkpointing, checkpoint_every)
+        self._parallel = {
+            "data_replicate": data_replicate,
+            "data_shard": data_shard,
+            "context": context,
+            "tensor": tensor,
+            "pipeline": pipeline,
+        }
+        env = DistEnv.from_env()
+        sizes = resolve_sizes(env.world_size, **self._parallel)
+        self._owns_group = not dist.is_initialized()
+        init_process_group(device_type, timeout, env=env)
+        self.device = env.device(device_type)
+        self.mesh = build_mesh(device_type, sizes)
+        self.topology = topology(self.mesh, self.device)
+        self._dp_group = self.mesh["dp"].get_group()
+        dtype = torch.bfloat16 if precision == "auto" and device_type == "cuda" else _PRECISIONS.get(precision)
+        self.options = ShardingOptions(
+            param_dtype=dtype,
+            activation_checkpointing=activation_checkpointing,
+            checkpoint_every=checkpoint_every,
+            compile=compile and device_type == "cuda",
+            attention_backend=attention_backend,
+        )
+        self.grad_clip, self.ema_decay, self.seed = grad_clip, ema_decay, seed
+        self._model: nn.Module | None = None
+        self._optimizer: torch.optim.AdamW | None = None
+        self._scheduler: LambdaLR | None = None
+        self._ema: ShardedEMA | None = None
+
+    # Building --------------------------------------------------------------------------------------
+
+    def build(self, spec: ModelSpec, optimizer: OptimizerSettings) -> nn.Module:
+        """Build the sharded network (initialised from the seed), AdamW, the LR schedule and the EMA.
+
+        Collective. Returns the training model (its ``forward`` runs the context-parallel stages).
+
+        Raises:
+            ValueError: For invalid optimizer settings, an unknown architecture, or a parallel layout the
+                model's heads, hidden or feed-forward sizes do not divide (naming the ``parallel.*`` keys).
+        """
+        check_optimizer_settings(optimizer)
+        self.check_model(spec)
+        model = build_sharded_network(spec, self.mesh, self.device, self.options, seed=self.seed)
+        model.train()
+        self._optimizer = build_adamw(model, optimizer, fused=self.device.type == "cuda")
+        self._scheduler = build_scheduler(self._optimizer, optimizer)
+        if self.ema_decay is not None:
+            plain = ShardingOptions(
+                param_dtype=self.options.param_dtype, attention_backend=self.options.attention_backend
+            )
+            average = build_sharded_network(spec, self.mesh, self.device, plain, seed=None)
+            self._ema = ShardedEMA(average, self.ema_decay)
+            self._ema.reset(model)
+        self._model = model
+        return model
+
+    def check_model(self, spec: ModelSpec) -> None:
+        """Check that the model's heads, hidden and feed-forward sizes divide by the layout.
+
+        Raises:
+            ValueError: Naming the ``parallel.*`` keys and the model sizes that do not fit.
+        """
+        hidden, ffn = spec.hidden_size, spec.ffn_dim
+        resolve_sizes(
+            self.topology.world_size, **self._parallel, heads=spec.num_attention_heads, hidden=hidden, ffn=ffn
+        )
+
+    def load_initial_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Start from whole weights held by every rank (imported diffusers weights, say); strict. Collective.
+
+        Each rank keeps its shards of them. Only before the first step; the EMA restarts at these weights.
+
+        Raises:
+            ValueError: Naming the missing and unexpected keys and the shape mismatches, if any.
+            RuntimeError: Before :meth:`build`, or once a step was taken (resume with :meth:`load_state_dict`).
+        """
+        model, _, scheduler = self._parts()
+        if scheduler.last_epoch > 0:
+            raise RuntimeError("load_initial_weights is for a fresh run; resume a run with load_state_dict")
+        fsdp_state.load_full_weights(model, state_dict)
+        if self._ema is not None:
+            self._ema.reset(model)
+
+    # Training --------------------------------------------------------------------------------------
+
+    def train_step(self, micro_batches: Sequence[Batch], loss_fn: LossFn, global_batch_size: int) -> StepResult:
+        """Accumulate over this rank's ``micro_batches``, reduce, clip, and step (or skip a non-finite step).
+
+        Collective. Each micro-batch contributes ``sum(per_sample) / global_batch_size`` to the backward
+        pass; gradients are summed over the data- and context-parallel ranks after the last one. Loss
+        and metrics are summed over the data-parallel ranks only (context/tensor ranks hold copies).
+
+        Args:
+            micro_batches: This data-parallel rank's micro-batches (the same on its cp/tp peers).
+            loss_fn: ``(model, batch) -> LossOutput``.
+            global_batch_size: Samples over all data-parallel ranks and micro-batches.
+
+        Returns:
+            Mean loss, gradient norm before clipping, the learning rate used and mean metrics.
+
+        Raises:
+            ValueError: If the micro-batches are empty or do not hold this rank's share of the batch.
+        """
+        model, optimizer, _ = self._parts()
+        self._check_batch_sizes(micro_batches, global_batch_size)
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        names, sums = self._accumulate(model, micro_batches, loss_fn, global_batch_size)
+        if self.topology.dp_size > 1:
+            dist.all_reduce(sums, group=self._dp_group)
+        params = list(model.parameters())
+        grad_norm = total_grad_norm(params, self.device)
+        values = torch.cat([sums, grad_norm.reshape(1)]).tolist()  # one device sync
+        loss, norm = values[0] / global_batch_size, values[-1]
+        metrics = {name: v / global_batch_size for name, v in zip(names, values[1:-1], strict=True)}
+        lr = float(optimizer.param_groups[0]["lr"])
+        finite = math.isfinite(loss) and math.isfinite(norm)  # reduced values: every rank decides alike
+        if finite:
+            self._update(params, grad_norm)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss=loss, grad_norm=norm, lr=lr, skipped=not finite, metrics=metrics)
+
+    def _update(self, params: list[nn.Parameter], grad_norm: torch.Tensor) -> None:
+        """Clip, take the optimizer and schedule step, average the EMA."""
+        model, optimizer, scheduler = self._parts()
+        if self.grad_clip is not None:
+            clip_grads(params, self.grad_clip, grad_norm)
+        optimizer.step()
+        scheduler.step()
+        if self._ema is not None:
+            self._ema.update(model)
+
+    def _accumulate(
+        self, model: nn.Module, micro_batches: Sequence[Batch], loss_fn: LossFn, global_batch_size: int
+    ) -> tuple[list[str], torch.Tensor]:
+        """Forward and backward of each micro-batch; ``(metric names, [loss sum, size-weighted metric sums])``."""
+        totals: list[torch.Tensor] = []
+        names: list[str] = []
+        for i, micro in enumerate(micro_batches):
+            set_gradient_sync(model, i == len(micro_batches) - 1)
+            batch = micro.to(self.device)
+            out = loss_fn(model, batch)
+            if out.per_sample.shape != (batch.size,):
+                raise ValueError(
+                    f"loss_fn returned per_sample of shape {tuple(out.per_sample.shape)}, expected ({batch.size},)"
+                )
+            (out.per_sample.float().sum() / global_batch_size).backward()
+            names = list(out.metrics)
+            row = [out.per_sample.detach().float().sum()]
+            row += [v.detach().float().to(self.device) * batch.size for v in out.metrics.values()]
+            totals.append(torch.stack(row))
+        return names, torch.stack(totals).sum(0)
+
+    def _check_batch_sizes(self, micro_batches: Sequence[Batch], global_batch_size: int) -> None:
+        held = sum(b.size for b in micro_batches)
+        dp = self.topology.dp_size
+        if not micro_batches or held * dp != global_batch_size:
+            raise ValueError(
+                f"each of the {dp} data-parallel ranks must hold global_batch_size / {dp} samples: this rank's "
+                f"{len(micro_batches)} micro-batches hold {held}, but global_batch_size is {global_batch_size}"
+            )
+
+    # State -----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"model", "optimizer", "scheduler"[, "ema"]}``, the local runtime's layout with sharded tensors.
+
+        Model and optimizer state are keyed by parameter names and alias the live shards (``DTensor``),
+        so ``torch.distributed.checkpoint`` saves them sharded and loads them from any layout (global
+        shapes are in its metadata), the local runtime's included. The EMA entry has
+        ``AveragedModel``'s keys (``n_averaged``, ``module.<name>``).
+        """
+        model, optimizer, scheduler = self._parts()
+        state: dict[str, Any] = {
+            "model": fsdp_state.model_state(model),
+            "optimizer": fsdp_state.optimizer_state(model, optimizer),
+            "scheduler": scheduler_state(scheduler),
+        }
+        return state | ({} if self._ema is None else {"ema": self._ema.state_dict()})
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (strict). Collective.
+
+        Without an ``"ema"`` entry while this runtime keeps an EMA, the EMA restarts at the loaded
+        weights; an ``"ema"`` entry is ignored when this runtime keeps none.
+
+        Raises:
+            ValueError: If an entry is missing or does not match the model.
+        """
+        model, optimizer, scheduler = self._parts()
+        fsdp_state.check_runtime_state(state)
+        fsdp_state.load(model, optimizer, state["model"], state["optimizer"])
+        load_scheduler_state(scheduler, state["scheduler"])
+        if self._ema is not None and "ema" in state:
+            self._ema.load_state_dict(state["ema"])
+        elif self._ema is not None:
+            self._ema.reset(model)
+
+    # Inference and reporting -----------------------------------------------------------------------
+
+    def inference_model(self, use_ema: bool = True) -> nn.Module:
+        """The EMA network when kept and ``use_ema``, else the training model; in eval mode.
+
+        Its forward is collective (every rank of the mesh calls it with the same inputs).
+        """
+        model = self._require_model()
+        if use_ema and self._ema is not None:
+            return self._ema.module.eval()
+        return model.eval()
+
+    def max_memory_gib(self) -> float:
+        """This rank's peak: CUDA memory allocated on its device, else the process's resident set, in GiB."""
+        if self.device.type != "cuda":
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+        return torch.cuda.max_memory_allocated(self.device) / 2**30
+
+    def close(self) -> None:
+        """Destroy the process group if this runtime created it (the mesh and model become unusable)."""
+        if self._owns_group:
+            destroy()
+
+    def _parts(self) -> tuple[nn.Module, torch.optim.AdamW, LambdaLR]:
+        model = self._require_model()
+        assert self._optimizer is not None and self._scheduler is not None
+        return model, self._optimizer, self._scheduler
+
+    def _require_model(self) -> nn.Module:
+        if self._model is None:
+            raise RuntimeError("FSDP2Runtime.build(spec, optimizer) must be called first")
+        return self._model

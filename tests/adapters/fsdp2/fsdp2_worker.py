@@ -1,0 +1,235 @@
+"""One rank of the fsdp2 runtime tests (launched by ``support.distributed.run_ranks``; not a test module).
+
+``python fsdp2_worker.py OUT CASE...`` runs, in one process group, each case in order:
+
+- ``<layout>`` (a key of :data:`LAYOUTS`): build from the seed (rank 0 writes the initial weights to
+  ``OUT/<layout>.init.safetensors``), load :func:`start_weights`, train :data:`STEPS` steps; report the
+  losses and gradient norms; rank 0 writes the final weights and EMA to ``OUT/<layout>.final.safetensors``.
+- ``resume``: 2 steps at ``shard`` and a checkpoint (``OUT/ckpt``); that checkpoint loaded at ``shard``
+  (exact resume) and at ``tensor`` (another layout), each then taking step 3.
+- ``errors``: the ``ValueError`` messages of a few layouts that cannot work;
+- ``bf16``: data parallel over all ranks with bf16 mixed precision, activation checkpointing and (on CUDA)
+  compiled blocks (``compile`` is ignored on the CPU).
+
+The device is ``DFM_TEST_DEVICE`` (default ``cpu``; ``cuda`` for the GPU tests).
+
+The parent test builds the same references with the local runtime (:func:`start_weights`, :func:`batch`,
+:func:`loss_fn` are shared with it).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from support.distributed import run_worker
+from torch.distributed.tensor import DTensor
+
+from dfm.adapters.checkpoint import DCPCheckpointStore
+from dfm.adapters.fsdp2 import FSDP2Runtime
+from dfm.adapters.torch_dist import destroy, init_process_group, is_checkpointed
+from dfm.domain.batch import Batch
+from dfm.domain.diffusion import FlowMatching
+from dfm.domain.networks.wan import WanTransformer
+from dfm.domain.objective import training_loss
+from dfm.domain.rng import SampleRNG
+from dfm.domain.specs import WAN_TINY, WanSpec
+from dfm.ports.runtime import LossFn, OptimizerSettings
+
+SPEC = attrs.evolve(WAN_TINY, num_attention_heads=4, attention_head_dim=8, ffn_dim=64)
+"""Tiny WAN with 4 heads, so tensor x context = 4 divides them."""
+LATENT = (4, 4, 8, 8)
+"""``C, F, H, W``: 4 x 4 x 4 = 64 tokens with the (1, 2, 2) patch."""
+TEXT_LEN, GLOBAL_BATCH, STEPS, SEED = 8, 4, 3, 0
+SETTINGS = OptimizerSettings(lr=1e-2, weight_decay=0.01, warmup_steps=1)
+DEVICE = os.environ.get("DFM_TEST_DEVICE", "cpu")
+OPTIONS: dict[str, Any] = {"device": DEVICE, "precision": "fp32", "grad_clip": 1.0, "ema_decay": 0.9, "seed": SEED}
+"""Runtime knobs shared with the local reference (the clip acts on steps 1 and 2, not on step 3)."""
+LAYOUTS: dict[str, dict[str, int]] = {
+    "shard": {"data_shard": 2},
+    "replicate": {"data_replicate": 2, "data_shard": 1},
+    "tensor": {"tensor": 2},
+    "context": {"context": 2},
+    "shard_tensor": {"data_shard": 2, "tensor": 2},
+    "context_tensor": {"context": 2, "tensor": 2},
+    "replicate_shard": {"data_replicate": 2, "data_shard": 2},
+}
+CHECKPOINTED = {"context_tensor": {"activation_checkpointing": "full", "checkpoint_every": 2}}
+"""Layouts trained with activation checkpointing (the recompute runs the all-to-alls again)."""
+
+
+def start_weights() -> dict[str, torch.Tensor]:
+    """The seed's weights with a random output projection, so that step 1 has gradients in every block."""
+    network = WanTransformer(SPEC, generator=torch.Generator().manual_seed(SEED))
+    weights = {name: value.detach().clone() for name, value in network.state_dict().items()}
+    g = torch.Generator().manual_seed(7)
+    weights["proj_out.weight"] = 0.2 * torch.randn(weights["proj_out.weight"].shape, generator=g)
+    return weights
+
+
+def batch(step: int) -> Batch:
+    """The global batch of ``step`` (sample indices ``4 * step ...``)."""
+    g = torch.Generator().manual_seed(100 + step)
+    return Batch(
+        latents=torch.randn(GLOBAL_BATCH, *LATENT, generator=g),
+        text=torch.randn(GLOBAL_BATCH, TEXT_LEN, SPEC.text_dim, generator=g),
+        sample_index=torch.arange(GLOBAL_BATCH * step, GLOBAL_BATCH * (step + 1)),
+    )
+
+
+def micro_batches(whole: Batch, start: int, stop: int, size: int) -> list[Batch]:
+    """Samples ``start:stop`` of ``whole`` in micro-batches of ``size``."""
+    return [
+        Batch(
+            latents=whole.latents[i : i + size],
+            text=whole.text[i : i + size],
+            sample_index=whole.sample_index[i : i + size],
+        )
+        for i in range(start, stop, size)
+    ]
+
+
+def loss_fn(step: int) -> LossFn:
+    return lambda model, b: training_loss(model, b, FlowMatching(), SampleRNG(seed=SEED, step=step))
+
+
+def full(state: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Whole tensors of a (sharded) state (collective)."""
+    return {
+        prefix + k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    }
+
+
+def dump(runtime: FSDP2Runtime, path: Path, ema: bool = True) -> None:
+    """Rank 0 writes the whole weights (and EMA weights as ``ema.<name>``) to ``path``."""
+    state = runtime.state_dict()
+    tensors = full(state["model"]) | (full(state["ema"], "ema.") if ema else {})
+    if dist.get_rank() == 0:
+        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def train(runtime: FSDP2Runtime, steps: range) -> dict[str, list[float]]:
+    """Steps ``steps``: this data-parallel rank's share of each global batch, in micro-batches of 1."""
+    top = runtime.topology
+    share = GLOBAL_BATCH // top.dp_size
+    out: dict[str, list[float]] = {"loss": [], "grad_norm": [], "lr": [], "mse": []}
+    for step in steps:
+        micro = micro_batches(batch(step), top.dp_rank * share, (top.dp_rank + 1) * share, 1)
+        result = runtime.train_step(micro, loss_fn(step), GLOBAL_BATCH)
+        assert not result.skipped
+        for key, value in (("loss", result.loss), ("grad_norm", result.grad_norm), ("lr", result.lr)):
+            out[key].append(value)
+        out["mse"].append(result.metrics["mse"])
+    return out
+
+
+def parity(out: Path, layout: str) -> dict[str, Any]:
+    runtime = FSDP2Runtime(**LAYOUTS[layout], **OPTIONS, **CHECKPOINTED.get(layout, {}))
+    runtime.build(SPEC, SETTINGS)
+    dump(runtime, out / f"{layout}.init.safetensors", ema=False)
+    runtime.load_initial_weights(start_weights())
+    result: dict[str, Any] = train(runtime, range(STEPS))
+    dump(runtime, out / f"{layout}.final.safetensors")
+    result["checkpointed"] = [is_checkpointed(block) for block in runtime.inference_model(use_ema=False).blocks]
+    result["topology"] = {
+        "dp": runtime.topology.dp_size,
+        "cp": runtime.topology.cp_size,
+        "tp": runtime.topology.tp_size,
+    }
+    return result
+
+
+def resume(out: Path) -> dict[str, Any]:
+    store = DCPCheckpointStore(out / "ckpt")
+    first = FSDP2Runtime(**LAYOUTS["shard"], **OPTIONS)
+    first.build(SPEC, SETTINGS)
+    first.load_initial_weights(start_weights())
+    train(first, range(2))
+    info = store.save(2, {"runtime": first.state_dict()}, {"step": 2})
+    dump(first, out / "saved.safetensors")
+    result: dict[str, Any] = {}
+    for layout in ("shard", "tensor"):
+        runtime = FSDP2Runtime(**LAYOUTS[layout], **OPTIONS)
+        runtime.build(SPEC, SETTINGS)
+        state = {"runtime": runtime.state_dict()}
+        store.load(info, state)
+        runtime.load_state_dict(state["runtime"])
+        dump(runtime, out / f"loaded_{layout}.safetensors")
+        result[layout] = train(runtime, range(2, 3))
+        dump(runtime, out / f"resumed_{layout}.safetensors")
+    return result
+
+
+def errors() -> dict[str, str]:
+    found = {}
+    attempts = {
+        "world": lambda: FSDP2Runtime(tensor=2, data_shard=2, **OPTIONS),
+        "heads": lambda: FSDP2Runtime(tensor=2, **OPTIONS).build(
+            WanSpec(num_attention_heads=3, attention_head_dim=8, ffn_dim=64, num_layers=1), SETTINGS
+        ),
+    }
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+        except ValueError as exc:
+            found[name] = str(exc)
+    runtime = FSDP2Runtime(context=2, **OPTIONS)
+    runtime.build(SPEC, SETTINGS)
+    odd = Batch(latents=torch.randn(2, 4, 3, 2, 2), text=torch.randn(2, TEXT_LEN, 32), sample_index=torch.arange(2))
+    try:
+        runtime.train_step([odd], loss_fn(0), 2)
+    except ValueError as exc:
+        found["tokens"] = str(exc)
+    return found
+
+
+def mixed_precision() -> dict[str, Any]:
+    """3 steps in bf16 with checkpointing (and compiled blocks on CUDA): losses, dtypes, peak memory."""
+    options = OPTIONS | {"precision": "bf16", "activation_checkpointing": "full", "compile": True}
+    runtime = FSDP2Runtime(**options)
+    runtime.build(SPEC, SETTINGS)
+    runtime.load_initial_weights(start_weights())
+    result: dict[str, Any] = train(runtime, range(STEPS))
+    model = runtime.inference_model(use_ema=False)
+    result["compiled"] = [block._compiled_call_impl is not None for block in model.blocks]
+    result["param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
+    with torch.no_grad():
+        b = batch(0)
+        out = model(
+            b.latents.to(runtime.device),
+            torch.full((GLOBAL_BATCH,), 500.0, device=runtime.device),
+            b.text.to(runtime.device),
+        )
+    result["output_dtype"] = str(out.dtype)
+    result["fused"] = [g.get("fused") for g in runtime._optimizer.param_groups]
+    result["max_memory_gib"] = runtime.max_memory_gib()
+    return result
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    out, cases = Path(argv[0]), argv[1:]
+    init_process_group(DEVICE, timedelta(seconds=120))
+    result: dict[str, Any] = {}
+    for case in cases:
+        if case == "resume":
+            result[case] = resume(out)
+        elif case == "errors":
+            result[case] = errors()
+        elif case == "bf16":
+            result[case] = mixed_precision()
+        else:
+            result[case] = parity(out, case)
+    destroy()
+    return result
+
+
+if __name__ == "__main__":
+    run_worker(main)
