@@ -97,6 +97,7 @@ class UlyssesAttention:
         self.group = group
         self.world = dist.get_world_size(group)
 
+    @torch.compiler.disable  # collectives run eagerly between compiled block pieces (see docs/benchmarks.md)
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
