@@ -7,13 +7,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
+import torch
+
 from dfm.adapters.checkpoint import DCPCheckpointStore
+from dfm.adapters.diffusers import load_wan_diffusers
 from dfm.adapters.fsdp2 import FSDP2Runtime
 from dfm.adapters.local import LocalRuntime
 from dfm.adapters.synthetic import HashTextEncoder, IdentityPixelCodec, MockLatentSource, SyntheticVideoSource
 from dfm.adapters.tracking import JsonlMetricsSink
 from dfm.app.config import ConfigError, TrainConfig
-from dfm.domain.specs import LatentSpec, ModelSpec
+from dfm.domain.specs import LatentSpec, ModelSpec, WanSpec
 from dfm.ports.checkpoint import CheckpointStore
 from dfm.ports.codecs import LatentCodec, TextEncoder
 from dfm.ports.data import DataSource
@@ -148,3 +152,28 @@ def check_model_fits_data(spec: ModelSpec, shape: tuple[int, int, int, int]) -> 
     pt, ph, pw = spec.patch_size
     if f % pt or h % ph or w % pw:
         raise ConfigError(f"data: latent {f}x{h}x{w} is not divisible by model.patch_size {tuple(spec.patch_size)}")
+
+
+def initial_weights(cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
+    """The weights ``checkpoint.init_from`` names, checked against ``model``; ``None`` when unset.
+
+    Raises:
+        ConfigError: the directory is missing or unreadable, or holds another architecture.
+    """
+    where = cfg.checkpoint.init_from
+    if where is None:
+        return None
+    if not isinstance(cfg.model, WanSpec):
+        raise ConfigError("checkpoint.init_from: only WAN models load diffusers weights (model.arch is not wan)")
+    try:
+        spec, state = load_wan_diffusers(where)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"checkpoint.init_from: {exc}") from None
+    if spec != cfg.model:
+        diff = [
+            f"{k}={getattr(spec, k)!r} (model.{k}={getattr(cfg.model, k)!r})"
+            for k in attrs.fields_dict(WanSpec)
+            if getattr(spec, k) != getattr(cfg.model, k)
+        ]
+        raise ConfigError(f"checkpoint.init_from: {where} holds another architecture: {', '.join(diff)}")
+    return state

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import attrs
+import torch
 from torch import nn
 
 from dfm.domain.batch import Batch
@@ -89,6 +90,10 @@ class ParallelRuntime(Protocol):
 
     def build(self, spec: ModelSpec, optimizer: OptimizerSettings) -> nn.Module:
         """Build the (parallelized) network, its optimizer, schedule and EMA; returns the model."""
+        ...
+
+    def load_initial_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Start a fresh run from whole weights (e.g. imported diffusers weights); strict; before any step."""
         ...
 
     def train_step(self, micro_batches: Sequence[Batch], loss_fn: LossFn, global_batch_size: int) -> StepResult:

@@ -18,3 +18,6 @@ class CheckpointConfig:
     resume: str = attrs.field(default="auto", validator=non_empty)
     """``auto``: resume from the run directory's latest checkpoint if any; ``never``: start fresh; else a
     checkpoint directory to start from."""
+    init_from: str | None = attrs.field(default=None, validator=optional(non_empty))
+    """A diffusers ``WanTransformer3DModel`` directory (``config.json`` + safetensors) to start a fresh run
+    from (finetuning); its architecture must equal ``model``. Ignored when the run resumes a checkpoint."""

@@ -97,6 +97,9 @@ def train(
     resume_from = resolve_resume(cfg.checkpoint.resume, store)
     if resume_from is not None:
         _restore(run, resume_from)
+    elif cfg.checkpoint.init_from is not None:
+        runtime.load_initial_weights(bootstrap.initial_weights(cfg) or {})
+        log.info("initialised", weights=cfg.checkpoint.init_from)
     owns_sink = sink is None
     run.sink = sink or bootstrap.build_metrics_sink(cfg, resume_step=run.step)
     if writes_run_dir:

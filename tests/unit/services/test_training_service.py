@@ -74,3 +74,34 @@ def test_in_memory_data_source_drives_training_and_resumes(tmp_path: Path) -> No
     train(cfg(3), data=resumed_source, store=store, sink=part)
     assert resumed_source.position == 6  # 2 micro-batches per step, 3 steps
     assert [m["loss"] for _, m in part.records] == [m["loss"] for _, m in whole.records]
+
+
+def test_init_from_starts_a_fresh_run_from_diffusers_weights(tmp_path: Path) -> None:
+    import pytest
+
+    from dfm.adapters.diffusers import save_wan_diffusers
+    from dfm.app import bootstrap
+    from dfm.app.config import ConfigError
+    from dfm.domain.networks.wan import WanTransformer
+
+    base = resolve_config("wan_tiny_t2v", None, [])
+    weights = WanTransformer(base.model, generator=torch.Generator().manual_seed(7)).state_dict()
+    save_wan_diffusers(weights, base.model, tmp_path / "pretrained")
+    overrides = ["train.max_steps=1", "optim.lr=1e-12", "logging.level=WARNING", f"run.dir={tmp_path / 'run'}"]
+    cfg = resolve_config("wan_tiny_t2v", None, [*overrides, f"checkpoint.init_from={tmp_path / 'pretrained'}"])
+    runtime = bootstrap.build_runtime(cfg)
+    train(cfg, runtime=runtime, store=InMemoryCheckpointStore(), sink=InMemoryMetricsSink())
+    trained = runtime.state_dict()["model"]
+    fresh = WanTransformer(base.model, generator=torch.Generator().manual_seed(base.seed)).state_dict()
+    assert any(not torch.allclose(fresh[k], weights[k]) for k in weights)  # the seed's init differs
+    for k, v in weights.items():
+        torch.testing.assert_close(trained[k], v, rtol=0, atol=1e-8)  # lr 1e-12: one step moves nothing
+
+    wrong = resolve_config(
+        "wan_tiny_t2v", None, ["model.num_layers=1", f"checkpoint.init_from={tmp_path / 'pretrained'}"]
+    )
+    with pytest.raises(ConfigError, match=r"^checkpoint.init_from: .* holds another architecture: num_layers=2"):
+        bootstrap.initial_weights(wrong)
+    missing = resolve_config("wan_tiny_t2v", None, [f"checkpoint.init_from={tmp_path / 'nothing'}"])
+    with pytest.raises(ConfigError, match=r"^checkpoint.init_from: "):
+        bootstrap.initial_weights(missing)
