@@ -4,10 +4,15 @@ Usage::
 
     python -m dfm.app.convert import --from DIFFUSERS_DIR --out wan.safetensors
     python -m dfm.app.convert export --from wan.safetensors --out DIFFUSERS_DIR
+    python -m dfm.app.convert export --checkpoint RUN_DIR --out DIFFUSERS_DIR [--no-ema] [--dtype bf16]
+    torchrun --nproc-per-node N -m dfm.app.convert export --checkpoint RUN_DIR --out DIFFUSERS_DIR
 
 A *dfm weights file* is one safetensors file of the network's state dict (diffusers parameter names)
 whose metadata holds the model spec as JSON (key ``dfm.spec``), so it is self-describing. A *diffusers
 directory* is what ``WanTransformer3DModel.save_pretrained`` writes and ``from_pretrained`` reads.
+Exported from a training checkpoint (:func:`dfm.app.services.checkpoints.export_checkpoint`) it also
+holds the training config as ``dfm_config.yaml``, so ``python -m dfm.app.generate --checkpoint DIR``
+samples from it; under ``torchrun`` each rank restores and writes only its shards.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dfm.adapters.diffusers.wan_weights import load_wan_diffusers, save_wan_diffusers
+from dfm.app.services.checkpoints import build_wan, check_wan_state, export_checkpoint
 from dfm.domain.networks.attention import AttentionKernel
 from dfm.domain.networks.wan import WanTransformer
 from dfm.domain.specs import WanSpec
@@ -34,11 +41,41 @@ SPEC_KEY = "dfm.spec"
 
 DTYPES: dict[str, torch.dtype | None] = {
     "keep": None,
+    "fp32": torch.float32,
     "float32": torch.float32,
+    "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
     "float16": torch.float16,
 }
-"""``--dtype`` choices: floating tensors are cast to this dtype (``keep``: as stored)."""
+"""``--dtype`` choices: floating tensors are cast to this dtype (``keep``: as stored; checkpoints hold float32)."""
+
+SIZE_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+"""``--max-shard-size`` units, as diffusers' ``save_pretrained(max_shard_size=...)`` reads them."""
+
+__all__ = [
+    "DTYPES",
+    "build_wan",
+    "cast_floating",
+    "check_wan_state",
+    "export_checkpoint",
+    "export_wan",
+    "import_wan",
+    "load_weights_file",
+    "parse_size",
+    "save_weights_file",
+]
 
 
 # Python API ------------------------------------------------------------------------------------
@@ -90,37 +127,6 @@ def import_wan(
     return build_wan(spec, cast_floating(state, dtype), source=model_dir, attention=attention)
 
 
-def build_wan(
-    spec: WanSpec,
-    state: Mapping[str, torch.Tensor],
-    *,
-    source: Path | str,
-    attention: AttentionKernel | None = None,
-) -> WanTransformer:
-    """A :class:`WanTransformer` of ``spec`` holding ``state`` (checked strictly; tensors used in place)."""
-    with torch.device("meta"):
-        model = WanTransformer(spec, attention=attention)
-    check_wan_state(model, state, source=source)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
-
-
-def check_wan_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: Path | str) -> None:
-    """Raise a ``ValueError`` naming every key of ``state`` that is missing, unexpected or mis-shaped for ``model``."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    problems = []
-    if missing := sorted(expected.keys() - got.keys()):
-        problems.append(f"missing keys {_some(missing)}")
-    if unexpected := sorted(got.keys() - expected.keys()):
-        problems.append(f"unexpected keys {_some(unexpected)}")
-    common = sorted(expected.keys() & got.keys())
-    if mismatched := [f"{k} is {got[k]}, expected {expected[k]}" for k in common if got[k] != expected[k]]:
-        problems.append(f"shape mismatches {_some(mismatched)}")
-    if problems:
-        raise ValueError(f"{source}: weights do not fit the WAN config: " + "; ".join(problems))
-
-
 def save_weights_file(
     state: Mapping[str, torch.Tensor], spec: WanSpec, path: Path | str, *, overwrite: bool = False
 ) -> Path:
@@ -158,16 +164,27 @@ def load_weights_file(path: Path | str) -> tuple[WanSpec, dict[str, torch.Tensor
         raise ValueError(f"{src}: bad {SPEC_KEY!r} metadata: {err}") from err
 
 
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``5GB`` (10^9), ``500MB``, ``2GiB`` (2^30) or ``1000000``.
+
+    Raises:
+        ValueError: For anything else, or a size that is not positive.
+    """
+    found = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([A-Za-z]*)\s*", text)
+    unit = found.group(2).lower() if found else ""
+    if found is None or unit not in SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size such as 5GB, 500MB or 2GiB")
+    size = int(float(found.group(1)) * SIZE_UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"{text!r}: the size must be positive")
+    return size
+
+
 def cast_floating(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """``state`` with floating tensors cast to ``dtype`` (unchanged when ``dtype`` is ``None``)."""
     if dtype is None:
         return dict(state)
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-
-
-def _some(items: Sequence[str], limit: int = 10) -> str:
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return f"[{', '.join(items[:limit])}]{more}"
 
 
 # CLI -------------------------------------------------------------------------------------------
@@ -181,9 +198,23 @@ def _import(args: argparse.Namespace) -> str:
 
 
 def _export(args: argparse.Namespace) -> str:
+    shard = args.max_shard_size
+    if args.max_shard_gb is not None:
+        shard = int(args.max_shard_gb * 2**30)
+    if args.checkpoint is not None:
+        done = export_checkpoint(
+            args.checkpoint,
+            args.out,
+            use_ema=not args.no_ema,
+            dtype=DTYPES[args.dtype],
+            max_shard_bytes=shard,
+            overwrite=args.overwrite,
+        )
+        weights = "EMA weights" if done.weights == "ema" else "raw weights"
+        ranks = f", {done.ranks} ranks" if done.ranks > 1 else ""
+        return f"exported {weights} of {done.checkpoint} (step {done.step}{ranks}) -> {done.out}"
     spec, state = load_weights_file(args.source)
     model = build_wan(spec, cast_floating(state, DTYPES[args.dtype]), source=args.source)
-    shard = None if args.max_shard_gb is None else int(args.max_shard_gb * 2**30)
     out = export_wan(model, spec, args.out, max_shard_bytes=shard, overwrite=args.overwrite)
     return f"exported {args.source} ({_describe(spec, model.state_dict())}) -> {out}"
 
@@ -194,12 +225,22 @@ def _describe(spec: WanSpec, state: Mapping[str, torch.Tensor]) -> str:
     return f"{spec.num_layers} layers, hidden {spec.hidden_size}, {params / 1e6:.1f}M parameters, {'/'.join(dtypes)}"
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 _EXAMPLES = """examples:
   python -m dfm.app.convert import --from ckpts/Wan2.1-T2V-1.3B-Diffusers/transformer --out wan-1.3b.safetensors
-  python -m dfm.app.convert export --from wan-1.3b.safetensors --out exported/transformer --dtype bfloat16
+  python -m dfm.app.convert export --from wan-1.3b.safetensors --out exported/transformer --dtype bf16
+  python -m dfm.app.convert export --checkpoint runs/demo --out exported/demo
+  torchrun --nproc-per-node 8 -m dfm.app.convert export --checkpoint runs/wan14b --out exported/wan14b \\
+      --dtype bf16 --max-shard-size 5GB
 
-errors (a missing or malformed file, weights that do not fit the config) print one line to stderr
-and exit with status 2."""
+errors (a missing or malformed file, weights that do not fit the config, a checkpoint that cannot be
+exported) print one line to stderr and exit with status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dfm.app.convert",
         description="Convert WAN 2.1 transformer weights between a dfm weights file (one .safetensors with the "
-        "spec in its metadata) and a diffusers WanTransformer3DModel directory (config.json + safetensors). "
-        "Parameter names are identical; nothing is renamed, nothing is pickled.",
+        "spec in its metadata) or a training checkpoint and a diffusers WanTransformer3DModel directory "
+        "(config.json + safetensors). Parameter names are identical; nothing is renamed, nothing is pickled.",
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -230,17 +271,27 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, type=Path, metavar="FILE.safetensors", help="dfm weights file to write")
     exp = sub.add_parser(
         "export",
-        help="dfm weights file -> diffusers directory",
-        description="Write a dfm weights file as a diffusers WanTransformer3DModel directory "
-        "(config.json + diffusion_pytorch_model.safetensors) that diffusers' from_pretrained loads.",
+        help="dfm weights file or training checkpoint -> diffusers directory",
+        description="Write a dfm weights file or a training checkpoint's WAN weights as a diffusers "
+        "WanTransformer3DModel directory (config.json + diffusion_pytorch_model*.safetensors) that diffusers' "
+        "from_pretrained loads. From a checkpoint the training config goes beside the weights as "
+        "dfm_config.yaml, so `python -m dfm.app.generate --checkpoint DIR` samples from it. Launched by "
+        "torchrun with a process count that fits the checkpoint's parallel layout, every rank restores and "
+        "writes only its shards; one process loads any checkpoint whole.",
     )
-    exp.add_argument(
+    source = exp.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--from",
         dest="source",
-        required=True,
         type=Path,
         metavar="FILE.safetensors",
-        help="dfm weights file (from `import` or a training export)",
+        help="dfm weights file (from `import`)",
+    )
+    source.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="RUN_DIR|CHECKPOINT",
+        help="training run directory (its newest checkpoint) or one checkpoint directory; WAN models only",
     )
     exp.add_argument(
         "--out",
@@ -250,18 +301,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory to write; WanTransformer3DModel.from_pretrained(DIR) loads it",
     )
     exp.add_argument(
+        "--no-ema",
+        action="store_true",
+        help="with --checkpoint: export the raw training weights even when the checkpoint keeps EMA weights",
+    )
+    shard = exp.add_mutually_exclusive_group()
+    shard.add_argument(
+        "--max-shard-size",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="split the weights into files of at most SIZE (5GB = 5*10^9 bytes, 2GiB = 2*2^30), with an index",
+    )
+    shard.add_argument(
         "--max-shard-gb",
         type=float,
         default=None,
         metavar="GB",
-        help="split the weights into shards of at most GB gibibytes, with an index file",
+        help="the same in gibibytes",
     )
     for p in (imp, exp):
         p.add_argument(
             "--dtype",
-            choices=sorted(DTYPES),
+            choices=list(DTYPES),
             default="keep",
-            help="cast floating weights (default: keep the stored dtypes)",
+            help="cast floating weights (default: keep the stored dtypes; checkpoints hold float32)",
         )
         p.add_argument("--overwrite", action="store_true", help="replace an existing output")
         p.set_defaults(run=_import if p is imp else _export)
@@ -269,16 +333,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; user errors go to stderr as one line with exit status 2."""
+    """Run the CLI; user errors go to stderr as one line with exit status 2 (under torchrun: from every rank)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "max_shard_gb", None) is not None and args.max_shard_gb <= 0:
         parser.error("--max-shard-gb must be positive")  # exits with status 2
+    if getattr(args, "no_ema", False) and args.checkpoint is None:
+        parser.error("--no-ema applies to --checkpoint (a dfm weights file holds one set of weights)")
     try:
-        print(args.run(args))
+        text = args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text)
     return 0
 
 

@@ -12,13 +12,19 @@ EXAMPLES = """\
   python -m dfm.app.generate --checkpoint runs/demo --prompt "a red circle moving left slowly" --out out/red.mp4
   python -m dfm.app.generate --checkpoint runs/demo/checkpoints/step_0000200 \\
       --prompt "a blue square moving up quickly" --prompt "a white ring moving right slowly" \\
-      --steps 30 --guidance 4 --seed 7 --out out/two.mp4"""
+      --steps 30 --guidance 4 --seed 7 --out out/two.mp4
+  python -m dfm.app.generate --checkpoint exported/demo --prompt "a red circle moving left slowly" --out out/red.mp4"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``dfm.app.generate`` argument parser."""
     p = make_parser("python -m dfm.app.generate", "Generate videos from a trained dfm checkpoint.", examples=EXAMPLES)
-    p.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run directory (newest checkpoint), checkpoint directory, or a diffusers directory exported by "
+        "`python -m dfm.app.convert export --checkpoint` (config.json + weights + dfm_config.yaml)",
+    )
     p.add_argument("--prompt", action="append", required=True, help="caption; repeat for several videos")
     p.add_argument("--negative-prompt", default=None, help="text of the unconditional pass (default: null text)")
     p.add_argument("--sampler", choices=("unipc", "flow_euler", "edm_euler", "edm_heun"), default=None)

@@ -1,33 +1,274 @@
-"""Loading a trained model from a run directory or checkpoint, for generation and export."""
+"""Trained models out of checkpoints, and checkpoints out to diffusers.
+
+- :func:`load_for_inference`: the training config and the model of a run directory, a checkpoint
+  directory, or a diffusers directory that :func:`export_checkpoint` wrote (for generation).
+- :func:`export_checkpoint`: a checkpoint's WAN weights (EMA or raw) as a diffusers
+  ``WanTransformer3DModel`` directory, with the training config beside them as ``dfm_config.yaml``.
+  Under ``torchrun`` it rebuilds the checkpoint's own parallel runtime, so every rank restores and
+  writes only its shards (a 14B model never exists whole in one process); in one process it loads the
+  checkpoint, whatever layout trained it, into the ``local`` runtime.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import attrs
+import torch
+import torch.distributed as dist
 from torch import nn
 
-from dfm.adapters.checkpoint import read_meta
+from dfm.adapters.checkpoint import checkpoint_dir, read_meta
+from dfm.adapters.diffusers import CONFIG_NAME, export_wan_distributed, load_wan_diffusers
+from dfm.adapters.local import resolve_device
+from dfm.adapters.torch_dist import DistEnv
 from dfm.app import bootstrap
-from dfm.app.config import TrainConfig, config_from_yaml
+from dfm.app.config import TrainConfig, config_from_yaml, config_to_yaml
+from dfm.domain.networks.attention import AttentionKernel, SDPAAttention
+from dfm.domain.networks.wan import WanTransformer
+from dfm.domain.specs import WanSpec
 from dfm.ports.checkpoint import CheckpointError
+from dfm.ports.runtime import ParallelRuntime
+
+EXPORTED_CONFIG = "dfm_config.yaml"
+"""The training config an exported diffusers directory carries beside its weights (codecs, sampling)."""
+EMA_PREFIX = "module."
+"""Prefix of the averaged network's names in a runtime's ``"ema"`` state (``AveragedModel``'s layout)."""
 
 
-def load_for_inference(where: Path, *, use_ema: bool = True) -> tuple[TrainConfig, nn.Module]:
+@attrs.frozen(kw_only=True)
+class ExportResult:
+    """What :func:`export_checkpoint` wrote."""
+
+    out: Path
+    """The diffusers directory."""
+    checkpoint: Path
+    """The checkpoint directory it came from."""
+    step: int
+    """The checkpoint's training step."""
+    weights: str
+    """``"ema"`` or ``"model"`` (the raw training weights)."""
+    ranks: int
+    """Processes that restored and wrote shards."""
+
+
+# Loading ---------------------------------------------------------------------------------------
+
+
+def load_for_inference(where: Path | str, *, use_ema: bool = True) -> tuple[TrainConfig, nn.Module]:
     """The training config and the model (EMA weights if kept and asked for) of a checkpoint.
 
+    ``where`` is a run directory (its newest checkpoint), a checkpoint directory, or a diffusers
+    directory written by :func:`export_checkpoint` (``config.json`` + weights + ``dfm_config.yaml``;
+    it holds one set of weights, chosen at export, so ``use_ema`` does not apply). A checkpoint loads
+    into one process with the ``local`` runtime whatever runtime and layout trained it: the checkpoint's
+    DCP metadata records global shapes, so FSDP2 / tensor-parallel shards load into the full model.
+
     Raises:
-        CheckpointError: no checkpoint at ``where``, or one that fails verification.
+        CheckpointError: no checkpoint at ``where``, one that fails verification, or an exported
+            directory without its ``dfm_config.yaml``.
+        ValueError: an exported directory whose weights do not fit its configs.
     """
-    root = _checkpoint_root(where)
-    meta = read_meta(root)
-    cfg = config_from_yaml(meta["config"], source=f"{root} meta.json")
-    runtime = bootstrap.build_runtime(cfg)
+    where = Path(where)
+    if is_exported_dir(where):
+        return load_exported(where)
+    directory = checkpoint_dir(_checkpoint_root(where))
+    cfg = _config_of(directory, read_meta(directory))
+    runtime = bootstrap.build_runtime(attrs.evolve(cfg, runtime="local"))
     runtime.build(cfg.model, bootstrap.optimizer_settings(cfg))
-    store = bootstrap.build_checkpoint_store(cfg)
-    state = {"runtime": runtime.state_dict()}
-    store.load(root, state)
-    runtime.load_state_dict(state["runtime"])
+    _, weights = _restore_weights(runtime, cfg, directory, use_ema=use_ema)
+    runtime.load_initial_weights(weights)  # the chosen weights into the model (and the EMA restarted at them)
     return cfg, runtime.inference_model(use_ema=use_ema)
+
+
+def is_exported_dir(where: Path) -> bool:
+    """Whether ``where`` is a diffusers model directory (``config.json`` or ``diffusion_pytorch_model*`` files)."""
+    return where.is_dir() and ((where / CONFIG_NAME).is_file() or any(where.glob("diffusion_pytorch_model*")))
+
+
+def load_exported(where: Path, *, attention: AttentionKernel | None = None) -> tuple[TrainConfig, WanTransformer]:
+    """The config and network of a diffusers directory with a ``dfm_config.yaml`` (fp32 weights, eval mode).
+
+    The network is built from ``config.json`` (it must equal ``model`` in ``dfm_config.yaml``) on the
+    device the ``local`` runtime would pick, with the config's attention backend.
+
+    Raises:
+        CheckpointError: ``dfm_config.yaml`` is missing.
+        ValueError: A bad diffusers directory, or weights that do not fit the configs.
+    """
+    config_path = where / EXPORTED_CONFIG
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"{config_path}: missing; generating from a diffusers directory needs the training config beside "
+            f"the weights (`python -m dfm.app.convert export --checkpoint RUN_DIR` writes it; for other weights, "
+            f"write one with `python -m dfm.app.train --recipe NAME --dry-run > {config_path}`)"
+        )
+    cfg = config_from_yaml(config_path.read_text(), source=str(config_path))
+    spec, state = load_wan_diffusers(where)
+    if cfg.model != spec:
+        raise ValueError(
+            f"{where}: {CONFIG_NAME} and the model section of {EXPORTED_CONFIG} describe different networks "
+            f"({spec} vs {cfg.model})"
+        )
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model = build_wan(spec, state, source=where, attention=attention or SDPAAttention(cfg.train.attention_backend))
+    return cfg, model.to(resolve_device("auto")).eval()
+
+
+def build_wan(
+    spec: WanSpec,
+    state: Mapping[str, torch.Tensor],
+    *,
+    source: Path | str,
+    attention: AttentionKernel | None = None,
+) -> WanTransformer:
+    """A :class:`WanTransformer` of ``spec`` holding ``state`` (checked strictly; tensors used in place)."""
+    with torch.device("meta"):
+        model = WanTransformer(spec, attention=attention)
+    check_wan_state(model, state, source=source)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def check_wan_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: Path | str) -> None:
+    """Raise a ``ValueError`` naming every key of ``state`` that is missing, unexpected or mis-shaped for ``model``."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    problems = []
+    if missing := sorted(expected.keys() - got.keys()):
+        problems.append(f"missing keys {_some(missing)}")
+    if unexpected := sorted(got.keys() - expected.keys()):
+        problems.append(f"unexpected keys {_some(unexpected)}")
+    common = sorted(expected.keys() & got.keys())
+    if mismatched := [f"{k} is {got[k]}, expected {expected[k]}" for k in common if got[k] != expected[k]]:
+        problems.append(f"shape mismatches {_some(mismatched)}")
+    if problems:
+        raise ValueError(f"{source}: weights do not fit the WAN config: " + "; ".join(problems))
+
+
+def _some(items: list[str], limit: int = 10) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return f"[{', '.join(items[:limit])}]{more}"
+
+
+# Exporting -------------------------------------------------------------------------------------
+
+
+def export_checkpoint(
+    where: Path | str,
+    out: Path | str,
+    *,
+    use_ema: bool = True,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Write a checkpoint's WAN weights as a diffusers directory, with ``dfm_config.yaml`` beside them.
+
+    Call on every rank when launched by ``torchrun``: with more than one process the checkpoint's own
+    runtime is rebuilt (its ``parallel.*`` layout must fit the processes launched; ``data_shard=-1``
+    fits any multiple of the other sizes) and each rank restores and writes its shards through DCP's
+    Hugging Face writer. One process loads the checkpoint into the ``local`` runtime.
+
+    Args:
+        where: A run directory (its newest checkpoint) or a checkpoint directory.
+        out: The diffusers directory to write (on a file system every rank sees).
+        use_ema: Export the EMA weights when the checkpoint keeps them (else the raw weights).
+        dtype: Cast floating weights to this dtype (``None``: as trained, float32).
+        max_shard_bytes: Split the weights into files of at most this size, with an index file.
+        overwrite: Replace the WAN files of a directory that already holds some.
+
+    Raises:
+        CheckpointError: No checkpoint at ``where``, one that fails verification, a DiT checkpoint, or a
+            checkpoint whose layout does not fit the processes launched.
+        ValueError: ``out`` already holds WAN files and ``overwrite`` is false.
+    """
+    directory = checkpoint_dir(_checkpoint_root(Path(where)))
+    meta = read_meta(directory)
+    cfg = _config_of(directory, meta)
+    if not isinstance(cfg.model, WanSpec):
+        raise CheckpointError(
+            f"{directory} holds a {cfg.model.arch!r} model; only WAN models export to a diffusers "
+            "WanTransformer3DModel directory"
+        )
+    world = DistEnv.from_env().world_size
+    if world > 1:
+        _check_launch(cfg, directory, world)
+    runtime = bootstrap.build_runtime(cfg if world > 1 else attrs.evolve(cfg, runtime="local"))
+    try:
+        runtime.build(cfg.model, bootstrap.optimizer_settings(cfg))
+        which, weights = _restore_weights(runtime, cfg, directory, use_ema=use_ema)
+        out = export_wan_distributed(
+            weights, cfg.model, out, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite
+        )
+        if runtime.topology.is_main:
+            _write_exported_config(cfg, out / EXPORTED_CONFIG, directory, which)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+    finally:
+        close = getattr(runtime, "close", None)  # a parallel runtime tears down the process group it created
+        if close is not None:
+            close()
+    return ExportResult(out=out, checkpoint=directory, step=int(meta["step"]), weights=which, ranks=world)
+
+
+def _check_launch(cfg: TrainConfig, directory: Path, world: int) -> None:
+    """Raise a ``CheckpointError`` unless the checkpoint's parallel layout fits ``world`` processes."""
+    if cfg.runtime != "fsdp2":
+        raise CheckpointError(
+            f"{directory} was trained with runtime={cfg.runtime}, which runs in one process, but {world} "
+            "processes were launched; run the export as one process (without torchrun)"
+        )
+    p = cfg.parallel
+    rest = p.data_replicate * p.context * p.tensor
+    fits = world % rest == 0 if p.data_shard == -1 else world == rest * p.data_shard
+    if not fits:
+        needed = f"a multiple of {rest}" if p.data_shard == -1 else str(rest * p.data_shard)
+        layout = (
+            f"parallel.data_replicate={p.data_replicate}, parallel.data_shard={p.data_shard}, "
+            f"parallel.context={p.context}, parallel.tensor={p.tensor}"
+        )
+        raise CheckpointError(
+            f"{directory} was trained with {layout}, which needs {needed} processes, but {world} were launched; "
+            "launch the export with a process count that fits (torchrun --nproc-per-node N), or run it as one "
+            "process, which loads any layout"
+        )
+
+
+def _restore_weights(
+    runtime: ParallelRuntime, cfg: TrainConfig, directory: Path, *, use_ema: bool
+) -> tuple[str, dict[str, Any]]:
+    """Restore only the EMA (when kept and asked for) or the raw weights from ``directory``. Collective.
+
+    Returns ``("ema" | "model", {parameter name: tensor})``; the tensors alias the runtime's own (sharded
+    ``DTensor`` under a parallel runtime) and EMA names lose ``AveragedModel``'s ``module.`` prefix.
+    """
+    entries = runtime.state_dict()
+    which = "ema" if use_ema and "ema" in entries else "model"
+    state = {"runtime": {which: entries[which]}}  # the optimizer state is not read
+    bootstrap.build_checkpoint_store(cfg).load(directory, state)
+    loaded = state["runtime"][which]
+    if which == "ema":
+        loaded = {k.removeprefix(EMA_PREFIX): v for k, v in loaded.items() if k != "n_averaged"}
+    return which, dict(loaded)
+
+
+def _write_exported_config(cfg: TrainConfig, path: Path, directory: Path, which: str) -> None:
+    weights = "EMA weights" if which == "ema" else "raw training weights (no EMA)"
+    header = f"# dfm training config of the weights beside it: {weights} of checkpoint {directory}\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(header + config_to_yaml(cfg))
+    os.replace(tmp, path)
+
+
+# Shared ----------------------------------------------------------------------------------------
+
+
+def _config_of(directory: Path, meta: Mapping[str, Any]) -> TrainConfig:
+    return config_from_yaml(meta["config"], source=f"{directory} meta.json")
 
 
 def _checkpoint_root(where: Path) -> Path:

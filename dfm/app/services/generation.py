@@ -32,7 +32,8 @@ class GenerateRequest:
     """What to generate; ``None`` fields take the values of the checkpoint's ``sample`` config."""
 
     checkpoint: Path = attrs.field(converter=Path)
-    """A run directory (its newest checkpoint) or one checkpoint directory."""
+    """A run directory (its newest checkpoint), one checkpoint directory, or a diffusers directory exported
+    from a checkpoint (``python -m dfm.app.convert export --checkpoint``: weights + ``dfm_config.yaml``)."""
     prompts: tuple[str, ...] = attrs.field(converter=tuple)
     """One video per prompt."""
     out: Path = attrs.field(converter=Path)
@@ -58,7 +59,7 @@ class GenerateRequest:
     fps: float | None = None
     """Frame rate of the mp4 (default: the data's)."""
     use_ema: bool = True
-    """Sample with the EMA weights when the checkpoint has them."""
+    """Sample with the EMA weights when the checkpoint has them (an exported directory holds one set)."""
     progress: bool = True
     """Show a progress bar over sampling steps."""
 

@@ -8,6 +8,9 @@
 - ``resume``: 2 steps at ``shard`` and a checkpoint (``OUT/ckpt``); that checkpoint loaded at ``shard``
   (exact resume) and at ``tensor`` (another layout), each then taking step 3.
 - ``errors``: the ``ValueError`` messages of a few layouts that cannot work;
+- ``export``: the training service trains ``wan_tiny_t2v`` for 2 steps at ``parallel.tensor=2``
+  (``OUT/tp_run``), then these ranks export it through the app service: the EMA weights in float32
+  (``OUT/tp_ema``) and the raw weights in bf16, sharded into several files (``OUT/tp_raw``);
 - ``bf16``: data parallel over all ranks with bf16 mixed precision, activation checkpointing and (on CUDA)
   compiled blocks (``compile`` is ignored on the CPU).
 
@@ -168,6 +171,20 @@ def resume(out: Path) -> dict[str, Any]:
     return result
 
 
+def export(out: Path) -> dict[str, Any]:
+    """Train a tensor-parallel run with the training service and export it on these ranks (collective)."""
+    from dfm.app.config import resolve_config
+    from dfm.app.services.checkpoints import export_checkpoint
+    from dfm.app.services.training import train as train_run
+
+    run = out / "tp_run"
+    overrides = ["runtime=fsdp2", "parallel.tensor=2", f"run.dir={run}", "train.max_steps=2", "train.ema_decay=0.9"]
+    train_run(resolve_config("wan_tiny_t2v", None, [*overrides, "logging.level=WARNING"]))
+    ema = export_checkpoint(run, out / "tp_ema", dtype=torch.float32)
+    raw = export_checkpoint(run, out / "tp_raw", use_ema=False, dtype=torch.bfloat16, max_shard_bytes=20_000)
+    return {name: [done.weights, done.step, done.ranks] for name, done in (("ema", ema), ("raw", raw))}
+
+
 def errors() -> dict[str, str]:
     found = {}
     attempts = {
@@ -225,6 +242,8 @@ def main(argv: list[str]) -> dict[str, Any]:
             result[case] = errors()
         elif case == "bf16":
             result[case] = mixed_precision()
+        elif case == "export":
+            result[case] = export(out)
         else:
             result[case] = parity(out, case)
     destroy()

@@ -2,7 +2,9 @@
 
 Two launches of ``fsdp2_worker.py`` (2 and 4 ranks) train every layout for 3 steps from the same seed
 and weights, save a checkpoint at one layout and load it at others; the references are computed here
-with ``LocalRuntime`` on the same batches, fp32, same clipping, schedule and EMA.
+with ``LocalRuntime`` on the same batches, fp32, same clipping, schedule and EMA. The 2-rank launch also
+trains a tensor-parallel run with the training service and exports it to diffusers on both ranks; here,
+one process loads that checkpoint (and generates from it) with the local runtime.
 """
 
 from __future__ import annotations
@@ -13,11 +15,17 @@ from typing import Any
 
 import pytest
 import torch
+from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
 from support.distributed import run_ranks
 
 from dfm.adapters.checkpoint import DCPCheckpointStore
 from dfm.adapters.local import LocalRuntime
+from dfm.adapters.memory import InMemoryVideoWriter
+from dfm.app.config import config_from_yaml
+from dfm.app.services.checkpoints import EXPORTED_CONFIG, export_checkpoint, load_for_inference
+from dfm.app.services.generation import GenerateRequest, generate
+from dfm.ports.checkpoint import CheckpointError
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "fsdp2_worker.py"
@@ -85,7 +93,7 @@ def launches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("fsdp2")
     results: dict[str, Any] = {"out": out}
     for world, cases in PAIRS.items():
-        extra = ["resume", "errors", "bf16"] if world == 2 else []
+        extra = ["resume", "errors", "bf16", "export"] if world == 2 else []
         ranks = run_ranks(WORKER, world, [str(out), *cases, *extra], timeout=180)
         assert all(r.keys() == ranks[0].keys() for r in ranks)
         results |= ranks[0]
@@ -172,3 +180,55 @@ def test_bf16_mixed_precision_tracks_fp32(launches: dict[str, Any], reference: d
     assert got["param_dtypes"] == ["torch.float32"]
     assert got["output_dtype"] == "torch.bfloat16"
     assert got["compiled"] == [False, False]  # train.compile is ignored on the CPU
+
+
+# Export of a checkpoint trained at parallel.tensor=2 ------------------------------------------------
+
+
+def test_export_on_two_ranks_gives_the_weights_one_process_loads(launches: dict[str, Any]) -> None:
+    """EMA (fp32) and raw (bf16, several files) exports load in diffusers with the local runtime's weights."""
+    out: Path = launches["out"]
+    assert all(rank["export"] == {"ema": ["ema", 2, 2], "raw": ["model", 2, 2]} for rank in launches["ranks2"])
+    cfg, ema = load_for_inference(out / "tp_run")
+    _, raw = load_for_inference(out / "tp_run", use_ema=False)
+    assert (cfg.runtime, cfg.parallel.tensor) == ("fsdp2", 2)
+    mine, theirs = ema.state_dict(), WanTransformer3DModel.from_pretrained(out / "tp_ema").state_dict()
+    assert theirs.keys() == mine.keys() and all(torch.equal(theirs[k], mine[k]) for k in mine)
+    assert len(list((out / "tp_raw").glob("diffusion_pytorch_model-*.safetensors"))) > 1
+    plain, theirs = raw.state_dict(), WanTransformer3DModel.from_pretrained(out / "tp_raw").state_dict()
+    assert theirs.keys() == plain.keys() and all(torch.equal(theirs[k], plain[k].bfloat16().float()) for k in plain)
+    assert any(not torch.equal(mine[k], plain[k]) for k in mine), "the EMA should differ from the raw weights"
+    for name in ("tp_ema", "tp_raw"):
+        assert config_from_yaml((out / name / EXPORTED_CONFIG).read_text()) == cfg
+
+
+def test_one_process_generates_from_the_fsdp2_checkpoint_and_its_export(launches: dict[str, Any]) -> None:
+    out: Path = launches["out"]
+    videos = []
+    for source in (out / "tp_run", out / "tp_ema"):
+        writer = InMemoryVideoWriter()
+        request = GenerateRequest(
+            checkpoint=source, prompts=["a red circle"], out=out / "v.mp4", steps=2, progress=False
+        )
+        generate(request, writer=writer)
+        videos += list(writer.videos.values())
+    assert videos[0].shape == (5, 16, 16, 3) and torch.equal(videos[0], videos[1])
+
+
+def test_export_refuses_a_launch_the_training_layout_does_not_fit(
+    launches: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Checked before any process group is joined, so this one process can pose as rank 0 of 3."""
+    run: Path = launches["out"] / "tp_run"
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(CheckpointError) as caught:
+        export_checkpoint(run, tmp_path / "x")
+    assert str(caught.value) == (
+        f"{run}/checkpoints/step_0000002 was trained with parallel.data_replicate=1, parallel.data_shard=-1, "
+        "parallel.context=1, parallel.tensor=2, which needs a multiple of 2 processes, but 3 were launched; "
+        "launch the export with a process count that fits (torchrun --nproc-per-node N), or run it as one "
+        "process, which loads any layout"
+    )
+    assert not (tmp_path / "x").exists()
