@@ -60,9 +60,7 @@ def bench_train(cfg: TrainConfig, *, warmup: int = 2, steps: int = 6, profile: P
         prof.__exit__(None, None, None)
         _write_profile(prof, profile)
     figures = _figures(cfg, runtime, times, loss, warmup)
-    close = getattr(runtime, "close", None)  # a runtime that created a process group tears it down
-    if close is not None:
-        close()
+    runtime.close()  # a runtime that created a process group tears it down
     return figures
 
 

@@ -115,3 +115,7 @@ class ParallelRuntime(Protocol):
     def max_memory_gib(self) -> float:
         """Peak accelerator memory of this rank (process RSS on CPU)."""
         ...
+
+    def close(self) -> None:
+        """Release what the runtime created (a process group it initialised); the model becomes unusable."""
+        ...

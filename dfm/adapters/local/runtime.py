@@ -320,6 +320,9 @@ class LocalRuntime:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
 
+    def close(self) -> None:
+        """Nothing to release: one process, no process group."""
+
     @property
     def _fused(self) -> bool:
         return self.device.type == "cuda"

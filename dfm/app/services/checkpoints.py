@@ -209,9 +209,7 @@ def export_checkpoint(
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
     finally:
-        close = getattr(runtime, "close", None)  # a parallel runtime tears down the process group it created
-        if close is not None:
-            close()
+        runtime.close()  # a parallel runtime tears down the process group it created
     return ExportResult(out=out, checkpoint=directory, step=int(meta["step"]), weights=which, ranks=world)
 
 

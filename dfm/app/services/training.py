@@ -83,6 +83,7 @@ def train(
         TrainingError: after ``train.max_consecutive_nonfinite`` non-finite steps in a row.
         CheckpointError: a checkpoint to resume from is unusable (before any training step).
     """
+    owns_runtime = runtime is None
     runtime = runtime or bootstrap.build_runtime(cfg)
     configure_logging(
         rank=runtime.topology.rank, level=cfg.logging.level, fmt=cfg.logging.format, all_ranks=cfg.logging.all_ranks
@@ -109,6 +110,8 @@ def train(
     finally:
         if owns_sink:  # an injected sink belongs to the caller
             run.sink.close()
+        if owns_runtime:  # as does an injected runtime
+            runtime.close()
         bind_step(None)
 
 

@@ -34,7 +34,7 @@ def test_train_cli_runs_fsdp2_as_a_world_of_one(tmp_path: Path, group_of_one: No
     """``--runtime fsdp2`` trains, logs and checkpoints like ``local``, with the same losses."""
     common = ["--recipe", "wan_tiny_t2v", "train.max_steps=3", "checkpoint.interval=2", "logging.level=WARNING"]
     assert train_main([*common, "--runtime", "fsdp2", f"run.dir={tmp_path / 'fsdp2'}"]) == 0
-    assert dist.is_initialized() and dist.get_world_size() == 1
+    assert not dist.is_initialized()  # the service closed the runtime it built, and its group of one
     assert train_main([*common, f"run.dir={tmp_path / 'local'}"]) == 0
     fsdp2, local = (
         read_metrics(tmp_path / "fsdp2" / "metrics.jsonl"),
