@@ -15,6 +15,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
 from support.cli import cli
+from support.distributed import pose_as_rank
 
 from dfm.adapters.diffusers import INDEX_NAME, WEIGHTS_NAME
 from dfm.app import convert
@@ -152,9 +153,7 @@ def test_a_one_process_checkpoint_is_not_exported_under_torchrun(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Checked before any process group is joined, so this one process can pose as rank 0 of 2."""
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    pose_as_rank(monkeypatch, world=2)
     with pytest.raises(CheckpointError) as caught:
         export_checkpoint(run_dir, tmp_path / "x")
     assert str(caught.value) == (

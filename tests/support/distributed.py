@@ -126,3 +126,11 @@ def run_worker(main: Callable[[list[str]], dict[str, Any]]) -> None:
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(1)
+
+
+def pose_as_rank(monkeypatch: Any, world: int, rank: int = 0) -> None:
+    """Set the torchrun environment of ``rank`` of ``world`` in this process (for checks made before
+    any process group is joined); ``monkeypatch`` undoes it after the test."""
+    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 1}
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))

@@ -17,7 +17,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
-from support.distributed import run_ranks
+from support.distributed import pose_as_rank, run_ranks
 
 from dfm.adapters.checkpoint import DCPCheckpointStore
 from dfm.adapters.local import LocalRuntime
@@ -220,9 +220,7 @@ def test_export_refuses_a_launch_the_training_layout_does_not_fit(
 ) -> None:
     """Checked before any process group is joined, so this one process can pose as rank 0 of 3."""
     run: Path = launches["out"] / "tp_run"
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    pose_as_rank(monkeypatch, world=3)
     with pytest.raises(CheckpointError) as caught:
         export_checkpoint(run, tmp_path / "x")
     assert str(caught.value) == (
