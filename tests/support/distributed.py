@@ -114,18 +114,23 @@ def _tail(path: Path) -> str:
 def run_worker(main: Callable[[list[str]], dict[str, Any]]) -> None:
     """A worker's entry point: one thread, ``main(sys.argv[1:])``, its result written as JSON.
 
-    On an exception the traceback goes to stderr and the process exits at once with status 1
-    (skipping ``atexit`` handlers that could wait on the other ranks).
+    The process then exits at once (``os._exit``), with status 0, or 1 after an exception (whose
+    traceback goes to stderr), skipping interpreter finalization: ``atexit`` handlers could wait on
+    the other ranks, and gloo's worker threads can abort the process ("terminate called without an
+    active exception", SIGABRT) when their objects are destroyed while the interpreter is torn down
+    (pytorch/pytorch#179291) -- a rare failure CI met after a rank had finished its work.
     """
     torch.set_num_threads(1)
+    code = 0
     try:
         result = main(sys.argv[1:])
         Path(os.environ[RESULT_VAR]).write_text(json.dumps(result))
     except BaseException:
         traceback.print_exc()
-        sys.stderr.flush()
-        sys.stdout.flush()
-        os._exit(1)
+        code = 1
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def pose_as_rank(monkeypatch: Any, world: int, rank: int = 0) -> None:

@@ -67,7 +67,7 @@ class GatherSequence(torch.autograd.Function):
             return x.clone()
         local = x.movedim(dim, 0).contiguous()
         out = local.new_empty((world * local.shape[0], *local.shape[1:]))
-        dist.all_gather_into_tensor(out, local, group=group)
+        dist.all_gather_single(out, local, group=group)
         return out.movedim(0, dim)
 
     @staticmethod
