@@ -6,6 +6,7 @@ Services receive ports; only this module knows which adapter implements which po
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import attrs
 import torch
@@ -59,9 +60,35 @@ def build_runtime(cfg: TrainConfig, device: str = "auto") -> ParallelRuntime:
         except ValueError as exc:  # the messages name the parallel.* / train.* keys
             raise ConfigError(str(exc)) from None
         return runtime
-    raise ConfigError(
-        f"runtime: {cfg.runtime!r} is not available in this version of dfm; use runtime=local or runtime=fsdp2"
-    )
+    if cfg.runtime == "megatron":
+        return _megatron_runtime(cfg, knobs)
+    raise ConfigError(f"runtime: {cfg.runtime!r} is unknown; use local, fsdp2 or megatron")
+
+
+def _megatron_runtime(cfg: TrainConfig, knobs: dict[str, Any]) -> ParallelRuntime:
+    from dfm.adapters.megatron import MegatronRuntime  # megatron-core is an optional extra
+
+    p, m = cfg.parallel, cfg.megatron
+    sizes = {
+        "tensor": p.tensor,
+        "context": p.context,
+        "pipeline": p.pipeline,
+        "virtual_pipeline": p.virtual_pipeline,
+        "data_replicate": p.data_replicate,
+        "data_shard": p.data_shard,
+    }
+    engine = {
+        "distributed_optimizer": m.distributed_optimizer,
+        "overlap_grad_reduce": m.overlap_grad_reduce,
+        "overlap_param_gather": m.overlap_param_gather,
+        "sequence_parallel": m.sequence_parallel,
+    }
+    try:
+        runtime = MegatronRuntime(**sizes, **engine, **knobs)
+        runtime.check_model(cfg.model)
+    except ValueError as exc:  # the messages name the parallel.* / train.* / megatron.* keys
+        raise ConfigError(str(exc)) from None
+    return runtime
 
 
 def optimizer_settings(cfg: TrainConfig) -> OptimizerSettings:
@@ -136,7 +163,12 @@ def build_data_source(cfg: TrainConfig, topology: Topology, codec: LatentCodec |
 
 def build_checkpoint_store(cfg: TrainConfig) -> CheckpointStore:
     """Checkpoints under ``RUN_DIR/checkpoints``."""
-    return DCPCheckpointStore(Path(cfg.run.dir) / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+    io = None
+    if cfg.runtime == "megatron":
+        from dfm.adapters.megatron import DistCheckpointIO
+
+        io = DistCheckpointIO()
+    return DCPCheckpointStore(Path(cfg.run.dir) / "checkpoints", keep_last=cfg.checkpoint.keep_last, io=io)
 
 
 def build_metrics_sink(cfg: TrainConfig, resume_step: int | None) -> MetricsSink:

@@ -42,3 +42,21 @@ class CheckpointStore(Protocol):
     def list(self) -> list[CheckpointInfo]:
         """All complete checkpoints, oldest first."""
         ...
+
+
+@runtime_checkable
+class CheckpointIO(Protocol):
+    """How a checkpoint directory's tensors are written and read (collective under a process group).
+
+    The default is torch DCP; the megatron runtime's state (``ShardedTensor`` s of
+    ``megatron.core.dist_checkpointing``) goes through megatron's own. A :class:`CheckpointStore` adds
+    the atomic publish, the manifest, retention and verification around it.
+    """
+
+    def save(self, state: dict[str, Any], directory: Path) -> None:
+        """Write ``state`` into the (new, empty) ``directory``; files durable on return."""
+        ...
+
+    def load(self, state: dict[str, Any], directory: Path) -> None:
+        """Fill ``state`` in place from ``directory``."""
+        ...

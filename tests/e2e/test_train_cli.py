@@ -120,9 +120,11 @@ def test_example_configs_resolve(path: Path, dry_runs: dict[str, subprocess.Comp
     assert result.returncode == 0, result.stderr
 
 
-def test_unavailable_runtime_is_a_user_error(tmp_path: Path) -> None:
-    stderr = user_error(train_cli("--recipe", "wan_tiny_t2v", "--runtime", "megatron", f"run.dir={tmp_path}"))
-    assert (
-        stderr
-        == "error: runtime: 'megatron' is not available in this version of dfm; use runtime=local or runtime=fsdp2\n"
+def test_megatron_layout_that_does_not_fit_is_a_user_error(tmp_path: Path) -> None:
+    stderr = user_error(
+        train_cli("--recipe", "wan_tiny_t2v", "--runtime", "megatron", "parallel.tensor=3", f"run.dir={tmp_path}")
+    )
+    assert stderr.splitlines()[-1] == (  # (megatron's import logs info lines before it)
+        "error: parallel.tensor x parallel.context x parallel.pipeline = 3 x 1 x 1 = 3 does not divide the 1 "
+        "processes launched"
     )

@@ -169,3 +169,14 @@ def load(state: dict[str, Any], directory: Path) -> None:
     reader = dcp.FileSystemReader(directory)
     with _quiet_single_process():
         dcp.load(state, storage_reader=reader, planner=StrictLoadPlanner(), no_dist=not is_distributed())
+
+
+class _DCP:
+    """:func:`save` and :func:`load` as a ``CheckpointIO``."""
+
+    save = staticmethod(save)
+    load = staticmethod(load)
+
+
+DCP_IO = _DCP()
+"""The default ``CheckpointIO``: torch DCP."""

@@ -5,7 +5,7 @@ DTensor runtime shares (process group, mesh, sequence sharding, AdamW, schedule,
 in :mod:`dfm.adapters.torch_dist`.
 """
 
-from dfm.adapters.fsdp2.context_parallel import StagedForward, use_ulysses_attention
+from dfm.adapters.fsdp2.context_parallel import StagedForward
 from dfm.adapters.fsdp2.ema import ShardedEMA
 from dfm.adapters.fsdp2.parallelize import ShardingOptions, build_sharded_network
 from dfm.adapters.fsdp2.runtime import FSDP2Runtime
@@ -19,5 +19,4 @@ __all__ = [
     "StagedForward",
     "apply_tensor_parallel",
     "build_sharded_network",
-    "use_ulysses_attention",
 ]

@@ -22,9 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dfm.adapters.torch_dist.sequence import UlyssesAttention, gather_sequence, shard_sequence
-from dfm.domain.networks.attention import SDPAAttention
-from dfm.domain.networks.plan import ParallelPlan
+from dfm.adapters.torch_dist.sequence import gather_sequence, shard_sequence
 
 
 class StagedForward:
@@ -71,23 +69,3 @@ class StagedForward:
 
     def __repr__(self) -> str:
         return f"StagedForward(cp={self.cp}, compute_dtype={self.compute_dtype})"
-
-
-def use_ulysses_attention(network: nn.Module, plan: ParallelPlan, group: dist.ProcessGroup, backend: str) -> int:
-    """Swap the kernel of every ``plan.sequence_parallel_attention`` module for Ulysses over ``group``.
-
-    Each module gets its own kernel attribute (WAN's self- and cross-attention share one kernel object;
-    only self-attention is swapped). Returns how many modules were swapped.
-
-    Raises:
-        ValueError: If the plan names no such module (the network cannot shard its sequence).
-    """
-    modules = plan.modules_matching(network, plan.sequence_parallel_attention)
-    if not modules:
-        raise ValueError(
-            f"parallel.context={dist.get_world_size(group)}: {type(network).__name__}'s parallel plan names no "
-            "sequence-parallel attention; set parallel.context=1"
-        )
-    for _, module in modules:
-        module.kernel = UlyssesAttention(SDPAAttention(backend), group)
-    return len(modules)

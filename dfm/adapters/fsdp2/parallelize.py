@@ -22,18 +22,15 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 from torch.distributed.tensor.experimental import implicit_replication
 
-from dfm.adapters.fsdp2.context_parallel import StagedForward, use_ulysses_attention
+from dfm.adapters.fsdp2.context_parallel import StagedForward
 from dfm.adapters.fsdp2.grads import use_sum_reduction
 from dfm.adapters.fsdp2.tensor_parallel import apply_tensor_parallel
 from dfm.adapters.torch_dist.checkpointing import apply_activation_checkpointing
 from dfm.adapters.torch_dist.mesh import fsdp_mesh
+from dfm.adapters.torch_dist.sequence import use_ulysses_attention
 from dfm.domain.networks.attention import SDPAAttention
-from dfm.domain.networks.dit import DiT
-from dfm.domain.networks.wan import WanTransformer
-from dfm.domain.specs import DiTSpec, ModelSpec, WanSpec
-
-NETWORKS: dict[type, type[nn.Module]] = {WanSpec: WanTransformer, DiTSpec: DiT}
-"""The network class of each spec type."""
+from dfm.domain.networks.registry import network_class
+from dfm.domain.specs import ModelSpec
 
 
 @attrs.frozen(kw_only=True)
@@ -79,9 +76,7 @@ def meta_network(spec: ModelSpec, attention_backend: str) -> nn.Module:
     Raises:
         ValueError: For a spec of another architecture.
     """
-    network = NETWORKS.get(type(spec))
-    if network is None:
-        raise ValueError(f"unknown model spec {type(spec).__name__}; expected WanSpec (arch 'wan') or DiTSpec ('dit')")
+    network = network_class(spec)
     with torch.device("meta"):
         return network(spec, attention=SDPAAttention(attention_backend), generator=None)
 

@@ -33,9 +33,8 @@ from dfm.adapters.torch_dist.schedule import (
 from dfm.adapters.torch_dist.state import check_compatible
 from dfm.domain.batch import Batch
 from dfm.domain.networks.attention import SDPAAttention
-from dfm.domain.networks.dit import DiT
-from dfm.domain.networks.wan import WanTransformer
-from dfm.domain.specs import DiTSpec, ModelSpec, WanSpec
+from dfm.domain.networks.registry import network_class
+from dfm.domain.specs import ModelSpec
 from dfm.ports.runtime import LossFn, OptimizerSettings, StepResult, Topology
 
 Precision = Literal["auto", "fp32", "bf16"]
@@ -86,11 +85,7 @@ def build_network(spec: ModelSpec, attention: SDPAAttention, generator: torch.Ge
     Raises:
         ValueError: For a spec of another architecture.
     """
-    if isinstance(spec, WanSpec):
-        return WanTransformer(spec, attention=attention, generator=generator)
-    if isinstance(spec, DiTSpec):
-        return DiT(spec, attention=attention, generator=generator)
-    raise ValueError(f"unknown model spec {type(spec).__name__}; expected WanSpec (arch 'wan') or DiTSpec (arch 'dit')")
+    return network_class(spec)(spec, attention=attention, generator=generator)
 
 
 class LocalRuntime:

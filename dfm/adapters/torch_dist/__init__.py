@@ -8,6 +8,7 @@
 """
 
 from dfm.adapters.torch_dist.checkpointing import apply_activation_checkpointing, checkpoint_module, is_checkpointed
+from dfm.adapters.torch_dist.head_norm import HeadNormForward
 from dfm.adapters.torch_dist.mesh import DIM_NAMES, MeshSizes, build_mesh, fsdp_mesh, resolve_sizes, topology
 from dfm.adapters.torch_dist.optim import NO_DECAY_SUFFIXES, build_adamw, decays, materialize_state, param_groups
 from dfm.adapters.torch_dist.process_group import DistEnv, destroy, init_process_group
@@ -18,7 +19,13 @@ from dfm.adapters.torch_dist.schedule import (
     lr_factor,
     scheduler_state,
 )
-from dfm.adapters.torch_dist.sequence import GatherSequence, UlyssesAttention, gather_sequence, shard_sequence
+from dfm.adapters.torch_dist.sequence import (
+    GatherSequence,
+    UlyssesAttention,
+    gather_sequence,
+    shard_sequence,
+    use_ulysses_attention,
+)
 from dfm.adapters.torch_dist.state import check_compatible
 
 __all__ = [
@@ -26,6 +33,7 @@ __all__ = [
     "NO_DECAY_SUFFIXES",
     "DistEnv",
     "GatherSequence",
+    "HeadNormForward",
     "MeshSizes",
     "UlyssesAttention",
     "apply_activation_checkpointing",
@@ -49,4 +57,5 @@ __all__ = [
     "scheduler_state",
     "shard_sequence",
     "topology",
+    "use_ulysses_attention",
 ]

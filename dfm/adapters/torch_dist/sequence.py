@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from dfm.domain.networks.attention import AttentionKernel
+from dfm.domain.networks.attention import AttentionKernel, SDPAAttention
+from dfm.domain.networks.plan import ParallelPlan
 
 
 def _chunk_length(x: torch.Tensor, dim: int, world: int, what: str) -> int:
@@ -146,3 +148,23 @@ class UlyssesAttention:
 
     def __repr__(self) -> str:
         return f"UlyssesAttention({self.inner!r}, cp={self.world})"
+
+
+def use_ulysses_attention(network: nn.Module, plan: ParallelPlan, group: dist.ProcessGroup, backend: str) -> int:
+    """Swap the kernel of every ``plan.sequence_parallel_attention`` module for Ulysses over ``group``.
+
+    Each module gets its own kernel attribute (WAN's self- and cross-attention share one kernel object;
+    only self-attention is swapped). Returns how many modules were swapped.
+
+    Raises:
+        ValueError: If the plan names no such module (the network cannot shard its sequence).
+    """
+    modules = plan.modules_matching(network, plan.sequence_parallel_attention)
+    if not modules:
+        raise ValueError(
+            f"parallel.context={dist.get_world_size(group)}: {type(network).__name__}'s parallel plan names no "
+            "sequence-parallel attention; set parallel.context=1"
+        )
+    for _, module in modules:
+        module.kernel = UlyssesAttention(SDPAAttention(backend), group)
+    return len(modules)

@@ -12,6 +12,7 @@ from dfm.app.config.checks import choice
 from dfm.app.config.data import DataConfig
 from dfm.app.config.errors import FieldError
 from dfm.app.config.logs import LoggingConfig
+from dfm.app.config.megatron import MegatronConfig
 from dfm.app.config.optim import OptimConfig
 from dfm.app.config.parallel import ParallelConfig
 from dfm.app.config.run import RunConfig
@@ -52,6 +53,8 @@ class TrainConfig:
     """Checkpoint interval, retention and resumption."""
     parallel: ParallelConfig = attrs.field(factory=ParallelConfig)
     """Parallel layout."""
+    megatron: MegatronConfig = attrs.field(factory=MegatronConfig)
+    """Megatron-core engine options (``runtime: megatron``)."""
     data: DataConfig = attrs.field(factory=DataConfig)
     """Training data."""
     sample: SampleConfig = attrs.field(factory=SampleConfig)

@@ -77,9 +77,10 @@ def load_for_inference(where: Path | str, *, use_ema: bool = True) -> tuple[Trai
         return load_exported(where)
     directory = checkpoint_dir(_checkpoint_root(where))
     cfg = _config_of(directory, read_meta(directory))
-    runtime = bootstrap.build_runtime(attrs.evolve(cfg, runtime="local"))
+    local = attrs.evolve(cfg, runtime="local")  # plain DCP reads any runtime's model entries
+    runtime = bootstrap.build_runtime(local)
     runtime.build(cfg.model, bootstrap.optimizer_settings(cfg))
-    _, weights = _restore_weights(runtime, cfg, directory, use_ema=use_ema)
+    _, weights = _restore_weights(runtime, local, directory, use_ema=use_ema)
     runtime.load_initial_weights(weights)  # the chosen weights into the model (and the EMA restarted at them)
     return cfg, runtime.inference_model(use_ema=use_ema)
 
@@ -197,10 +198,11 @@ def export_checkpoint(
     world = DistEnv.from_env().world_size
     if world > 1:
         _check_launch(cfg, directory, world)
-    runtime = bootstrap.build_runtime(cfg if world > 1 else attrs.evolve(cfg, runtime="local"))
+    built = cfg if world > 1 else attrs.evolve(cfg, runtime="local")
+    runtime = bootstrap.build_runtime(built)
     try:
         runtime.build(cfg.model, bootstrap.optimizer_settings(cfg))
-        which, weights = _restore_weights(runtime, cfg, directory, use_ema=use_ema)
+        which, weights = _restore_weights(runtime, built, directory, use_ema=use_ema)
         out = export_wan_distributed(
             weights, cfg.model, out, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite
         )
@@ -215,6 +217,11 @@ def export_checkpoint(
 
 def _check_launch(cfg: TrainConfig, directory: Path, world: int) -> None:
     """Raise a ``CheckpointError`` unless the checkpoint's parallel layout fits ``world`` processes."""
+    if cfg.runtime == "megatron":
+        raise CheckpointError(
+            f"{directory} was trained with runtime=megatron; its weights export from one process (they load "
+            f"into one process at any layout), but {world} processes were launched; run the export without torchrun"
+        )
     if cfg.runtime != "fsdp2":
         raise CheckpointError(
             f"{directory} was trained with runtime={cfg.runtime}, which runs in one process, but {world} "

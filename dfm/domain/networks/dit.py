@@ -39,8 +39,8 @@ from dfm.domain.networks.layers import (
     draw_init,
     modulate,
     patch_grid,
-    rope_3d,
     timestep_features,
+    token_positions,
     unpatchify,
 )
 from dfm.domain.networks.plan import ParallelPlan
@@ -84,6 +84,8 @@ DIT_PARALLEL_PLAN = ParallelPlan(
     row_parallel=("blocks.*.self_attn.to_out", "blocks.*.cross_attn.to_out", "blocks.*.mlp.fc2"),
     replicated=("patch_embedding", "time_embedder", "text_embedder", "blocks.*.modulation", "final_layer"),
     sequence_parallel_attention=("blocks.*.self_attn",),
+    first_stage=("patch_embedding", "time_embedder", "text_embedder"),
+    last_stage=("final_layer",),
 )
 """How :class:`DiT` may be split. q/k norms are per head, so tensor parallelism needs no ``head_norms``."""
 
@@ -235,6 +237,8 @@ class DiT(nn.Module):
     """
 
     parallel_plan: ClassVar[ParallelPlan] = DIT_PARALLEL_PLAN
+    inputs_type: ClassVar[type] = DiTInputs
+    """What :meth:`embed` returns (a pipeline runtime rebuilds it on later stages)."""
 
     def __init__(
         self, spec: DiTSpec, *, attention: AttentionKernel | None = None, generator: torch.Generator | None = None
@@ -318,8 +322,8 @@ class DiT(nn.Module):
         tokens = self.patch_embedding(x.to(dtype))
         c = self.embed_noise(timestep)
         context = self.text_embedder(text.to(dtype))
-        rope = rope_3d(self.spec.attention_head_dim, grid, device=x.device)
-        mask = None if text_mask is None else text_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]
+        spec = self.spec
+        rope, mask, _ = token_positions(x.shape, spec.patch_size, spec.attention_head_dim, text_mask, x.device)
         return DiTInputs(tokens, context, c, rope, mask, grid)
 
     def run_blocks(self, tokens: Tensor, inputs: DiTInputs) -> Tensor:

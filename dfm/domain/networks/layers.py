@@ -239,3 +239,28 @@ def draw_init(param: Tensor, init: Callable[[Tensor], object], generator: torch.
     tmp = torch.empty(param.shape, dtype=param.dtype, device=generator.device)
     init(tmp)
     param.copy_(tmp)
+
+
+def token_positions(
+    latent_shape: tuple[int, ...],
+    patch: tuple[int, int, int],
+    head_dim: int,
+    text_mask: Tensor | None,
+    device: torch.device,
+) -> tuple[tuple[Tensor, Tensor], Tensor | None, tuple[int, int, int]]:
+    """What a transformer's blocks need besides tensors with gradients: RoPE tables, text key mask, grid.
+
+    Args:
+        latent_shape: ``[B, C, F, H, W]`` of the latents.
+        patch: ``(pt, ph, pw)``.
+        head_dim: Channels per attention head.
+        text_mask: ``[B, S]`` (``True`` = real token), or ``None``.
+        device: Where the tables go.
+
+    Returns:
+        ``((cos, sin) [L, head_dim] float32, mask [B, 1, 1, S] bool or None, grid (F', H', W'))``.
+    """
+    grid = patch_grid(*latent_shape[2:], patch)
+    rope = rope_3d(head_dim, grid, device=device)
+    mask = None if text_mask is None else text_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    return rope, mask, grid

@@ -30,6 +30,9 @@ class ParallelPlan:
             context-parallel ranks (their attention kernel is swapped for a sequence-parallel one).
         head_norms: Norms over the concatenation of all heads (e.g. WAN's q/k RMSNorm): under tensor
             parallelism their statistics must be reduced over the tensor-parallel group.
+        first_stage: Modules (or parameters) used before the blocks (``embed``): a pipeline's first stage
+            holds them.
+        last_stage: Modules (or parameters) used after the blocks (``project``): the last stage holds them.
     """
 
     blocks: str
@@ -38,6 +41,8 @@ class ParallelPlan:
     replicated: tuple[str, ...] = ()
     sequence_parallel_attention: tuple[str, ...] = ()
     head_norms: tuple[str, ...] = ()
+    first_stage: tuple[str, ...] = ()
+    last_stage: tuple[str, ...] = ()
 
     def linear_role(self, name: str) -> str | None:
         """``"column"``, ``"row"``, ``"replicated"`` or ``None`` for the module named ``name``."""

@@ -26,9 +26,8 @@ from dfm.domain.networks.layers import (
     apply_rope,
     draw_init,
     modulate,
-    patch_grid,
-    rope_3d,
     timestep_features,
+    token_positions,
     unpatchify,
 )
 from dfm.domain.networks.plan import ParallelPlan
@@ -82,6 +81,8 @@ WAN_PARALLEL_PLAN = ParallelPlan(
     ),
     sequence_parallel_attention=("blocks.*.attn1",),
     head_norms=("blocks.*.attn1.norm_q", "blocks.*.attn1.norm_k", "blocks.*.attn2.norm_q", "blocks.*.attn2.norm_k"),
+    first_stage=("patch_embedding", "condition_embedder"),
+    last_stage=("norm_out", "proj_out", "scale_shift_table"),
 )
 """Where :class:`WanTransformer` may be split (Megatron-style column/row pairs per attention and FFN)."""
 
@@ -214,6 +215,8 @@ class WanTransformer(nn.Module):
 
     parallel_plan: ParallelPlan = WAN_PARALLEL_PLAN
     """Tensor/sequence/pipeline parallel plan (DESIGN.md rule 4)."""
+    inputs_type = WanInputs
+    """What :meth:`embed` returns (a pipeline runtime rebuilds it on later stages)."""
 
     def __init__(
         self, spec: WanSpec, *, attention: AttentionKernel | None = None, generator: torch.Generator | None = None
@@ -263,10 +266,9 @@ class WanTransformer(nn.Module):
         slices ``rope`` along ``L`` the same way and passes ``inputs._replace(rope=...)``).
         """
         self._check_inputs(x, timestep, text, text_mask)
-        grid = patch_grid(*x.shape[2:], self.spec.patch_size)
-        rope = rope_3d(self.spec.attention_head_dim, grid, device=x.device)
+        spec = self.spec
+        rope, mask, grid = token_positions(x.shape, spec.patch_size, spec.attention_head_dim, text_mask, x.device)
         temb, modulation, context = self.condition_embedder(timestep, text)
-        mask = None if text_mask is None else text_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]
         return WanInputs(self.patch_embedding(x), context, modulation, temb, rope, mask, grid)
 
     def run_blocks(self, tokens: Tensor, inputs: WanInputs) -> Tensor:

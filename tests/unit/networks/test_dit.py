@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from dfm.domain.networks import dit as dit_module
+from dfm.domain.networks import layers as layers_module
 from dfm.domain.networks.attention import SDPAAttention
 from dfm.domain.networks.dit import DIT_PARALLEL_PLAN, DiT, dit_num_params
 from dfm.domain.networks.layers import rope_3d
@@ -92,7 +92,7 @@ def test_rope_makes_the_model_position_aware(monkeypatch: pytest.MonkeyPatch) ->
         cos, sin = rope_3d(head_dim, grid)
         return torch.ones_like(cos), torch.zeros_like(sin)
 
-    monkeypatch.setattr(dit_module, "rope_3d", no_rope)
+    monkeypatch.setattr(layers_module, "rope_3d", no_rope)
     with torch.no_grad():
         out = model(x, c_noise, text)
         permuted = _roll_one_patch(model(_roll_one_patch(x), c_noise, text), sign=-1)

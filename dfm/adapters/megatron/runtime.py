@@ -1,0 +1,479 @@
+"""The ``megatron`` runtime: megatron-core tensor/pipeline parallelism, its DDP and distributed optimizer.
+
+One process per device (``torchrun``), or a lone process as a world of one. Megatron's groups come from
+the ``parallel.*`` keys (:mod:`.engine`); the network becomes model chunks of megatron layers
+(:mod:`.model`); megatron's ``get_forward_backward_func`` runs the micro-batches (1F1B across pipeline
+stages, interleaved with a virtual pipeline); megatron's ``DistributedDataParallel`` sums gradients over
+the data- and context-parallel ranks; its optimizer (distributed by default) keeps float32 main weights.
+It reproduces the local runtime's numbers: each micro-batch backpropagates ``sum(per_sample) /
+global_batch_size`` (``calculate_per_token_loss``: no averaging anywhere), the global norm is clipped like
+``clip_grad_norm_`` and a non-finite step is skipped on every rank alike.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as mpu
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+from megatron.core.optimizer_param_scheduler import ParamGroupOverride
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch import nn
+
+from dfm.adapters.megatron import state as mstate
+from dfm.adapters.megatron.engine import initialize, megatron_sizes, megatron_topology, teardown
+from dfm.adapters.megatron.model import Options, build_chunks, transformer_config
+from dfm.adapters.megatron.stage import Chunk
+from dfm.adapters.torch_dist.optim import decays
+from dfm.adapters.torch_dist.process_group import DEFAULT_TIMEOUT, DistEnv, destroy
+from dfm.adapters.torch_dist.schedule import check_optimizer_settings, lr_factor
+from dfm.domain.batch import Batch
+from dfm.domain.specs import ModelSpec
+from dfm.ports.runtime import LossFn, OptimizerSettings, StepResult
+
+_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+"""The distributed optimizer's checkpoint format that loads at any tensor/pipeline/data layout."""
+
+
+def _device_type(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda' (each rank uses cuda:LOCAL_RANK)")
+    return kind
+
+
+def _no_decay_overrides() -> dict[Any, Any]:
+    """Megatron parameter groups with the other runtimes' weight-decay rule (``torch_dist.optim.decays``)."""
+    plain = ParamWithNamePredicate(name="dfm_no_decay", fn=lambda param, name: not decays(name, param))
+    return {ParamKey(with_name_predicate=plain): ParamGroupOverride(wd_mult=0.0)}
+
+
+class MegatronRuntime:
+    """Megatron-core TP/PP/CP/DP (see the module docstring).
+
+    Constructing it joins (or creates) the process group and megatron's parallel groups, so
+    :attr:`topology` is known before the data source is built.
+
+    Args:
+        tensor, context, pipeline, virtual_pipeline, data_replicate, data_shard: The ``parallel.*`` keys.
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``; a rank uses ``cuda:LOCAL_RANK``.
+        precision: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"fp32"`` or ``"bf16"`` (bf16 weights and
+            compute, float32 main weights in the optimizer and float32 gradient reduction).
+        grad_clip: Clip the global gradient norm to this; ``None`` disables clipping.
+        ema_decay: Keep an EMA of this rank's weights (float32); ``None``: none.
+        activation_checkpointing: ``"off"`` or ``"full"``; ``checkpoint_every``: every k-th block.
+        attention_backend: SDPA backend.
+        seed: Seed of the initial weights (the local runtime's weights for the same seed).
+        distributed_optimizer: Shard the optimizer state over the data-parallel ranks (``megatron.*``).
+        overlap_grad_reduce: Overlap the gradient reduce-scatter with the backward pass.
+        overlap_param_gather: Overlap the parameter all-gather with the next forward pass.
+        sequence_parallel: Megatron sequence parallelism (not available yet: an error).
+        timeout: How long a collective waits for the other ranks.
+
+    Raises:
+        ValueError: Naming the config key, for sizes that do not fit the world, or an invalid option.
+    """
+
+    def __init__(
+        self,
+        *,
+        tensor: int = 1,
+        context: int = 1,
+        pipeline: int = 1,
+        virtual_pipeline: int | None = None,
+        data_replicate: int = 1,
+        data_shard: int = -1,
+        device: str = "auto",
+        precision: str = "auto",
+        grad_clip: float | None = 1.0,
+        ema_decay: float | None = None,
+        activation_checkpointing: str = "off",
+        checkpoint_every: int = 1,
+        attention_backend: str = "auto",
+        seed: int = 0,
+        distributed_optimizer: bool = True,
+        overlap_grad_reduce: bool = False,
+        overlap_param_gather: bool = False,
+        sequence_parallel: bool = False,
+        timeout: timedelta = DEFAULT_TIMEOUT,
+    ) -> None:
+        device_type = _device_type(device)
+        if precision not in ("auto", *_PRECISIONS):
+            raise ValueError(f"train.precision must be one of ('auto', 'fp32', 'bf16'), got {precision!r}")
+        if activation_checkpointing not in ("off", "full"):
+            raise ValueError(
+                f"train.activation_checkpointing must be 'off' or 'full', got {activation_checkpointing!r}"
+            )
+        if virtual_pipeline is not None and virtual_pipeline > 1:
+            raise ValueError(
+                f"parallel.virtual_pipeline={virtual_pipeline}: the interleaved schedule does not reproduce the "
+                "one-process loss in this version of dfm (it is being fixed); leave parallel.virtual_pipeline unset"
+            )
+        if sequence_parallel:
+            raise ValueError(
+                "megatron.sequence_parallel=true is not available in this version of dfm (the blocks keep "
+                "batch-first tokens); use parallel.context for long sequences"
+            )
+        self._parallel = {
+            "tensor": tensor,
+            "context": context,
+            "pipeline": pipeline,
+            "virtual_pipeline": virtual_pipeline,
+            "data_replicate": data_replicate,
+            "data_shard": data_shard,
+        }
+        env = DistEnv.from_env()
+        self.sizes = megatron_sizes(env.world_size, **self._parallel)
+        self._owns_group = not dist.is_initialized()
+        self.device = initialize(device_type, self.sizes, seed, timeout, env)
+        self.topology = megatron_topology(self.sizes, self.device)
+        bf16 = precision == "bf16" or (precision == "auto" and device_type == "cuda")
+        self.options = Options(
+            dtype=torch.bfloat16 if bf16 else torch.float32,
+            attention_backend=attention_backend,
+            activation_checkpointing=activation_checkpointing,
+            checkpoint_every=checkpoint_every,
+        )
+        self.grad_clip, self.ema_decay, self.seed = grad_clip, ema_decay, seed
+        self.ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=overlap_grad_reduce,
+            overlap_param_gather=overlap_param_gather,
+            use_distributed_optimizer=distributed_optimizer,
+        )
+        self._chunks: list[Chunk] = []
+        self._ddp: list[DistributedDataParallel] = []
+        self._optimizer: Any = None
+        self._settings: OptimizerSettings | None = None
+        self._blocks = "blocks"
+        self._step = 0
+        self._ema: dict[str, torch.Tensor] | None = None
+        self._n_averaged = 0
+
+    # Building --------------------------------------------------------------------------------------
+
+    def check_model(self, spec: ModelSpec) -> None:
+        """Check that the model's heads, widths and layers divide by the layout.
+
+        Raises:
+            ValueError: Naming the ``parallel.*`` keys and the model sizes that do not fit.
+        """
+        megatron_sizes(
+            self.topology.world_size,
+            **self._parallel,
+            heads=spec.num_attention_heads,
+            hidden=spec.hidden_size,
+            ffn=spec.ffn_dim,
+            layers=spec.num_layers,
+        )
+
+    def build(self, spec: ModelSpec, optimizer: OptimizerSettings) -> nn.Module:
+        """Build this rank's model chunks (initialised from the seed), megatron DDP and optimizer. Collective.
+
+        Returns the first chunk wrapped in megatron's DDP.
+        """
+        check_optimizer_settings(optimizer)
+        self.check_model(spec)
+        config = transformer_config(spec, self.sizes, self.options.dtype, self.device)
+        self._chunks = build_chunks(spec, self.sizes, config, self.device, self.options, self.seed)
+        self._blocks = spec_blocks = type(self._chunks[0].network).parallel_plan.blocks
+        self._ddp = [
+            DistributedDataParallel(config, self.ddp_config, chunk, disable_bucketing=i > 0)
+            for i, chunk in enumerate(self._chunks)
+        ]
+        opt_config = OptimizerConfig(
+            optimizer="adam",
+            lr=optimizer.lr,
+            weight_decay=optimizer.weight_decay,
+            adam_beta1=optimizer.betas[0],
+            adam_beta2=optimizer.betas[1],
+            adam_eps=optimizer.eps,
+            clip_grad=self.grad_clip or 0.0,
+            bf16=self.options.dtype == torch.bfloat16,
+            params_dtype=self.options.dtype,
+            use_distributed_optimizer=self.ddp_config.use_distributed_optimizer,
+        )
+        self._optimizer = get_megatron_optimizer(opt_config, self._ddp, config_overrides=_no_decay_overrides())
+        self._settings = optimizer
+        self._step = 0
+        _materialize_state(self._optimizer)
+        if self.ema_decay is not None:
+            self._reset_ema()
+        assert spec_blocks
+        return self._ddp[0]
+
+    def load_initial_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Start from whole weights (imported diffusers weights, say); strict; each rank keeps its part.
+
+        Raises:
+            ValueError: Naming missing keys and shape mismatches.
+            RuntimeError: Before :meth:`build`, or once a step was taken.
+        """
+        self._require_built()
+        if self._step > 0:
+            raise RuntimeError("load_initial_weights is for a fresh run; resume a run with load_state_dict")
+        params = dict(mstate.named_parameters(self._chunks, self._blocks))
+        missing = sorted(set(params) - set(state_dict))
+        if missing:
+            raise ValueError(f"initial weights miss {len(missing)} parameters, e.g. {missing[:5]}")
+        with torch.no_grad():
+            for name, param in params.items():
+                value = mstate.local_part(state_dict[name], param)
+                if value.shape != param.shape:
+                    raise ValueError(f"{name}: initial weight of shape {tuple(value.shape)} does not fit")
+                param.copy_(value)
+        self._optimizer.reload_model_params()
+        if self._ema is not None:
+            self._reset_ema()
+
+    # Training --------------------------------------------------------------------------------------
+
+    def train_step(self, micro_batches: Sequence[Batch], loss_fn: LossFn, global_batch_size: int) -> StepResult:
+        """Run megatron's schedule over this rank's micro-batches, reduce, clip, and step (or skip). Collective.
+
+        Raises:
+            ValueError: If the micro-batches are empty or do not hold this rank's share of the batch.
+        """
+        self._require_built()
+        self._check_batch_sizes(micro_batches, global_batch_size)
+        settings = self._settings
+        assert settings is not None
+        lr = settings.lr * lr_factor(self._step, settings)
+        for group in self._optimizer.param_groups:  # what megatron's OptimizerParamScheduler would set
+            group["lr"] = lr
+            group["weight_decay"] = settings.weight_decay * group.get("wd_mult", 1.0)
+        for model in self._ddp:
+            model.train()
+            model.zero_grad_buffer()
+        self._optimizer.zero_grad()
+        totals: dict[str, Any] = {"rows": []}
+        batches = [b.to(self.device) for b in micro_batches]
+        iterators = [iter(batches) for _ in self._ddp]
+        get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, loss_fn, global_batch_size, totals),
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self._ddp,
+            num_microbatches=len(batches),
+            seq_length=1,  # variable_seq_lengths: the shapes travel with the tensors
+            micro_batch_size=batches[0].size,
+            forward_only=False,
+        )
+        for model in self._ddp:
+            model.finish_grad_sync()
+        names, sums = self._reduce(totals)
+        found_inf = self._optimizer.prepare_grads()
+        norm = float(self._optimizer.get_grad_norm() or 0.0)
+        loss = sums[0] / global_batch_size
+        metrics = {name: v / global_batch_size for name, v in zip(names, sums[1:], strict=True)}
+        finite = math.isfinite(loss) and math.isfinite(norm) and not found_inf
+        if finite:
+            self._update(norm)
+        return StepResult(loss=loss, grad_norm=norm, lr=lr, skipped=not finite, metrics=metrics)
+
+    def _forward_step(
+        self, loss_fn: LossFn, global_batch_size: int, totals: dict[str, Any], data_iterator: Any, model: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """Megatron's ``forward_step_func``: the objective on one micro-batch through one chunk."""
+        batch = next(data_iterator)
+        out = loss_fn(model, batch)
+        chunk: Chunk = model.module
+        if not chunk.last:
+            assert chunk.output is not None
+            return chunk.output, _not_last
+        if out.per_sample.shape != (batch.size,):
+            raise ValueError(
+                f"loss_fn returned per_sample of shape {tuple(out.per_sample.shape)}, expected ({batch.size},)"
+            )
+        totals["names"] = list(out.metrics)
+        row = [out.per_sample.detach().float().sum()]
+        row += [v.detach().float().to(self.device) * batch.size for v in out.metrics.values()]
+        totals["rows"].append(torch.stack(row))
+        loss = out.per_sample.float().sum() / global_batch_size
+        return loss, _last
+
+    def _reduce(self, totals: dict[str, Any]) -> tuple[list[str], list[float]]:
+        """Loss and metric sums over the micro-batches, from the last stage to every rank, over data ranks."""
+        names: list[str] = totals.get("names", [])
+        count = torch.tensor([len(names)], device=self.device)
+        pp_group = mpu.get_pipeline_model_parallel_group()
+        if self.sizes.pipeline > 1:  # only the last stage knows the metric names; every stage learns their count
+            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=pp_group)
+        rows = totals["rows"]
+        sums = torch.stack(rows).sum(0) if rows else torch.zeros(int(count.item()) + 1, device=self.device)
+        if self.sizes.pipeline > 1:
+            dist.all_reduce(sums, group=pp_group)
+            names = self._broadcast_names(names, pp_group)
+        if self.topology.dp_size > 1:
+            dist.all_reduce(sums, group=mpu.get_data_parallel_group())
+        return names, sums.tolist()
+
+    def _broadcast_names(self, names: list[str], group: dist.ProcessGroup) -> list[str]:
+        holder = [names if mpu.is_pipeline_last_stage() else None]
+        last = dist.get_global_rank(group, dist.get_world_size(group) - 1)
+        dist.broadcast_object_list(holder, src=last, group=group)
+        return list(holder[0] or [])
+
+    def _update(self, norm: float) -> None:
+        """Clip (to the norm already computed), step, average the EMA."""
+        optimizers = getattr(self._optimizer, "chained_optimizers", [self._optimizer])
+        if self.grad_clip is not None:
+            for optimizer in optimizers:
+                params = optimizer.get_parameters()
+                if params:
+                    clip_grad_by_total_norm_fp32(params, max_norm=self.grad_clip, total_norm=norm)
+        self._optimizer.step_with_ready_grads()
+        self._step += 1
+        if self._ema is not None:
+            self._update_ema()
+
+    def _check_batch_sizes(self, micro_batches: Sequence[Batch], global_batch_size: int) -> None:
+        held = sum(b.size for b in micro_batches)
+        dp = self.topology.dp_size
+        if not micro_batches or held * dp != global_batch_size:
+            raise ValueError(
+                f"each of the {dp} data-parallel ranks must hold global_batch_size / {dp} samples: this rank's "
+                f"{len(micro_batches)} micro-batches hold {held}, but global_batch_size is {global_batch_size}"
+            )
+
+    # EMA -------------------------------------------------------------------------------------------
+
+    def _reset_ema(self) -> None:
+        self._ema = {n: p.detach().float().clone() for n, p in mstate.named_parameters(self._chunks, self._blocks)}
+        self._n_averaged = 1
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        assert self._ema is not None and self.ema_decay is not None
+        for name, param in mstate.named_parameters(self._chunks, self._blocks):
+            self._ema[name].lerp_(param.detach().float(), 1.0 - self.ema_decay)
+        self._n_averaged += 1
+
+    # State -----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"model", "optimizer", "scheduler"[, "ema"]}`` as megatron sharded state (see :mod:`.state`)."""
+        self._require_built()
+        model = mstate.model_state(self._chunks, self._blocks)
+        state: dict[str, Any] = {
+            "model": model,
+            "optimizer": self._optimizer.sharded_state_dict(model, metadata=_OPTIMIZER_FORMAT),
+            "scheduler": {"step": self._step},
+        }
+        if self._ema is not None:
+            state["ema"] = mstate.ema_state(self._ema, self._chunks, self._blocks, self._n_averaged)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` described, as loaded by ``DistCheckpointIO``. Collective.
+
+        Raises:
+            ValueError: If an entry is missing.
+        """
+        self._require_built()
+        missing = [k for k in ("model", "optimizer", "scheduler") if k not in state]
+        if missing:
+            raise ValueError(f"runtime state lacks {missing}")
+        with torch.no_grad():
+            for name, param in mstate.named_parameters(self._chunks, self._blocks):
+                loaded = state["model"][name]
+                if loaded is not param:
+                    param.copy_(loaded)
+        _load_optimizer(self._optimizer, state["optimizer"])
+        self._step = int(state["scheduler"]["step"])
+        if self._ema is not None and "ema" in state:
+            self._n_averaged = mstate.load_ema(self._ema, state["ema"])
+        elif self._ema is not None:
+            self._reset_ema()
+
+    # Inference and reporting -----------------------------------------------------------------------
+
+    def inference_model(self, use_ema: bool = True) -> nn.Module:
+        """Not available: generate from a megatron checkpoint with ``python -m dfm.app.generate``."""
+        raise RuntimeError(
+            "the megatron runtime does not sample in-process; generate from its checkpoint with "
+            "`python -m dfm.app.generate --checkpoint RUN_DIR` (it loads into one process)"
+        )
+
+    def max_memory_gib(self) -> float:
+        """This rank's peak: CUDA memory allocated on its device, else the process's resident set, in GiB."""
+        if self.device.type != "cuda":
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return torch.cuda.max_memory_allocated(self.device) / 2**30
+
+    def close(self) -> None:
+        """Destroy megatron's groups, and the process group if this runtime created it."""
+        teardown()
+        if self._owns_group:
+            destroy()
+
+    def _require_built(self) -> None:
+        if not self._chunks:
+            raise RuntimeError("MegatronRuntime.build(spec, optimizer) must be called first")
+
+
+def _not_last(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Loss function of a stage that is not the last (megatron never calls it)."""
+    return output, torch.tensor(0), {}
+
+
+def _last(loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The last stage's loss function: the micro-batch's share of the global mean, as is (no averaging)."""
+    return loss, torch.tensor(1), {}
+
+
+@torch.no_grad()
+def _materialize_state(optimizer: Any) -> None:
+    """Create AdamW's state (zero moments, step 0) now, as a checkpoint load needs it before any step.
+
+    Megatron's ``init_state_fn`` makes the moments; the step counter (which megatron's distributed
+    optimizer reads from the torch optimizer when neither Apex nor TE is installed) starts at 0.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = inner.optimizer
+        inner.init_state_fn(torch_optimizer, inner.config)
+        for state in torch_optimizer.state.values():
+            state.setdefault("step", torch.tensor(0.0))
+
+
+def _load_optimizer(optimizer: Any, state: Any) -> None:
+    """``optimizer.load_state_dict(state)``, with AdamW's step counters handled outside megatron.
+
+    Without Apex or Transformer Engine, megatron 0.16's distributed optimizer gives every parameter's
+    state the same ``step`` tensor (AdamW would then count each step once per parameter) and then fails
+    to copy the ``fully_reshardable`` tensors into a state that has a ``step`` (``KeyError: 'step'``). So
+    the counters are taken out while megatron loads and put back afterwards, one tensor per parameter.
+    """
+    inners = [inner.optimizer for inner in getattr(optimizer, "chained_optimizers", [optimizer])]
+    steps: list[torch.Tensor] = []
+
+    def take_steps(load: Any, torch_optimizer: torch.optim.Optimizer) -> Any:
+        def loader(state_dict: Any) -> None:
+            load(state_dict)
+            steps.extend(s.pop("step") for s in torch_optimizer.state.values() if "step" in s)
+
+        return loader
+
+    for torch_optimizer in inners:
+        torch_optimizer.load_state_dict = take_steps(torch_optimizer.load_state_dict, torch_optimizer)
+    try:
+        optimizer.load_state_dict(state)
+    finally:
+        for torch_optimizer in inners:
+            del torch_optimizer.load_state_dict  # the class's method again
+    value = float(steps[0]) if steps else 0.0
+    for torch_optimizer in inners:
+        for param_state in torch_optimizer.state.values():
+            param_state["step"] = torch.tensor(value)

@@ -1,0 +1,148 @@
+"""One rank of the megatron runtime tests (launched by ``support.distributed.run_ranks``; not a test module).
+
+``python megatron_worker.py OUT CASE...`` runs each case in one process group (megatron's groups are
+rebuilt per case):
+
+- ``<layout>`` (a key of :data:`LAYOUTS`): build from the seed, load the fsdp2 tests' start weights, train
+  3 steps; report losses and gradient norms.
+- ``resume``: 2 steps at ``tensor=2`` and a dist checkpoint (``OUT/ckpt``); that checkpoint loaded at
+  ``tensor=2`` (exact resume) and at ``tensor=1`` (data=2), each then taking step 3; rank 0 writes the
+  weights right after each load to ``OUT/<name>.loaded.safetensors``.
+
+Batches, spec, settings and the loss are the fsdp2 tests' (loaded from ``fsdp2_worker.py``), so the
+parent compares with the same local-runtime reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from support.distributed import run_worker
+from support.megatron_cpu import patch_megatron_for_cpu
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("fsdp2_worker_shared", HERE.parent / "fsdp2" / "fsdp2_worker.py")
+assert _spec is not None and _spec.loader is not None
+shared = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(shared)
+
+SPEC = attrs.evolve(shared.SPEC, num_layers=4)
+"""The fsdp2 tests' tiny WAN with 4 layers (two per pipeline stage, one per virtual stage of 2 x 2)."""
+OPTIONS = {k: v for k, v in shared.OPTIONS.items()}
+LAYOUTS: dict[str, dict[str, int]] = {
+    "data": {},
+    "tensor": {"tensor": 2},
+    "pipeline": {"pipeline": 2},
+    "context": {"context": 2},
+}
+
+
+def runtime_for(layout: dict[str, int]) -> Any:
+    from dfm.adapters.megatron import MegatronRuntime
+
+    runtime = MegatronRuntime(**layout, **OPTIONS)
+    runtime.build(SPEC, shared.SETTINGS)
+    return runtime
+
+
+def train(runtime: Any, steps: range) -> dict[str, list[float]]:
+    top = runtime.topology
+    share = shared.GLOBAL_BATCH // top.dp_size
+    out: dict[str, list[float]] = {"loss": [], "grad_norm": [], "lr": []}
+    for step in steps:
+        whole = shared.batch(step)
+        micro = shared.micro_batches(whole, top.dp_rank * share, (top.dp_rank + 1) * share, 1)
+        result = runtime.train_step(micro, shared.loss_fn(step), shared.GLOBAL_BATCH)
+        for key in out:
+            out[key].append(getattr(result, key))
+    return out
+
+
+def parity(layout: str) -> dict[str, Any]:
+    runtime = runtime_for(LAYOUTS[layout])
+    runtime.load_initial_weights(start_weights())
+    result = train(runtime, range(shared.STEPS))
+    result["dp"] = runtime.topology.dp_size
+    runtime.close()
+    return result
+
+
+def start_weights() -> dict[str, torch.Tensor]:
+    from dfm.domain.networks.wan import WanTransformer
+
+    network = WanTransformer(SPEC, generator=torch.Generator().manual_seed(shared.SEED))
+    weights = {name: value.detach().clone() for name, value in network.state_dict().items()}
+    g = torch.Generator().manual_seed(7)
+    weights["proj_out.weight"] = 0.2 * torch.randn(weights["proj_out.weight"].shape, generator=g)
+    return weights
+
+
+def whole_weights(runtime: Any) -> dict[str, torch.Tensor]:
+    """Every rank's parameters gathered to whole tensors (rank 0's view; collective)."""
+    from megatron.core import parallel_state as mpu
+
+    from dfm.adapters.megatron.state import named_parameters
+
+    group = mpu.get_tensor_model_parallel_group()
+    out = {}
+    for name, param in named_parameters(runtime._chunks, runtime._blocks):
+        value = param.detach().float()
+        if getattr(param, "tensor_model_parallel", False) and runtime.sizes.tensor > 1:
+            parts = [torch.empty_like(value) for _ in range(runtime.sizes.tensor)]
+            dist.all_gather(parts, value.contiguous(), group=group)
+            value = torch.cat(parts, dim=param.partition_dim)
+        out[name] = value.clone()
+    return out
+
+
+def resume(out: Path) -> dict[str, Any]:
+    from dfm.adapters.checkpoint import DCPCheckpointStore
+    from dfm.adapters.megatron import DistCheckpointIO
+
+    store = DCPCheckpointStore(out / "ckpt", io=DistCheckpointIO())
+    first = runtime_for({"tensor": 2})
+    first.load_initial_weights(start_weights())
+    result: dict[str, Any] = {"first": train(first, range(2))}
+    info = store.save(2, {"runtime": first.state_dict(), "rng": {"torch": torch.get_rng_state()}}, {"step": 2})
+    saved = whole_weights(first)
+    if dist.get_rank() == 0:
+        save_file(saved, str(out / "saved.safetensors"))
+    first.close()
+    for name, layout in (("same", {"tensor": 2}), ("other", {})):
+        runtime = runtime_for(layout)
+        state = {"runtime": runtime.state_dict(), "rng": {"torch": torch.get_rng_state()}}
+        store.load(info, state)
+        runtime.load_state_dict(state["runtime"])
+        weights = whole_weights(runtime)
+        if dist.get_rank() == 0:
+            save_file(weights, str(out / f"{name}.loaded.safetensors"))
+        result[name] = train(runtime, range(2, 3))
+        runtime.close()
+    return result
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    patch_megatron_for_cpu()
+    out, cases = Path(argv[0]), argv[1:]
+    from dfm.adapters.torch_dist import init_process_group
+
+    init_process_group("cpu", min_world_size=2)
+    result: dict[str, Any] = {}
+    for case in cases:
+        result[case] = resume(out) if case == "resume" else parity(case)
+    from dfm.adapters.torch_dist import destroy
+
+    destroy()
+    return result
+
+
+if __name__ == "__main__":
+    sys.setrecursionlimit(10000)
+    run_worker(main)
