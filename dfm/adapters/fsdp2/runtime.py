@@ -13,7 +13,6 @@ reduced values); weights and AdamW state stay float32 and bf16 enters through FS
 from __future__ import annotations
 
 import math
-import resource
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -27,6 +26,7 @@ from dfm.adapters.fsdp2 import state as fsdp_state
 from dfm.adapters.fsdp2.ema import ShardedEMA
 from dfm.adapters.fsdp2.grads import clip_grads, set_gradient_sync, total_grad_norm
 from dfm.adapters.fsdp2.parallelize import ShardingOptions, build_sharded_network
+from dfm.adapters.torch_dist.devices import check_rank_share, device_type, peak_memory_gib
 from dfm.adapters.torch_dist.mesh import build_mesh, resolve_sizes, topology
 from dfm.adapters.torch_dist.optim import build_adamw
 from dfm.adapters.torch_dist.process_group import DEFAULT_TIMEOUT, DistEnv, destroy, init_process_group
@@ -41,15 +41,6 @@ from dfm.domain.specs import ModelSpec
 from dfm.ports.runtime import LossFn, OptimizerSettings, StepResult
 
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
-
-
-def _device_type(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    kind = device.split(":")[0]
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda' (each rank uses cuda:LOCAL_RANK)")
-    return kind
 
 
 def _check_options(precision: str, grad_clip: float | None, ema_decay: float | None, ac: str, every: int) -> None:
@@ -115,7 +106,7 @@ class FSDP2Runtime:
         seed: int = 0,
         timeout: timedelta = DEFAULT_TIMEOUT,
     ) -> None:
-        device_type = _device_type(device)
+        kind = device_type(device)
         _check_options(precision, grad_clip, ema_decay, activation_checkpointing, checkpoint_every)
         self._parallel = {
             "data_replicate": data_replicate,
@@ -127,17 +118,17 @@ class FSDP2Runtime:
         env = DistEnv.from_env()
         sizes = resolve_sizes(env.world_size, **self._parallel)
         self._owns_group = not dist.is_initialized()
-        init_process_group(device_type, timeout, env=env)
-        self.device = env.device(device_type)
-        self.mesh = build_mesh(device_type, sizes)
+        init_process_group(kind, timeout, env=env)
+        self.device = env.device(kind)
+        self.mesh = build_mesh(kind, sizes)
         self.topology = topology(self.mesh, self.device)
         self._dp_group = self.mesh["dp"].get_group()
-        dtype = torch.bfloat16 if precision == "auto" and device_type == "cuda" else _PRECISIONS.get(precision)
+        dtype = torch.bfloat16 if precision == "auto" and kind == "cuda" else _PRECISIONS.get(precision)
         self.options = ShardingOptions(
             param_dtype=dtype,
             activation_checkpointing=activation_checkpointing,
             checkpoint_every=checkpoint_every,
-            compile=compile and device_type == "cuda",
+            compile=compile and kind == "cuda",
             attention_backend=attention_backend,
         )
         self.grad_clip, self.ema_decay, self.seed = grad_clip, ema_decay, seed
@@ -221,7 +212,7 @@ class FSDP2Runtime:
             ValueError: If the micro-batches are empty or do not hold this rank's share of the batch.
         """
         model, optimizer, _ = self._parts()
-        self._check_batch_sizes(micro_batches, global_batch_size)
+        check_rank_share(micro_batches, global_batch_size, self.topology.dp_size)
         model.train()
         optimizer.zero_grad(set_to_none=True)
         names, sums = self._accumulate(model, micro_batches, loss_fn, global_batch_size)
@@ -270,15 +261,6 @@ class FSDP2Runtime:
             row += [v.detach().float().to(self.device) * batch.size for v in out.metrics.values()]
             totals.append(torch.stack(row))
         return names, torch.stack(totals).sum(0)
-
-    def _check_batch_sizes(self, micro_batches: Sequence[Batch], global_batch_size: int) -> None:
-        held = sum(b.size for b in micro_batches)
-        dp = self.topology.dp_size
-        if not micro_batches or held * dp != global_batch_size:
-            raise ValueError(
-                f"each of the {dp} data-parallel ranks must hold global_batch_size / {dp} samples: this rank's "
-                f"{len(micro_batches)} micro-batches hold {held}, but global_batch_size is {global_batch_size}"
-            )
 
     # State -----------------------------------------------------------------------------------------
 
@@ -330,9 +312,7 @@ class FSDP2Runtime:
 
     def max_memory_gib(self) -> float:
         """This rank's peak: CUDA memory allocated on its device, else the process's resident set, in GiB."""
-        if self.device.type != "cuda":
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-        return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return peak_memory_gib(self.device)
 
     def close(self) -> None:
         """Destroy the process group if this runtime created it (the mesh and model become unusable)."""

@@ -13,7 +13,6 @@ global_batch_size`` (``calculate_per_token_loss``: no averaging anywhere), the g
 from __future__ import annotations
 
 import math
-import resource
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from functools import partial
@@ -34,6 +33,7 @@ from dfm.adapters.megatron import state as mstate
 from dfm.adapters.megatron.engine import initialize, megatron_sizes, megatron_topology, teardown
 from dfm.adapters.megatron.model import Options, build_chunks, transformer_config
 from dfm.adapters.megatron.stage import Chunk
+from dfm.adapters.torch_dist.devices import check_rank_share, device_type, peak_memory_gib
 from dfm.adapters.torch_dist.optim import decays
 from dfm.adapters.torch_dist.process_group import DEFAULT_TIMEOUT, DistEnv, destroy
 from dfm.adapters.torch_dist.schedule import check_optimizer_settings, lr_factor
@@ -44,15 +44,6 @@ from dfm.ports.runtime import LossFn, OptimizerSettings, StepResult
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 """The distributed optimizer's checkpoint format that loads at any tensor/pipeline/data layout."""
-
-
-def _device_type(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    kind = device.split(":")[0]
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda' (each rank uses cuda:LOCAL_RANK)")
-    return kind
 
 
 def _no_decay_overrides() -> dict[Any, Any]:
@@ -110,7 +101,7 @@ class MegatronRuntime:
         sequence_parallel: bool = False,
         timeout: timedelta = DEFAULT_TIMEOUT,
     ) -> None:
-        device_type = _device_type(device)
+        kind = device_type(device)
         if precision not in ("auto", *_PRECISIONS):
             raise ValueError(f"train.precision must be one of ('auto', 'fp32', 'bf16'), got {precision!r}")
         if activation_checkpointing not in ("off", "full"):
@@ -138,9 +129,9 @@ class MegatronRuntime:
         env = DistEnv.from_env()
         self.sizes = megatron_sizes(env.world_size, **self._parallel)
         self._owns_group = not dist.is_initialized()
-        self.device = initialize(device_type, self.sizes, seed, timeout, env)
+        self.device = initialize(kind, self.sizes, seed, timeout, env)
         self.topology = megatron_topology(self.sizes, self.device)
-        bf16 = precision == "bf16" or (precision == "auto" and device_type == "cuda")
+        bf16 = precision == "bf16" or (precision == "auto" and kind == "cuda")
         self.options = Options(
             dtype=torch.bfloat16 if bf16 else torch.float32,
             attention_backend=attention_backend,
@@ -189,7 +180,7 @@ class MegatronRuntime:
         self.check_model(spec)
         config = transformer_config(spec, self.sizes, self.options.dtype, self.device)
         self._chunks = build_chunks(spec, self.sizes, config, self.device, self.options, self.seed)
-        self._blocks = spec_blocks = type(self._chunks[0].network).parallel_plan.blocks
+        self._blocks = type(self._chunks[0].network).parallel_plan.blocks
         self._ddp = [
             DistributedDataParallel(config, self.ddp_config, chunk, disable_bucketing=i > 0)
             for i, chunk in enumerate(self._chunks)
@@ -212,7 +203,6 @@ class MegatronRuntime:
         _materialize_state(self._optimizer)
         if self.ema_decay is not None:
             self._reset_ema()
-        assert spec_blocks
         return self._ddp[0]
 
     def load_initial_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -248,7 +238,7 @@ class MegatronRuntime:
             ValueError: If the micro-batches are empty or do not hold this rank's share of the batch.
         """
         self._require_built()
-        self._check_batch_sizes(micro_batches, global_batch_size)
+        check_rank_share(micro_batches, global_batch_size, self.topology.dp_size)
         settings = self._settings
         assert settings is not None
         lr = settings.lr * lr_factor(self._step, settings)
@@ -339,15 +329,6 @@ class MegatronRuntime:
         if self._ema is not None:
             self._update_ema()
 
-    def _check_batch_sizes(self, micro_batches: Sequence[Batch], global_batch_size: int) -> None:
-        held = sum(b.size for b in micro_batches)
-        dp = self.topology.dp_size
-        if not micro_batches or held * dp != global_batch_size:
-            raise ValueError(
-                f"each of the {dp} data-parallel ranks must hold global_batch_size / {dp} samples: this rank's "
-                f"{len(micro_batches)} micro-batches hold {held}, but global_batch_size is {global_batch_size}"
-            )
-
     # EMA -------------------------------------------------------------------------------------------
 
     def _reset_ema(self) -> None:
@@ -409,9 +390,7 @@ class MegatronRuntime:
 
     def max_memory_gib(self) -> float:
         """This rank's peak: CUDA memory allocated on its device, else the process's resident set, in GiB."""
-        if self.device.type != "cuda":
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return peak_memory_gib(self.device)
 
     def close(self) -> None:
         """Destroy megatron's groups, and the process group if this runtime created it."""

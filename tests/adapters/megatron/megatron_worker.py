@@ -16,7 +16,6 @@ parent compares with the same local-runtime reference.
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ _spec.loader.exec_module(shared)
 
 SPEC = attrs.evolve(shared.SPEC, num_layers=4)
 """The fsdp2 tests' tiny WAN with 4 layers (two per pipeline stage, one per virtual stage of 2 x 2)."""
-OPTIONS = {k: v for k, v in shared.OPTIONS.items()}
+OPTIONS = dict(shared.OPTIONS)
 LAYOUTS: dict[str, dict[str, int]] = {
     "data": {},
     "tensor": {"tensor": 2},
@@ -144,5 +143,4 @@ def main(argv: list[str]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.setrecursionlimit(10000)
     run_worker(main)
