@@ -128,3 +128,13 @@ def test_megatron_layout_that_does_not_fit_is_a_user_error(tmp_path: Path) -> No
         "error: parallel.tensor x parallel.context x parallel.pipeline = 3 x 1 x 1 = 3 does not divide the 1 "
         "processes launched"
     )
+
+
+def test_megatron_refuses_compile_with_the_key_to_change(tmp_path: Path) -> None:
+    stderr = user_error(
+        train_cli("--recipe", "wan_tiny_t2v", "--runtime", "megatron", "train.compile=true", f"run.dir={tmp_path}")
+    )
+    assert stderr.splitlines()[-1] == (
+        "error: train.compile: runtime=megatron does not compile its blocks; set train.compile=false "
+        "(runtime=fsdp2 compiles them)"
+    )

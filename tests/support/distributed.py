@@ -12,6 +12,7 @@ so workers import ``support`` and ``dfm`` as tests do.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -139,3 +140,25 @@ def pose_as_rank(monkeypatch: Any, world: int, rank: int = 0) -> None:
     env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 1}
     for key, value in env.items():
         monkeypatch.setenv(key, str(value))
+
+
+def load_worker(path: Path, name: str, device: str | None = None) -> Any:
+    """Import the worker script ``path`` as module ``name`` (its shared specs, batches and references).
+
+    With ``device``, the import sees ``DFM_TEST_DEVICE=device`` (workers pick their device at import).
+    """
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    previous = os.environ.get("DFM_TEST_DEVICE")
+    if device is not None:
+        os.environ["DFM_TEST_DEVICE"] = device
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if device is not None:
+            if previous is None:
+                del os.environ["DFM_TEST_DEVICE"]
+            else:
+                os.environ["DFM_TEST_DEVICE"] = previous
+    return module

@@ -9,6 +9,7 @@ another tensor/pipeline layout. Plain values (scheduler counters, the RNG state)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,22 @@ def _fill(target: MutableMapping[Any, Any], loaded: Mapping[Any, Any]) -> None:
             target[key] = value
 
 
+class _NotOverwriting(logging.Filter):
+    """Drops megatron's "Overwriting old incomplete / corrupted checkpoint" warning: the store's fresh
+    temporary directory already holds its ``meta.json`` when megatron writes there (nothing is overwritten)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Overwriting old incomplete" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.dist_checkpointing.serialization").addFilter(_NotOverwriting())
+
+
 class DistCheckpointIO:
     """Save and load sharded state dicts with megatron's ``dist_checkpointing`` (collective)."""
 
     def save(self, state: dict[str, Any], directory: Path) -> None:
-        """``dist_checkpointing.save`` into the empty ``directory``."""
+        """``dist_checkpointing.save`` into ``directory`` (the store's temporary directory)."""
         Path(directory).mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save(state, str(directory))
 

@@ -12,6 +12,7 @@ Every parameter is then initialised with the one-process weights (:mod:`.init`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import attrs
@@ -36,18 +37,29 @@ from dfm.domain.specs import ModelSpec
 
 
 class ColumnLinear(ColumnParallelLinear):
-    """``ColumnParallelLinear`` with ``nn.Linear``'s call: ``y[..., out / tp] = x W_r^T + b_r``."""
+    """``ColumnParallelLinear`` with ``nn.Linear``'s batch-first call: ``y[..., out / tp] = x W_r^T + b_r``.
+
+    With sequence parallelism the input is this rank's tokens ``[B, L / tp, in]`` and megatron gathers
+    the sequence (its first dimension: ``L`` moves there and back, free for ``B = 1``).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """This rank's output channels of ``x`` ``[B, L, in]`` (the input gradient is all-reduced)."""
+        """This rank's output channels of ``x`` ``[B, L, in]`` (the input gradient is reduced over the group)."""
+        if self.sequence_parallel:
+            return super().forward(x.transpose(0, 1).contiguous())[0].transpose(0, 1)
         return super().forward(x)[0]
 
 
 class RowLinear(RowParallelLinear):
-    """``RowParallelLinear`` with ``nn.Linear``'s call: ``y = all_reduce(x_r W_r^T) + b``."""
+    """``RowParallelLinear`` with ``nn.Linear``'s batch-first call: ``y = all_reduce(x_r W_r^T) + b``.
+
+    With sequence parallelism the sum is reduce-scattered over the sequence: ``[B, L / tp, out]``.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """The full output from this rank's input channels ``[B, L, in / tp]``."""
+        """The output summed over this rank's input channels ``[B, L, in / tp]``."""
+        if self.sequence_parallel:
+            return super().forward(x.transpose(0, 1).contiguous())[0].transpose(0, 1)
         return super().forward(x)[0]
 
 
@@ -63,6 +75,9 @@ class Options:
     """``"off"`` or ``"full"`` (recompute blocks in the backward pass)."""
     checkpoint_every: int = 1
     """With ``"full"``, recompute every k-th block of a chunk."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism: between the tensor-parallel linears the tokens are split over the
+    sequence across the tensor-parallel ranks (only with ``tensor > 1``)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -88,8 +103,9 @@ def chunk_layouts(num_layers: int, sizes: MegatronSizes, pipeline_rank: int) -> 
     return layouts
 
 
-def transformer_config(spec: ModelSpec, sizes: MegatronSizes, dtype: torch.dtype, device: torch.device) -> Any:
+def transformer_config(spec: ModelSpec, sizes: MegatronSizes, options: Options, device: torch.device) -> Any:
     """The ``TransformerConfig`` megatron's layers, DDP and schedules read (no megatron transformer is built)."""
+    interleaved, dtype = sizes.chunks > 1, options.dtype
     return TransformerConfig(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -97,6 +113,7 @@ def transformer_config(spec: ModelSpec, sizes: MegatronSizes, dtype: torch.dtype
         tensor_model_parallel_size=sizes.tensor,
         pipeline_model_parallel_size=sizes.pipeline,
         virtual_pipeline_model_parallel_size=sizes.virtual_pipeline,
+        sequence_parallel=options.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -106,6 +123,10 @@ def transformer_config(spec: ModelSpec, sizes: MegatronSizes, dtype: torch.dtype
         variable_seq_lengths=True,  # buckets of different video sizes pass between stages
         moe_token_dispatcher_type="alltoall",  # (megatron checks it against variable_seq_lengths)
         calculate_per_token_loss=True,  # gradients are summed, never averaged, over data ranks
+        # interleaving sends activations and gradients to the same peer at once (always with pipeline=2):
+        # batched p2p ops would match them in the wrong order, so use megatron's separate (overlapped) ops
+        overlap_p2p_comm=interleaved,
+        batch_p2p_comm=not interleaved,
     )
 
 
@@ -131,12 +152,19 @@ def _parallel_linears(network: nn.Module, plan: ParallelPlan, config: Any, tp: t
     rank, size = tp
     pieces: dict[str, Piece] = {}
     columns = {name for name, _ in plan.modules_matching(network, plan.column_parallel)}
+    texts = {name for name, _ in plan.modules_matching(network, plan.text_linears)}
+    text_config = dataclasses.replace(config, sequence_parallel=False)  # the text is never split
     for name, old in plan.modules_matching(network, plan.column_parallel + plan.row_parallel):
         column = name in columns
         width = old.out_features if column else old.in_features
         if width % size:
             raise ValueError(f"parallel.tensor={size} does not divide the {width} features of {name}")
-        common = {"config": config, "init_method": _no_init, "bias": old.bias is not None, "skip_bias_add": False}
+        common = {
+            "config": text_config if name in texts else config,
+            "init_method": _no_init,
+            "bias": old.bias is not None,
+            "skip_bias_add": False,
+        }
         if column:
             new: nn.Module = ColumnLinear(old.in_features, old.out_features, gather_output=False, **common)
         else:
@@ -165,9 +193,17 @@ def _head_norms(network: nn.Module, plan: ParallelPlan, options: Options, device
     return pieces
 
 
-def _materialise(network: nn.Module, options: Options, device: torch.device, taken: set[str]) -> dict[str, Piece]:
-    """Allocate every parameter still on the meta device (replicated: whole on every rank)."""
+def _materialise(
+    network: nn.Module, plan: ParallelPlan, options: Options, device: torch.device, taken: set[str]
+) -> dict[str, Piece]:
+    """Allocate every parameter still on the meta device (replicated: whole on every rank).
+
+    With sequence parallelism a replicated parameter that acts on the split tokens (in a block, outside
+    the gathered span between a column- and a row-parallel linear) gets partial gradients on each
+    tensor-parallel rank; it is marked ``sequence_parallel`` so megatron sums them over the group.
+    """
     pieces = {}
+    gathered = _gathered_modules(network, plan)
     for name, param in list(network.named_parameters()):
         if name in taken:
             continue
@@ -175,10 +211,21 @@ def _materialise(network: nn.Module, options: Options, device: torch.device, tak
         module_name, _, attr = name.rpartition(".")
         real = nn.Parameter(torch.empty(param.shape, device=device, dtype=options.dtype))
         setattr(network.get_submodule(module_name), attr, real)
+        if options.sequence_parallel and name.startswith(plan.blocks + ".") and not _inside(module_name, gathered):
+            real.sequence_parallel = True
         pieces[name] = Piece(real)
     meta_buffers = [n for n, b in network.named_buffers() if b.is_meta]
     assert not meta_buffers, f"buffers left on the meta device: {meta_buffers}"
     return pieces
+
+
+def _gathered_modules(network: nn.Module, plan: ParallelPlan) -> set[str]:
+    """The modules whose inside sees whole sequences under sequence parallelism: parents of column linears."""
+    return {name.rpartition(".")[0] for name, _ in plan.modules_matching(network, plan.column_parallel)}
+
+
+def _inside(module: str, parents: set[str]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in parents)
 
 
 def _global_name(name: str, blocks: str, layout: ChunkLayout) -> str:
@@ -210,13 +257,13 @@ def build_chunks(
                 f"linears: {listing(unassigned)}"
             )
         local = _parallel_linears(network, plan, config, tp) | _head_norms(network, plan, options, device)
-        local |= _materialise(network, options, device, set(local))
+        local |= _materialise(network, plan, options, device, set(local))
         pieces |= {_global_name(name, plan.blocks, layout): piece for name, piece in local.items()}
         if cp_group is not None:
             use_ulysses_attention(network, plan, cp_group, options.attention_backend)
         if options.activation_checkpointing == "full":
             apply_activation_checkpointing(network, plan.blocks, options.checkpoint_every)
-        chunks.append(Chunk(network, layout.first, layout.last, config, cp_group, options.dtype, layout.blocks))
+        chunks.append(Chunk(network, layout, config, cp_group, options.dtype))
     if seed is not None:
         with torch.device("meta"):
             skeleton = network_class(spec)(spec, generator=None)

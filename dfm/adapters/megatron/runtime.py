@@ -71,7 +71,8 @@ class MegatronRuntime:
         distributed_optimizer: Shard the optimizer state over the data-parallel ranks (``megatron.*``).
         overlap_grad_reduce: Overlap the gradient reduce-scatter with the backward pass.
         overlap_param_gather: Overlap the parameter all-gather with the next forward pass.
-        sequence_parallel: Megatron sequence parallelism (not available yet: an error).
+        sequence_parallel: Megatron sequence parallelism: the tokens between the tensor-parallel linears
+            are split over the tensor-parallel ranks (no effect with ``tensor=1``).
         timeout: How long a collective waits for the other ranks.
 
     Raises:
@@ -108,16 +109,6 @@ class MegatronRuntime:
             raise ValueError(
                 f"train.activation_checkpointing must be 'off' or 'full', got {activation_checkpointing!r}"
             )
-        if virtual_pipeline is not None and virtual_pipeline > 1:
-            raise ValueError(
-                f"parallel.virtual_pipeline={virtual_pipeline}: the interleaved schedule does not reproduce the "
-                "one-process loss in this version of dfm (it is being fixed); leave parallel.virtual_pipeline unset"
-            )
-        if sequence_parallel:
-            raise ValueError(
-                "megatron.sequence_parallel=true is not available in this version of dfm (the blocks keep "
-                "batch-first tokens); use parallel.context for long sequences"
-            )
         self._parallel = {
             "tensor": tensor,
             "context": context,
@@ -137,6 +128,7 @@ class MegatronRuntime:
             attention_backend=attention_backend,
             activation_checkpointing=activation_checkpointing,
             checkpoint_every=checkpoint_every,
+            sequence_parallel=sequence_parallel and self.sizes.tensor > 1,
         )
         self.grad_clip, self.ema_decay, self.seed = grad_clip, ema_decay, seed
         self.ddp_config = DistributedDataParallelConfig(
@@ -178,13 +170,14 @@ class MegatronRuntime:
         """
         check_optimizer_settings(optimizer)
         self.check_model(spec)
-        config = transformer_config(spec, self.sizes, self.options.dtype, self.device)
+        config = transformer_config(spec, self.sizes, self.options, self.device)
         self._chunks = build_chunks(spec, self.sizes, config, self.device, self.options, self.seed)
         self._blocks = type(self._chunks[0].network).parallel_plan.blocks
         self._ddp = [
             DistributedDataParallel(config, self.ddp_config, chunk, disable_bucketing=i > 0)
             for i, chunk in enumerate(self._chunks)
         ]
+        _set_sync_functions(config, self._ddp, self.ddp_config)
         opt_config = OptimizerConfig(
             optimizer="adam",
             lr=optimizer.lr,
@@ -263,6 +256,8 @@ class MegatronRuntime:
         )
         for model in self._ddp:
             model.finish_grad_sync()
+        if self.options.sequence_parallel:
+            _sum_sequence_parallel_grads(self._ddp)
         names, sums = self._reduce(totals)
         found_inf = self._optimizer.prepare_grads()
         norm = float(self._optimizer.get_grad_norm() or 0.0)
@@ -347,6 +342,9 @@ class MegatronRuntime:
     def state_dict(self) -> dict[str, Any]:
         """``{"model", "optimizer", "scheduler"[, "ema"]}`` as megatron sharded state (see :mod:`.state`)."""
         self._require_built()
+        if self.ddp_config.overlap_param_gather:  # the weights of the last step are gathered in the next forward
+            for model in self._ddp:
+                model.start_param_sync(force_sync=True)
         model = mstate.model_state(self._chunks, self._blocks)
         state: dict[str, Any] = {
             "model": model,
@@ -411,6 +409,39 @@ def _not_last(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[st
 def _last(loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """The last stage's loss function: the micro-batch's share of the global mean, as is (no averaging)."""
     return loss, torch.tensor(1), {}
+
+
+def _set_sync_functions(config: Any, models: list[DistributedDataParallel], ddp: DistributedDataParallelConfig) -> None:
+    """Let megatron's schedules drive the overlapped communication, as Megatron-LM's training loop does.
+
+    With ``overlap_grad_reduce`` the gradient reduction may only start in the last micro-batch
+    (``no_sync`` around the others, ``start_grad_sync`` per chunk); with ``overlap_param_gather`` the
+    updated weights are all-gathered chunk by chunk ahead of the next forward pass.
+    """
+
+    def per_chunk(functions: list[Any]) -> Any:
+        return functions[0] if len(functions) == 1 else functions
+
+    if ddp.overlap_grad_reduce:
+        config.no_sync_func = per_chunk([m.no_sync for m in models])
+        config.grad_sync_func = per_chunk([m.start_grad_sync for m in models])
+    if ddp.overlap_param_gather:
+        config.param_sync_func = per_chunk([m.start_param_sync for m in models])
+
+
+@torch.no_grad()
+def _sum_sequence_parallel_grads(models: list[DistributedDataParallel]) -> None:
+    """Sum over the tensor-parallel group the gradients of parameters that saw only this rank's tokens.
+
+    What megatron's ``finalize_model_grads`` does for parameters marked ``sequence_parallel`` (the rest of
+    that function is about language-model embeddings and token-count scaling, which do not apply).
+    """
+    grads = [p.main_grad for model in models for p in model.parameters() if getattr(p, "sequence_parallel", False)]
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=mpu.get_tensor_model_parallel_group())
+        for grad, summed in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            grad.copy_(summed.view_as(grad))
 
 
 @torch.no_grad()

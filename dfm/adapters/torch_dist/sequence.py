@@ -53,6 +53,10 @@ def shard_sequence(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch
     return x.narrow(dim, dist.get_rank(group) * n, n)
 
 
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+"""``all_gather_single`` (torch >= 2.13, where ``all_gather_into_tensor`` is deprecated), else the older name."""
+
+
 class GatherSequence(torch.autograd.Function):
     """All-gather equal chunks along ``dim`` (rank order); the backward keeps only this rank's slice.
 
@@ -69,7 +73,7 @@ class GatherSequence(torch.autograd.Function):
             return x.clone()
         local = x.movedim(dim, 0).contiguous()
         out = local.new_empty((world * local.shape[0], *local.shape[1:]))
-        dist.all_gather_single(out, local, group=group)
+        _all_gather_into(out, local, group=group)
         return out.movedim(0, dim)
 
     @staticmethod

@@ -16,4 +16,5 @@ class MegatronConfig:
     overlap_param_gather: bool = False
     """Overlap the distributed optimizer's parameter all-gather with the next forward pass."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism over the tensor-parallel ranks (not available yet: an error)."""
+    """Megatron sequence parallelism: between the tensor-parallel linears the video tokens are split over
+    the sequence across the tensor-parallel ranks (less activation memory; no effect with ``parallel.tensor=1``)."""

@@ -86,6 +86,7 @@ DIT_PARALLEL_PLAN = ParallelPlan(
     sequence_parallel_attention=("blocks.*.self_attn",),
     first_stage=("patch_embedding", "time_embedder", "text_embedder"),
     last_stage=("final_layer",),
+    text_linears=("blocks.*.cross_attn.to_k", "blocks.*.cross_attn.to_v"),
 )
 """How :class:`DiT` may be split. q/k norms are per head, so tensor parallelism needs no ``head_norms``."""
 

@@ -5,7 +5,8 @@ linears split their output (column-parallel) or their input (row-parallel) over 
 ranks, which modules stay whole on every rank, which module list holds the repeated blocks (the
 unit of FSDP wrapping, activation checkpointing and pipeline stages), which attention modules may
 shard their sequence over context-parallel ranks, and which norms normalise across all heads (and
-so need a cross-rank reduction when heads are split). Runtime adapters apply the plan with their
+so need a cross-rank reduction when heads are split), and which linears read the text rather than the
+video tokens. Runtime adapters apply the plan with their
 engine's own machinery.
 """
 
@@ -33,6 +34,9 @@ class ParallelPlan:
         first_stage: Modules (or parameters) used before the blocks (``embed``): a pipeline's first stage
             holds them.
         last_stage: Modules (or parameters) used after the blocks (``project``): the last stage holds them.
+        text_linears: Tensor-parallel linears whose input is the conditioning text rather than the video
+            tokens (cross-attention keys and values): a runtime that shards the tokens over the sequence
+            between blocks (Megatron's sequence parallelism) must not gather their input.
     """
 
     blocks: str
@@ -43,6 +47,7 @@ class ParallelPlan:
     head_norms: tuple[str, ...] = ()
     first_stage: tuple[str, ...] = ()
     last_stage: tuple[str, ...] = ()
+    text_linears: tuple[str, ...] = ()
 
     def linear_role(self, name: str) -> str | None:
         """``"column"``, ``"row"``, ``"replicated"`` or ``None`` for the module named ``name``."""

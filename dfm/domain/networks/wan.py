@@ -83,6 +83,7 @@ WAN_PARALLEL_PLAN = ParallelPlan(
     head_norms=("blocks.*.attn1.norm_q", "blocks.*.attn1.norm_k", "blocks.*.attn2.norm_q", "blocks.*.attn2.norm_k"),
     first_stage=("patch_embedding", "condition_embedder"),
     last_stage=("norm_out", "proj_out", "scale_shift_table"),
+    text_linears=("blocks.*.attn2.to_k", "blocks.*.attn2.to_v"),
 )
 """Where :class:`WanTransformer` may be split (Megatron-style column/row pairs per attention and FFN)."""
 

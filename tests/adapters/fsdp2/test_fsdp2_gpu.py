@@ -7,13 +7,12 @@ may still differ slightly between batch splits, hence a looser tolerance than on
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from support.distributed import run_ranks
+from support.distributed import load_worker, run_ranks
 
 from dfm.adapters.local import LocalRuntime
 
@@ -23,19 +22,9 @@ WORKER = HERE / "fsdp2_worker.py"
 pytestmark = pytest.mark.gpu
 
 
-def _load_worker(device: str) -> Any:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DFM_TEST_DEVICE", device)
-        spec = importlib.util.spec_from_file_location("fsdp2_worker_cuda", WORKER)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def cuda_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    worker = _load_worker("cuda")
+    worker = load_worker(WORKER, "fsdp2_worker_cuda", "cuda")
     world = min(2, torch.cuda.device_count())
     cases = ["bf16", *(["shard", "tensor", "context"] if world == 2 else [])]
     with pytest.MonkeyPatch.context() as patch:

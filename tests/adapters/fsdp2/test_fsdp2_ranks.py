@@ -9,7 +9,6 @@ one process loads that checkpoint (and generates from it) with the local runtime
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
-from support.distributed import pose_as_rank, run_ranks
+from support.distributed import load_worker, pose_as_rank, run_ranks
 
 from dfm.adapters.checkpoint import DCPCheckpointStore
 from dfm.adapters.local import LocalRuntime
@@ -35,15 +34,7 @@ RTOL = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 
-def _load_worker() -> Any:
-    spec = importlib.util.spec_from_file_location("fsdp2_worker_shared", WORKER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-worker = _load_worker()
+worker = load_worker(WORKER, "fsdp2_worker_shared")
 
 
 def rel(a: float, b: float) -> float:

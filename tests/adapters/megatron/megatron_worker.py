@@ -1,6 +1,7 @@
 """One rank of the megatron runtime tests (launched by ``support.distributed.run_ranks``; not a test module).
 
-``python megatron_worker.py OUT CASE...`` runs each case in one process group (megatron's groups are
+The device is the fsdp2 worker's ``DFM_TEST_DEVICE`` (``cpu`` with the test-only megatron patches, or
+``cuda``). ``python megatron_worker.py OUT CASE...`` runs each case in one process group (megatron's groups are
 rebuilt per case):
 
 - ``<layout>`` (a key of :data:`LAYOUTS`): build from the seed, load the fsdp2 tests' start weights, train
@@ -40,6 +41,9 @@ LAYOUTS: dict[str, dict[str, int]] = {
     "tensor": {"tensor": 2},
     "pipeline": {"pipeline": 2},
     "context": {"context": 2},
+    "virtual": {"pipeline": 2, "virtual_pipeline": 2},
+    "sequence": {"tensor": 2, "sequence_parallel": True},
+    "overlap": {"overlap_grad_reduce": True, "overlap_param_gather": True},
 }
 
 
@@ -97,7 +101,7 @@ def whole_weights(runtime: Any) -> dict[str, torch.Tensor]:
             parts = [torch.empty_like(value) for _ in range(runtime.sizes.tensor)]
             dist.all_gather(parts, value.contiguous(), group=group)
             value = torch.cat(parts, dim=param.partition_dim)
-        out[name] = value.clone()
+        out[name] = value.cpu().clone()
     return out
 
 
@@ -128,11 +132,14 @@ def resume(out: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    patch_megatron_for_cpu()
     out, cases = Path(argv[0]), argv[1:]
+    if shared.DEVICE == "cpu":
+        patch_megatron_for_cpu()
+    else:  # the runtime joins this group (NCCL) and sets its rank's device; fp32 without TF32 like the reference
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     from dfm.adapters.torch_dist import init_process_group
 
-    init_process_group("cpu", min_world_size=2)
+    init_process_group(shared.DEVICE, min_world_size=2)
     result: dict[str, Any] = {}
     for case in cases:
         result[case] = resume(out) if case == "resume" else parity(case)

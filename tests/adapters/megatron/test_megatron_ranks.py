@@ -1,40 +1,33 @@
 """The megatron runtime on 2 gloo ranks against the local runtime (the single-process reference).
 
-One launch of ``megatron_worker.py`` trains data=2, tensor=2, pipeline=2 and context=2 for 3 steps from
-the same weights, and saves a dist checkpoint at tensor=2 that it loads at tensor=2 and at tensor=1.
+One launch of ``megatron_worker.py`` trains data=2 (also with overlapped gradient reduction and
+parameter gathering), tensor=2, tensor=2 with sequence parallelism,
+pipeline=2, pipeline=2 x virtual_pipeline=2 (interleaved) and context=2 for 3 steps from the same
+weights, and saves a dist checkpoint at tensor=2 that it loads at tensor=2 and at tensor=1.
 The reference is ``LocalRuntime`` on the same batches (fp32, same clipping, schedule and weight decay).
 Megatron runs on CPU through the test-only patches of ``support.megatron_cpu``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.distributed import run_ranks
+from support.distributed import load_worker, run_ranks
 
 from dfm.adapters.checkpoint import DCPCheckpointStore
 from dfm.adapters.local import LocalRuntime
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "megatron_worker.py"
-LAYOUTS = ["data", "tensor", "pipeline", "context"]
+LAYOUTS = ["data", "overlap", "tensor", "sequence", "pipeline", "virtual", "context"]
 RTOL = 1e-5
 
 
-def _load_worker() -> Any:
-    spec = importlib.util.spec_from_file_location("megatron_worker_shared", WORKER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-worker = _load_worker()
+worker = load_worker(WORKER, "megatron_worker_shared")
 shared = worker.shared
 
 
@@ -76,7 +69,7 @@ def test_layout_reproduces_the_local_loss(launch: tuple[Path, dict[str, Any]], r
     _close(got["loss"], want["loss"])
     _close(got["grad_norm"], want["grad_norm"])
     assert got["lr"] == pytest.approx(want["lr"])
-    assert got["dp"] == (2 if layout == "data" else 1)
+    assert got["dp"] == (2 if layout in ("data", "overlap") else 1)
 
 
 def test_dist_checkpoint_loads_at_another_tensor_size(launch: tuple[Path, dict[str, Any]], reference: Any) -> None:

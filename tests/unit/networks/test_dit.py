@@ -181,6 +181,8 @@ def test_every_linear_is_named_by_the_plan() -> None:
     self_attn = DIT_PARALLEL_PLAN.modules_matching(model, DIT_PARALLEL_PLAN.sequence_parallel_attention)
     assert [n for n, _ in self_attn] == [f"blocks.{i}.self_attn" for i in range(SPEC.num_layers)]
     assert isinstance(model.get_submodule(DIT_PARALLEL_PLAN.blocks), nn.ModuleList)
+    text = [n for n, _ in DIT_PARALLEL_PLAN.modules_matching(model, DIT_PARALLEL_PLAN.text_linears)]
+    assert text and all(roles[n] == "column" and "cross_attn" in n for n in text)
 
 
 def test_attention_kernel_is_pluggable() -> None:

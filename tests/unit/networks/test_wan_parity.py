@@ -155,7 +155,13 @@ def test_parallel_plan_names_every_linear_and_matches_real_modules() -> None:
     plan = model.parallel_plan
     assert plan.unassigned_linears(model) == []
     assert isinstance(model.get_submodule(plan.blocks), torch.nn.ModuleList)
-    for patterns in (plan.column_parallel, plan.row_parallel, plan.sequence_parallel_attention, plan.head_norms):
+    for patterns in (
+        plan.column_parallel,
+        plan.row_parallel,
+        plan.sequence_parallel_attention,
+        plan.head_norms,
+        plan.text_linears,
+    ):
         for pattern in patterns:
             assert plan.modules_matching(model, (pattern,)), f"{pattern} matches no module"
     for _, norm in plan.modules_matching(model, plan.head_norms):
@@ -163,6 +169,8 @@ def test_parallel_plan_names_every_linear_and_matches_real_modules() -> None:
     roles = {n: plan.linear_role(n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert roles["blocks.1.attn1.to_q"] == "column" and roles["blocks.0.ffn.net.2"] == "row"
     assert roles["condition_embedder.time_proj"] == "replicated" and roles["proj_out"] == "replicated"
+    text = [n for n, _ in plan.modules_matching(model, plan.text_linears)]
+    assert text and all(roles[n] == "column" and ".attn2." in n for n in text)
 
 
 def test_attention_kernel_is_swappable_per_module() -> None:
