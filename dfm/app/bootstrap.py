@@ -16,7 +16,7 @@ from dfm.adapters.diffusers import load_wan_diffusers
 from dfm.adapters.fsdp2 import FSDP2Runtime
 from dfm.adapters.local import LocalRuntime
 from dfm.adapters.synthetic import HashTextEncoder, IdentityPixelCodec, MockLatentSource, SyntheticVideoSource
-from dfm.adapters.tracking import JsonlMetricsSink
+from dfm.adapters.tracking import JsonlMetricsSink, NullMetricsSink
 from dfm.app.config import ConfigError, TrainConfig
 from dfm.domain.specs import LatentSpec, ModelSpec, WanSpec
 from dfm.ports.checkpoint import CheckpointStore
@@ -66,6 +66,11 @@ def build_runtime(cfg: TrainConfig, device: str = "auto") -> ParallelRuntime:
 
 
 def _megatron_runtime(cfg: TrainConfig, knobs: dict[str, Any]) -> ParallelRuntime:
+    if cfg.train.compile:
+        raise ConfigError(
+            "train.compile: runtime=megatron does not compile its blocks; set train.compile=false "
+            "(runtime=fsdp2 compiles them)"
+        )
     from dfm.adapters.megatron import MegatronRuntime  # megatron-core is an optional extra
 
     p, m = cfg.parallel, cfg.megatron
@@ -171,8 +176,13 @@ def build_checkpoint_store(cfg: TrainConfig) -> CheckpointStore:
     return DCPCheckpointStore(Path(cfg.run.dir) / "checkpoints", keep_last=cfg.checkpoint.keep_last, io=io)
 
 
-def build_metrics_sink(cfg: TrainConfig, resume_step: int | None) -> MetricsSink:
-    """``RUN_DIR/metrics.jsonl`` (records after ``resume_step`` from an interrupted run are dropped)."""
+def build_metrics_sink(cfg: TrainConfig, resume_step: int | None, *, is_main: bool = True) -> MetricsSink:
+    """``RUN_DIR/metrics.jsonl`` (records after ``resume_step`` from an interrupted run are dropped).
+
+    Only the main rank writes it; the other ranks of a distributed run get a sink that keeps nothing.
+    """
+    if not is_main:
+        return NullMetricsSink()
     return JsonlMetricsSink(Path(cfg.run.dir) / "metrics.jsonl", resume_step=resume_step)
 
 

@@ -102,7 +102,7 @@ def train(
         runtime.load_initial_weights(bootstrap.initial_weights(cfg) or {})
         log.info("initialised", weights=cfg.checkpoint.init_from)
     owns_sink = sink is None
-    run.sink = sink or bootstrap.build_metrics_sink(cfg, resume_step=run.step)
+    run.sink = sink or bootstrap.build_metrics_sink(cfg, resume_step=run.step, is_main=runtime.topology.is_main)
     if writes_run_dir:
         _write_config(cfg, runtime)
     try:

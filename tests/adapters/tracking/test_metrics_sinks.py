@@ -176,3 +176,23 @@ def test_in_memory_video_writer_keeps_frames_by_path() -> None:
     assert writer.fps[path] == 8
     with pytest.raises(ValueError, match="uint8"):
         writer.write(torch.zeros(2, 4, 4, 3), Path("b.mp4"), fps=8)
+
+
+def test_only_the_main_rank_writes_metrics_jsonl(tmp_path: Path) -> None:
+    import attrs
+
+    from dfm.adapters.tracking import NullMetricsSink
+    from dfm.app import bootstrap
+    from dfm.app.recipes.registry import get_recipe
+
+    cfg = get_recipe("wan_tiny_t2v")
+    cfg = attrs.evolve(cfg, run=attrs.evolve(cfg.run, dir=str(tmp_path)))
+    other = bootstrap.build_metrics_sink(cfg, resume_step=None, is_main=False)
+    assert isinstance(other, NullMetricsSink)
+    other.log(1, {"loss": 1.0})
+    other.close()
+    assert not (tmp_path / "metrics.jsonl").exists()
+    main = bootstrap.build_metrics_sink(cfg, resume_step=None)
+    main.log(1, {"loss": 1.0})
+    main.close()
+    assert [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1.0]
