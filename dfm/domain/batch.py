@@ -46,3 +46,47 @@ class Batch:
             text_mask=mask,
             captions=self.captions,
         )
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class PackedBatch:
+    """Samples of different latent shapes trained as one packed token sequence (:mod:`dfm.domain.packing`).
+
+    Attributes:
+        latents: Clean latents ``x0``, one ``[C, F_i, H_i, W_i]`` per sample (shapes may differ).
+        text: Text embeddings ``[N, S, D]``, padded to a common ``S`` (see :func:`~dfm.domain.packing.pad_text`).
+        sample_index: Global sample indices ``[N]`` int64, keying every random draw as in :class:`Batch`.
+        text_mask: Optional ``[N, S]`` bool mask, ``True`` for real tokens (needed when texts were padded).
+        captions: Optional captions, for logging and samples only.
+    """
+
+    latents: tuple[torch.Tensor, ...] = attrs.field(converter=tuple)
+    text: torch.Tensor
+    sample_index: torch.Tensor
+    text_mask: torch.Tensor | None = None
+    captions: tuple[str, ...] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        n = len(self.latents)
+        if n == 0:
+            raise ValueError("a packed batch needs at least one sample")
+        if any(x.ndim != 4 or x.shape[0] != self.latents[0].shape[0] for x in self.latents):
+            raise ValueError(f"packed latents must be [C, F, H, W] each, got {[tuple(x.shape) for x in self.latents]}")
+        assert self.text.ndim == 3 and self.text.shape[0] == n, "text must be [N, S, D]"
+        assert self.sample_index.shape == (n,), "sample_index must be [N]"
+        assert self.text_mask is None or self.text_mask.shape == self.text.shape[:2], "text_mask must be [N, S]"
+
+    @property
+    def size(self) -> int:
+        """Number of samples ``N``."""
+        return len(self.latents)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PackedBatch:
+        """Move tensors to ``device`` (and floating tensors to ``dtype`` when given)."""
+        return PackedBatch(
+            latents=tuple(x.to(device=device, dtype=dtype or x.dtype) for x in self.latents),
+            text=self.text.to(device=device, dtype=dtype or self.text.dtype),
+            sample_index=self.sample_index.to(device),
+            text_mask=None if self.text_mask is None else self.text_mask.to(device),
+            captions=self.captions,
+        )

@@ -52,3 +52,39 @@ class SDPAAttention:
 
     def __repr__(self) -> str:
         return f"SDPAAttention(backend={self.backend!r})"
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    kernel: AttentionKernel | None = None,
+) -> torch.Tensor:
+    """Variable-length attention over packed sequences, segment by segment: the reference semantics.
+
+    Query segment ``i`` (rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]``) attends only to key segment ``i``,
+    as flash-attention's ``flash_attn_varlen_func`` does; equal to ``kernel`` with the block-diagonal
+    mask of :class:`~dfm.domain.networks.layers.PackedPositions`. A fused varlen kernel taking the same
+    ``cu_seqlens`` must reproduce this.
+
+    Args:
+        q: Packed queries ``[1, H, sum Lq, D]``.
+        k: Packed keys ``[1, H, sum Lk, D]``.
+        v: Packed values ``[1, H, sum Lk, D]``.
+        cu_seqlens_q: ``[N + 1]`` int32 cumulative query lengths.
+        cu_seqlens_k: ``[N + 1]`` int32 cumulative key lengths.
+        kernel: The per-segment kernel (default: SDPA, backend ``"auto"``).
+
+    Returns:
+        ``[1, H, sum Lq, D]``.
+    """
+    kernel = SDPAAttention() if kernel is None else kernel
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    assert len(bounds_q) == len(bounds_k), "cu_seqlens_q and cu_seqlens_k must describe the same segments"
+    pieces = [
+        kernel(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1])
+        for q0, q1, k0, k1 in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], bounds_k[1:], strict=True)
+    ]
+    return torch.cat(pieces, dim=2)

@@ -22,6 +22,7 @@ and every attention module holds a swappable kernel in ``kernel`` (rule 5).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -32,16 +33,21 @@ from dfm.domain.networks.attention import AttentionKernel, SDPAAttention
 from dfm.domain.networks.layers import (
     FP32LayerNorm,
     Grid,
+    PackedPositions,
     PatchEmbed3d,
     RMSNorm,
     TwoLayerMLP,
     apply_rope,
+    check_packed_inputs,
     draw_init,
     modulate,
+    packed_positions,
     patch_grid,
+    per_token,
     timestep_features,
     token_positions,
     unpatchify,
+    unpatchify_packed,
 )
 from dfm.domain.networks.plan import ParallelPlan
 from dfm.domain.specs import DiTSpec
@@ -68,6 +74,26 @@ class DiTInputs(NamedTuple):
     rope: Rope
     mask: Tensor | None
     grid: Grid
+
+
+class DiTPackedInputs(NamedTuple):
+    """What the blocks consume for a packed sequence (:meth:`DiT.embed_packed`).
+
+    Attributes:
+        tokens: Patch-embedded video of all samples, concatenated ``[1, sum L, h]``.
+        context: Embedded text of all samples, concatenated ``[1, N * S, h]``.
+        temb: Noise-level embedding per sample ``[N, h]`` (broadcast to each sample's tokens by the adaLN).
+        rope: ``(cos, sin)`` ``[sum L, head_dim]``: each sample's own grid.
+        mask: Cross-attention mask ``[1, 1, sum L, N * S]`` (own sample's real text only).
+        packed: Layout, block-diagonal self-attention mask and ``cu_seqlens``.
+    """
+
+    tokens: Tensor
+    context: Tensor
+    temb: Tensor
+    rope: Rope
+    mask: Tensor
+    packed: PackedPositions
 
 
 DIT_PARALLEL_PLAN = ParallelPlan(
@@ -185,7 +211,15 @@ class DiTBlock(nn.Module):
         self.mlp = MLP(h, spec.ffn_dim)
         self.modulation = nn.Linear(h, 6 * h)
 
-    def forward(self, x: Tensor, c: Tensor, context: Tensor, rope: Rope, text_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        c: Tensor,
+        context: Tensor,
+        rope: Rope,
+        text_mask: Tensor | None = None,
+        packed: PackedPositions | None = None,
+    ) -> Tensor:
         """Run the block.
 
         Args:
@@ -194,14 +228,19 @@ class DiTBlock(nn.Module):
             context: Embedded text ``[B, S, h]``.
             rope: RoPE tables of the video tokens.
             text_mask: Boolean ``[B, 1, 1, S]`` attention mask over the text, or ``None``.
+            packed: For a packed sequence (``x`` ``[1, sum L, h]``, ``c`` ``[N, h]``, ``context``
+                ``[1, N * S, h]``, ``text_mask`` ``[1, 1, sum L, N * S]``): its positions; each sample's
+                adaLN reaches only its tokens and self-attention stays within each sample.
 
         Returns:
             ``[B, L, h]``.
         """
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.modulation(F.silu(c)).unsqueeze(1).chunk(6, dim=-1)
-        )
-        x = x + gate_msa * self.self_attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
+        mods = self.modulation(F.silu(c)).unsqueeze(1).chunk(6, dim=-1)
+        if packed is not None:
+            mods = tuple(per_token(m[:, 0], packed) for m in mods)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        self_mask = None if packed is None else packed.self_mask
+        x = x + gate_msa * self.self_attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope, mask=self_mask)
         x = x + self.cross_attn(self.norm2(x), context, mask=text_mask)
         return x + gate_mlp * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
 
@@ -215,9 +254,12 @@ class FinalLayer(nn.Module):
         self.modulation = nn.Linear(dim, 2 * dim)
         self.linear = nn.Linear(dim, out_features)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        """Map tokens ``[B, L, h]`` under conditioning ``c`` ``[B, h]`` to ``[B, L, out_features]``."""
+    def forward(self, x: Tensor, c: Tensor, packed: PackedPositions | None = None) -> Tensor:
+        """Map tokens ``[B, L, h]`` under conditioning ``c`` ``[B, h]`` to ``[B, L, out_features]``
+        (a packed sequence ``[1, sum L, h]`` with ``c`` ``[N, h]`` given its ``packed`` positions)."""
         shift, scale = self.modulation(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
+        if packed is not None:
+            shift, scale = per_token(shift[:, 0], packed), per_token(scale[:, 0], packed)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -294,11 +336,15 @@ class DiT(nn.Module):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, x: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor | Sequence[Tensor], timestep: Tensor, text: Tensor, text_mask: Tensor | None = None
+    ) -> Tensor | list[Tensor]:
         """EDM's raw network output ``F_theta(c_in x, c_noise)``.
 
         Args:
             x: Latents ``[B, C_in, F, H, W]`` (already scaled by ``c_in``); ``F, H, W`` divisible by the patch.
+                A list of latents ``[C_in, F_i, H_i, W_i]`` of any shapes runs as one packed sequence
+                (:meth:`forward_packed`, which then returns a list).
             timestep: EDM's ``c_noise = ln(sigma) / 4`` per sample, ``[B]``.
             text: Text embeddings ``[B, S, text_dim]``.
             text_mask: Boolean ``[B, S]``, ``True`` for real tokens; masked tokens are ignored exactly as
@@ -307,9 +353,52 @@ class DiT(nn.Module):
         Returns:
             ``[B, C_out, F, H, W]`` in the parameters' dtype.
         """
+        if isinstance(x, list | tuple):
+            return self.forward_packed(x, timestep, text, text_mask)
         inputs = self.embed(x, timestep, text, text_mask)
         tokens = self.run_blocks(inputs.tokens, inputs)
         return self.unpatchify(self.project(tokens, inputs.temb), inputs.grid)
+
+    def forward_packed(
+        self, latents: Sequence[Tensor], timestep: Tensor, text: Tensor, text_mask: Tensor | None = None
+    ) -> list[Tensor]:
+        """:meth:`forward` of ``N`` samples of different shapes, run as one packed token sequence.
+
+        Tokens of all samples are concatenated; self-attention stays within each sample (block-diagonal
+        mask), each token attends only to its own sample's text, RoPE uses each sample's own grid and each
+        sample's adaLN modulation reaches only its tokens. Sample ``i``'s output equals
+        ``forward(latents[i][None], timestep[i:i+1], text[i:i+1], text_mask[i:i+1])[0]`` up to float rounding.
+
+        Args:
+            latents: Latents ``[C_in, F_i, H_i, W_i]``, one per sample.
+            timestep: ``c_noise`` per sample, ``[N]``.
+            text: Text embeddings ``[N, S, text_dim]`` (padded to a common ``S``).
+            text_mask: Optional ``[N, S]`` bool, ``True`` for real tokens.
+
+        Returns:
+            Per-sample outputs ``[C_out, F_i, H_i, W_i]``.
+        """
+        inputs = self.embed_packed(latents, timestep, text, text_mask)
+        tokens = self.run_blocks(inputs.tokens, inputs)
+        patches = self.project(tokens, inputs.temb, inputs.packed)
+        return unpatchify_packed(patches, inputs.packed.layout, self.spec.patch_size, self.spec.out_channels)
+
+    def embed_packed(
+        self, latents: Sequence[Tensor], timestep: Tensor, text: Tensor, text_mask: Tensor | None = None
+    ) -> DiTPackedInputs:
+        """:meth:`embed` for a packed sequence: per-sample patch embeddings concatenated, per-sample noise
+        embeddings, RoPE of each sample's grid, the attention masks and ``cu_seqlens``."""
+        s = self.spec
+        layout = check_packed_inputs(
+            latents, timestep, text, text_mask, in_channels=s.in_channels, text_dim=s.text_dim, patch=s.patch_size
+        )
+        dtype, device = self.patch_embedding.weight.dtype, latents[0].device
+        tokens = torch.cat([self.patch_embedding(x.unsqueeze(0).to(dtype)) for x in latents], dim=1)
+        c = self.embed_noise(timestep)
+        context = self.text_embedder(text.to(dtype))
+        packed = packed_positions(layout, s.attention_head_dim, text_mask, text.shape[1], device)
+        context = context.reshape(1, -1, context.shape[-1])
+        return DiTPackedInputs(tokens, context, c, packed.rope, packed.text_mask, packed)
 
     def embed(self, x: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None = None) -> DiTInputs:
         """Everything before the blocks: patch embedding, noise and text embeddings, RoPE tables, text mask.
@@ -327,20 +416,28 @@ class DiT(nn.Module):
         rope, mask, _ = token_positions(x.shape, spec.patch_size, spec.attention_head_dim, text_mask, x.device)
         return DiTInputs(tokens, context, c, rope, mask, grid)
 
-    def run_blocks(self, tokens: Tensor, inputs: DiTInputs) -> Tensor:
-        """Every block on ``tokens`` ``[B, L, h]`` (``L`` may be a sequence shard matching ``inputs.rope``)."""
+    def run_blocks(self, tokens: Tensor, inputs: DiTInputs | DiTPackedInputs) -> Tensor:
+        """Every block on ``tokens`` ``[B, L, h]`` (``L`` may be a sequence shard matching ``inputs.rope``),
+        or on a packed sequence ``[1, sum L, h]`` given :class:`DiTPackedInputs`."""
+        if isinstance(inputs, DiTPackedInputs):
+            for block in self.blocks:
+                tokens = block(tokens, inputs.temb, inputs.context, inputs.rope, inputs.mask, inputs.packed)
+            return tokens
         for block in self.blocks:
             tokens = block(tokens, inputs.temb, inputs.context, inputs.rope, inputs.mask)
         return tokens
 
-    def project(self, tokens: Tensor, temb: Tensor) -> Tensor:
+    def project(self, tokens: Tensor, temb: Tensor, packed: PackedPositions | None = None) -> Tensor:
         """The output head's adaLN and linear, token by token: ``[B, L, h]`` -> ``[B, L, pt * ph * pw * C_out]``.
 
         Args:
             tokens: Block outputs (all tokens or a sequence shard).
-            temb: Noise-level embedding ``[B, h]`` (:attr:`DiTInputs.temb`).
+            temb: Noise-level embedding ``[B, h]`` (:attr:`DiTInputs.temb`), or ``[N, h]`` for a packed sequence.
+            packed: The packed sequence's positions (``tokens`` ``[1, sum L, h]``), or ``None``.
         """
-        return self.final_layer(tokens, temb)
+        if packed is None:
+            return self.final_layer(tokens, temb)
+        return self.final_layer(tokens, temb, packed)
 
     def unpatchify(self, patches: Tensor, grid: Grid) -> Tensor:
         """Fold :meth:`project`'s ``[B, L, pt * ph * pw * C_out]`` (all ``L`` tokens) into ``[B, C_out, F, H, W]``."""

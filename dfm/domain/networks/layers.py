@@ -7,11 +7,14 @@ that networks built from these layers reproduce diffusers' outputs to float roun
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dfm.domain.packing import PackedLayout, unpack_tokens
 
 Grid = tuple[int, int, int]
 """Token grid ``(F, H, W)`` after patchifying: frames, height, width in patches."""
@@ -264,3 +267,107 @@ def token_positions(
     rope = rope_3d(head_dim, grid, device=device)
     mask = None if text_mask is None else text_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
     return rope, mask, grid
+
+
+# Packed sequences ------------------------------------------------------------------------------
+
+
+class PackedPositions(NamedTuple):
+    """What blocks need to run on a packed sequence (:mod:`dfm.domain.packing`) besides tensors with gradients.
+
+    Attention never crosses samples: ``self_mask`` is block-diagonal and ``text_mask`` lets each token see
+    only its own sample's (real) text tokens. ``cu_seqlens``/``cu_seqlens_text`` describe the same blocks
+    for a varlen kernel (flash-attention's ``cu_seqlens_q/k``; the text keys of sample ``i`` are its ``S``
+    padded rows, so such a kernel must also honour ``text_mask`` or receive the text without padding).
+
+    Attributes:
+        layout: Per-sample grids and offsets.
+        rope: ``(cos, sin)`` ``[sum L, head_dim]`` float32: each sample's own grid's table, concatenated.
+        self_mask: ``[1, 1, sum L, sum L]`` bool, ``True`` where query and key belong to the same sample.
+        text_mask: ``[1, 1, sum L, N * S]`` bool, ``True`` where the key is a real text token of the
+            query's sample.
+        lengths: ``[N]`` int64 tokens per sample, on the tokens' device (for :func:`per_token`).
+        cu_seqlens: ``[N + 1]`` int32 cumulative video token counts.
+        cu_seqlens_text: ``[N + 1]`` int32 cumulative (padded) text token counts, ``[0, S, 2S, ...]``.
+    """
+
+    layout: PackedLayout
+    rope: tuple[Tensor, Tensor]
+    self_mask: Tensor
+    text_mask: Tensor
+    lengths: Tensor
+    cu_seqlens: Tensor
+    cu_seqlens_text: Tensor
+
+
+def packed_positions(
+    layout: PackedLayout, head_dim: int, text_mask: Tensor | None, text_len: int, device: torch.device
+) -> PackedPositions:
+    """RoPE tables, attention masks and ``cu_seqlens`` of a packed sequence.
+
+    Args:
+        layout: The packed samples' grids.
+        head_dim: Channels per attention head.
+        text_mask: ``[N, S]`` bool (``True`` = real token), or ``None`` (every text token is real).
+        text_len: ``S``, text tokens per sample (padded).
+        device: Where the tables go.
+    """
+    tables = [rope_3d(head_dim, grid, device=device) for grid in layout.grids]
+    rope = torch.cat([c for c, _ in tables]), torch.cat([s for _, s in tables])
+    ids = layout.segment_ids(device)
+    text_ids = torch.arange(layout.num_samples, device=device).repeat_interleave(text_len)
+    cross = ids[:, None] == text_ids[None, :]
+    if text_mask is not None:
+        cross = cross & text_mask.to(device=device, dtype=torch.bool).reshape(1, -1)
+    lengths = torch.tensor(layout.lengths, device=device)
+    cu_text = torch.arange(layout.num_samples + 1, device=device, dtype=torch.int32) * text_len
+    self_mask = (ids[:, None] == ids[None, :])[None, None]
+    return PackedPositions(layout, rope, self_mask, cross[None, None], lengths, layout.cu_seqlens(device), cu_text)
+
+
+def per_token(values: Tensor, packed: PackedPositions) -> Tensor:
+    """Broadcast per-sample values ``[N, ...]`` to the tokens of a packed sequence: ``[1, sum L, ...]``.
+
+    Row ``i`` is repeated ``L_i`` times (its gradient sums over those tokens), so per-sample conditioning
+    (timestep modulations, adaLN) reaches exactly its sample's tokens.
+    """
+    total = packed.layout.total_tokens
+    return values.repeat_interleave(packed.lengths, dim=0, output_size=total).unsqueeze(0)
+
+
+def check_packed_inputs(
+    latents: Sequence[Tensor],
+    timestep: Tensor,
+    text: Tensor,
+    text_mask: Tensor | None,
+    *,
+    in_channels: int,
+    text_dim: int,
+    patch: Grid,
+) -> PackedLayout:
+    """Validate a packed network call up front (DESIGN.md rule 7) and return its layout.
+
+    Raises:
+        ValueError: If the latents are not ``[C, F_i, H_i, W_i]`` with ``C = in_channels`` and sizes
+            divisible by ``patch``, or ``timestep``, ``text``, ``text_mask`` are not ``[N]``,
+            ``[N, S, text_dim]``, ``[N, S]``.
+    """
+    if not latents:
+        raise ValueError("a packed forward needs at least one sample")
+    for i, x in enumerate(latents):
+        if x.ndim != 4 or x.shape[0] != in_channels:
+            raise ValueError(f"packed latent {i} must be [{in_channels}, F, H, W], got {tuple(x.shape)}")
+    n = len(latents)
+    if tuple(timestep.shape) != (n,):
+        raise ValueError(f"timestep must be [N]=[{n}] (one per packed sample), got {tuple(timestep.shape)}")
+    if text.ndim != 3 or text.shape[0] != n or text.shape[2] != text_dim:
+        raise ValueError(f"text must be [N, S, {text_dim}] with N={n}, got {tuple(text.shape)}")
+    if text_mask is not None and tuple(text_mask.shape) != tuple(text.shape[:2]):
+        raise ValueError(f"text_mask must be [N, S]={tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
+    return PackedLayout(grids=[patch_grid(*x.shape[1:], patch) for x in latents])
+
+
+def unpatchify_packed(patches: Tensor, layout: PackedLayout, patch: Grid, channels: int) -> list[Tensor]:
+    """Fold packed ``[1, sum L, pt * ph * pw * C]`` into per-sample ``[C, F_i, H_i, W_i]`` (:func:`unpatchify`)."""
+    pieces = unpack_tokens(patches, layout)
+    return [unpatchify(p.unsqueeze(0), g, patch, channels)[0] for p, g in zip(pieces, layout.grids, strict=True)]

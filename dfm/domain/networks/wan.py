@@ -11,6 +11,7 @@ Notation: ``B`` batch, ``L`` video tokens, ``S`` text tokens, ``h`` hidden size,
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -20,15 +21,20 @@ from torch import Tensor, nn
 from dfm.domain.networks.attention import AttentionKernel, SDPAAttention
 from dfm.domain.networks.layers import (
     FP32LayerNorm,
+    PackedPositions,
     PatchEmbed3d,
     RMSNorm,
     TwoLayerMLP,
     apply_rope,
+    check_packed_inputs,
     draw_init,
     modulate,
+    packed_positions,
+    per_token,
     timestep_features,
     token_positions,
     unpatchify,
+    unpatchify_packed,
 )
 from dfm.domain.networks.plan import ParallelPlan
 from dfm.domain.specs import WanSpec
@@ -56,6 +62,28 @@ class WanInputs(NamedTuple):
     rope: Rope
     mask: Tensor | None
     grid: tuple[int, int, int]
+
+
+class WanPackedInputs(NamedTuple):
+    """What the blocks consume for a packed sequence (:meth:`WanTransformer.embed_packed`).
+
+    Attributes:
+        tokens: Patch-embedded video of all samples, concatenated ``[1, sum L, h]``.
+        context: Embedded text of all samples, concatenated ``[1, N * S, h]``.
+        modulation: Six modulations per sample ``[N, 6, h]`` (broadcast to each sample's tokens in the blocks).
+        temb: Timestep embedding per sample ``[N, h]``.
+        rope: ``(cos, sin)`` ``[sum L, D]``: each sample's own grid.
+        mask: Cross-attention mask ``[1, 1, sum L, N * S]`` (own sample's real text only).
+        packed: Layout, block-diagonal self-attention mask and ``cu_seqlens``.
+    """
+
+    tokens: Tensor
+    context: Tensor
+    modulation: Tensor
+    temb: Tensor
+    rope: Rope
+    mask: Tensor
+    packed: PackedPositions
 
 
 WAN_PARALLEL_PLAN = ParallelPlan(
@@ -195,10 +223,26 @@ class WanBlock(nn.Module):
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x: Tensor, context: Tensor, modulation: Tensor, rope: Rope, mask: Tensor | None) -> Tensor:
-        """Update video tokens ``x`` ``[B, L, h]`` given text ``context``, ``modulation`` ``[B, 6, h]``, RoPE, mask."""
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + modulation.float()).chunk(6, dim=1)
-        y = self.attn1(modulate(self.norm1(x.float()), shift, scale).type_as(x), rope=rope)
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor,
+        modulation: Tensor,
+        rope: Rope,
+        mask: Tensor | None,
+        packed: PackedPositions | None = None,
+    ) -> Tensor:
+        """Update video tokens ``x`` ``[B, L, h]`` given text ``context``, ``modulation`` ``[B, 6, h]``, RoPE, mask.
+
+        With ``packed`` (a packed sequence, ``B = 1``), ``modulation`` is ``[N, 6, h]`` per sample and is
+        broadcast to each sample's tokens, and self-attention is restricted to each sample's own tokens.
+        """
+        mods = (self.scale_shift_table + modulation.float()).chunk(6, dim=1)
+        if packed is not None:
+            mods = tuple(per_token(m[:, 0], packed) for m in mods)
+        shift, scale, gate, c_shift, c_scale, c_gate = mods
+        self_mask = None if packed is None else packed.self_mask
+        y = self.attn1(modulate(self.norm1(x.float()), shift, scale).type_as(x), rope=rope, mask=self_mask)
         x = (x.float() + y * gate).type_as(x)
         x = x + self.attn2(self.norm2(x.float()).type_as(x), context, mask=mask)
         y = self.ffn(modulate(self.norm3(x.float()), c_shift, c_scale).type_as(x))
@@ -241,11 +285,14 @@ class WanTransformer(nn.Module):
         self.proj_out = nn.Linear(dim, spec.out_channels * math.prod(patch))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
-    def forward(self, x: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor | Sequence[Tensor], timestep: Tensor, text: Tensor, text_mask: Tensor | None = None
+    ) -> Tensor | list[Tensor]:
         """Predict the flow-matching velocity (or whatever the weights were trained for).
 
         Args:
-            x: Noisy latents ``[B, C, F, H, W]``.
+            x: Noisy latents ``[B, C, F, H, W]``; or a list of latents ``[C, F_i, H_i, W_i]`` of any
+                shapes, run as one packed sequence (:meth:`forward_packed`, which then returns a list).
             timestep: ``[B]`` float timesteps (``sigma * 1000`` for flow matching).
             text: Text-encoder embeddings ``[B, S, text_dim]``.
             text_mask: Optional ``[B, S]`` bool, ``True`` for real tokens; masked tokens are ignored by
@@ -255,9 +302,51 @@ class WanTransformer(nn.Module):
         Returns:
             ``[B, out_channels, F, H, W]``.
         """
+        if isinstance(x, list | tuple):
+            return self.forward_packed(x, timestep, text, text_mask)
         inputs = self.embed(x, timestep, text, text_mask)
         tokens = self.run_blocks(inputs.tokens, inputs)
         return self.unpatchify(self.project(tokens, inputs.temb), inputs.grid)
+
+    def forward_packed(
+        self, latents: Sequence[Tensor], timestep: Tensor, text: Tensor, text_mask: Tensor | None = None
+    ) -> list[Tensor]:
+        """:meth:`forward` of ``N`` samples of different shapes, run as one packed token sequence.
+
+        Tokens of all samples are concatenated; self-attention stays within each sample (block-diagonal
+        mask), each token attends only to its own sample's text, RoPE uses each sample's own grid and the
+        timestep modulations of sample ``i`` reach only its tokens. Sample ``i``'s output equals
+        ``forward(latents[i][None], timestep[i:i+1], text[i:i+1], text_mask[i:i+1])[0]`` up to float rounding.
+
+        Args:
+            latents: Noisy latents ``[C, F_i, H_i, W_i]``, one per sample.
+            timestep: ``[N]`` float timesteps.
+            text: Text embeddings ``[N, S, text_dim]`` (padded to a common ``S``).
+            text_mask: Optional ``[N, S]`` bool, ``True`` for real tokens.
+
+        Returns:
+            Per-sample outputs ``[out_channels, F_i, H_i, W_i]``.
+        """
+        inputs = self.embed_packed(latents, timestep, text, text_mask)
+        tokens = self.run_blocks(inputs.tokens, inputs)
+        patches = self.project(tokens, inputs.temb, inputs.packed)
+        return unpatchify_packed(patches, inputs.packed.layout, self.spec.patch_size, self.spec.out_channels)
+
+    def embed_packed(
+        self, latents: Sequence[Tensor], timestep: Tensor, text: Tensor, text_mask: Tensor | None = None
+    ) -> WanPackedInputs:
+        """:meth:`embed` for a packed sequence: per-sample patch embeddings concatenated, per-sample
+        conditioning, RoPE of each sample's grid, the attention masks and ``cu_seqlens``."""
+        s = self.spec
+        layout = check_packed_inputs(
+            latents, timestep, text, text_mask, in_channels=s.in_channels, text_dim=s.text_dim, patch=s.patch_size
+        )
+        device = latents[0].device
+        tokens = torch.cat([self.patch_embedding(x.unsqueeze(0)) for x in latents], dim=1)
+        temb, modulation, context = self.condition_embedder(timestep, text)
+        packed = packed_positions(layout, s.attention_head_dim, text_mask, text.shape[1], device)
+        context = context.reshape(1, -1, context.shape[-1])
+        return WanPackedInputs(tokens, context, modulation, temb, packed.rope, packed.text_mask, packed)
 
     def embed(self, x: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None = None) -> WanInputs:
         """Everything before the blocks: patch embedding, conditioning, RoPE tables and the text mask.
@@ -272,25 +361,33 @@ class WanTransformer(nn.Module):
         temb, modulation, context = self.condition_embedder(timestep, text)
         return WanInputs(self.patch_embedding(x), context, modulation, temb, rope, mask, grid)
 
-    def run_blocks(self, tokens: Tensor, inputs: WanInputs) -> Tensor:
-        """Every block on ``tokens`` ``[B, L, h]`` (``L`` may be a sequence shard matching ``inputs.rope``)."""
+    def run_blocks(self, tokens: Tensor, inputs: WanInputs | WanPackedInputs) -> Tensor:
+        """Every block on ``tokens`` ``[B, L, h]`` (``L`` may be a sequence shard matching ``inputs.rope``),
+        or on a packed sequence ``[1, sum L, h]`` given :class:`WanPackedInputs`."""
+        if isinstance(inputs, WanPackedInputs):
+            for block in self.blocks:
+                tokens = block(tokens, inputs.context, inputs.modulation, inputs.rope, inputs.mask, inputs.packed)
+            return tokens
         for block in self.blocks:
             tokens = block(tokens, inputs.context, inputs.modulation, inputs.rope, inputs.mask)
         return tokens
 
-    def project(self, tokens: Tensor, temb: Tensor) -> Tensor:
+    def project(self, tokens: Tensor, temb: Tensor, packed: PackedPositions | None = None) -> Tensor:
         """Every parameterised op after the blocks: modulated output norm and projection to patches.
 
         Works token by token, so a sequence-parallel runtime projects its shard and gathers afterwards.
 
         Args:
             tokens: ``[B, L, h]``.
-            temb: Timestep embedding ``[B, h]`` (:attr:`WanInputs.temb`).
+            temb: Timestep embedding ``[B, h]`` (:attr:`WanInputs.temb`), or ``[N, h]`` for a packed sequence.
+            packed: The packed sequence's positions (``tokens`` ``[1, sum L, h]``), or ``None``.
 
         Returns:
             ``[B, L, pt * ph * pw * out_channels]``.
         """
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        if packed is not None:
+            shift, scale = per_token(shift[:, 0], packed), per_token(scale[:, 0], packed)
         tokens = modulate(self.norm_out(tokens.float()), shift, scale).type_as(tokens)
         return self.proj_out(tokens)
 
