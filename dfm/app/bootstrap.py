@@ -12,7 +12,7 @@ import attrs
 import torch
 
 from dfm.adapters.checkpoint import DCPCheckpointStore
-from dfm.adapters.diffusers import load_wan_diffusers
+from dfm.adapters.diffusers import UMT5TextEncoder, WanVAECodec, load_wan_diffusers  # diffusers loads on use
 from dfm.adapters.fsdp2 import FSDP2Runtime
 from dfm.adapters.local import LocalRuntime
 from dfm.adapters.synthetic import HashTextEncoder, IdentityPixelCodec, MockLatentSource, SyntheticVideoSource
@@ -111,15 +111,69 @@ def optimizer_settings(cfg: TrainConfig) -> OptimizerSettings:
     )
 
 
-def build_codecs(cfg: TrainConfig) -> tuple[LatentCodec | None, TextEncoder]:
-    """The pixel codec and text encoder the data (and generation) use; ``mock`` data has no pixel codec."""
-    if cfg.data.source == "synthetic":
-        return IdentityPixelCodec(), HashTextEncoder(dim=cfg.model.text_dim)
-    if cfg.data.source == "mock":
-        return None, HashTextEncoder(dim=cfg.model.text_dim)
-    raise ConfigError(
-        f"data.source: {cfg.data.source!r} is not available in this version of dfm; use synthetic or mock"
-    )
+def build_codecs(cfg: TrainConfig) -> tuple[LatentCodec | None, TextEncoder | None]:
+    """The pixel codec and text encoder the data (and generation) use.
+
+    ``codecs.vae`` / ``codecs.text_encoder`` select the WAN 2.1 VAE / UMT5 from local directories (their
+    weights load on first use, so building them to learn the latent shape is cheap). Unset, ``synthetic``
+    data use the toy codecs (pixels as latents, hashed words) and ``mock`` data have no pixel codec and
+    the hashed-word encoder. ``energon`` / ``hf_datasets`` data are latents and embeddings already: the
+    pixel codec is the configured VAE or ``None``, the text encoder (needed only to sample) the configured
+    UMT5 or ``None``.
+
+    Raises:
+        ConfigError: Naming ``codecs.*`` for a directory that is not a WAN VAE / UMT5 or does not fit ``model``.
+    """
+    source = cfg.data.source
+    if source not in ("synthetic", "mock", "energon", "hf_datasets"):
+        raise ConfigError(f"data.source: {source!r} is unknown; use synthetic, mock, energon or hf_datasets")
+    vae, text = _pretrained_vae(cfg), _pretrained_text_encoder(cfg)
+    if source == "synthetic":
+        return vae or IdentityPixelCodec(), text or HashTextEncoder(dim=cfg.model.text_dim)
+    if source == "mock":
+        return vae, text or HashTextEncoder(dim=cfg.model.text_dim)
+    return vae, text
+
+
+def _codec_device() -> tuple[str, str]:
+    """This process's device for the pretrained codecs and the text encoder's dtype there (bf16 on CUDA, as WAN)."""
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}", "bf16"
+    return "cpu", "fp32"
+
+
+def _pretrained_vae(cfg: TrainConfig) -> LatentCodec | None:
+    if cfg.codecs.vae is None:
+        return None
+    try:
+        vae = WanVAECodec(cfg.codecs.vae, device=_codec_device()[0], dtype="fp32")
+    except ValueError as exc:
+        raise ConfigError(f"codecs.vae: {exc}") from None
+    if vae.latent_spec.channels != cfg.model.in_channels:
+        raise ConfigError(
+            f"codecs.vae: {vae.identity} has {vae.latent_spec.channels} latent channels, "
+            f"but model.in_channels is {cfg.model.in_channels}"
+        )
+    return vae
+
+
+def _pretrained_text_encoder(cfg: TrainConfig) -> TextEncoder | None:
+    c = cfg.codecs
+    if c.text_encoder is None:
+        return None
+    device, dtype = _codec_device()
+    try:
+        text = UMT5TextEncoder(c.text_encoder, tokenizer=c.tokenizer, device=device, dtype=dtype)
+    except ValueError as exc:
+        bad_tokenizer = c.tokenizer is not None and "tokenizer directory" in str(exc)
+        key = "codecs.tokenizer" if bad_tokenizer else "codecs.text_encoder"
+        raise ConfigError(f"{key}: {exc}") from None
+    if text.dim != cfg.model.text_dim:
+        raise ConfigError(
+            f"codecs.text_encoder: {text.identity} embeds {text.dim}-wide vectors, "
+            f"but model.text_dim is {cfg.model.text_dim}"
+        )
+    return text
 
 
 def latent_spec(cfg: TrainConfig, codec: LatentCodec | None) -> LatentSpec:

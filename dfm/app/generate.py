@@ -13,7 +13,9 @@ EXAMPLES = """\
   python -m dfm.app.generate --checkpoint runs/demo/checkpoints/step_0000200 \\
       --prompt "a blue square moving up quickly" --prompt "a white ring moving right slowly" \\
       --steps 30 --guidance 4 --seed 7 --out out/two.mp4
-  python -m dfm.app.generate --checkpoint exported/demo --prompt "a red circle moving left slowly" --out out/red.mp4"""
+  python -m dfm.app.generate --checkpoint exported/demo --prompt "a red circle moving left slowly" --out out/red.mp4
+  python -m dfm.app.generate --checkpoint runs/wan --vae models/Wan2.1-T2V-1.3B-Diffusers \
+      --text-encoder models/Wan2.1-T2V-1.3B-Diffusers --prompt "a cat surfing at sunset" --out out/cat.mp4"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--fps", type=float, default=None)
+    p.add_argument(
+        "--vae",
+        default=None,
+        help="WAN VAE directory (diffusers AutoencoderKLWan, or a model root holding vae/) replacing the "
+        "checkpoint's codecs.vae, e.g. when the recorded path moved",
+    )
+    p.add_argument(
+        "--text-encoder",
+        default=None,
+        help="UMT5 directory (or a model root holding text_encoder/) replacing the checkpoint's codecs.text_encoder",
+    )
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory replacing the checkpoint's codecs.tokenizer")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights even when EMA weights exist")
     p.add_argument("--out", required=True, help="output .mp4 (several prompts: OUT_00.mp4, OUT_01.mp4, ...)")
     return p
@@ -64,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             width=args.width,
             fps=args.fps,
             use_ema=not args.no_ema,
+            vae=args.vae,
+            text_encoder=args.text_encoder,
+            tokenizer=args.tokenizer,
         )
         paths = generate(request)
     except ValueError as exc:  # bad request values, a sampler that does not fit the model: the user's to fix

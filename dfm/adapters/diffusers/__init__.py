@@ -1,6 +1,8 @@
-"""diffusers adapters: weight layouts (and, later, the VAE and text encoders) from local directories."""
+"""diffusers adapters: WAN weight layouts, the WAN VAE and the UMT5 text encoder, all from local directories."""
 
 from dfm.adapters.diffusers.hf_export import export_wan_distributed
+from dfm.adapters.diffusers.umt5 import UMT5TextEncoder
+from dfm.adapters.diffusers.wan_vae import WanVAECodec
 from dfm.adapters.diffusers.wan_weights import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -15,6 +17,8 @@ __all__ = [
     "CONFIG_NAME",
     "INDEX_NAME",
     "WEIGHTS_NAME",
+    "UMT5TextEncoder",
+    "WanVAECodec",
     "export_wan_distributed",
     "load_wan_diffusers",
     "save_wan_diffusers",

@@ -7,6 +7,7 @@ Problems are reported together in one :class:`ConfigError`, one ``dotted.key: re
 """
 
 from dfm.app.config.checkpoint import CheckpointConfig
+from dfm.app.config.codecs import CodecsConfig
 from dfm.app.config.data import DataConfig, SyntheticConfig
 from dfm.app.config.docs import attribute_docs, config_classes
 from dfm.app.config.errors import ConfigError
@@ -28,6 +29,7 @@ from dfm.app.config.tree import DiffusionSection, ModelSection, TrainConfig
 
 __all__ = [
     "CheckpointConfig",
+    "CodecsConfig",
     "ConfigError",
     "DataConfig",
     "DiffusionSection",

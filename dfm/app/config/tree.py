@@ -9,6 +9,7 @@ from attrs import validators as v
 
 from dfm.app.config.checkpoint import CheckpointConfig
 from dfm.app.config.checks import choice
+from dfm.app.config.codecs import CodecsConfig
 from dfm.app.config.data import DataConfig
 from dfm.app.config.errors import FieldError
 from dfm.app.config.logs import LoggingConfig
@@ -57,6 +58,8 @@ class TrainConfig:
     """Megatron-core engine options (``runtime: megatron``)."""
     data: DataConfig = attrs.field(factory=DataConfig)
     """Training data."""
+    codecs: CodecsConfig = attrs.field(factory=CodecsConfig)
+    """Pretrained VAE and text encoder (local directories); unset: the embedded toy codecs."""
     sample: SampleConfig = attrs.field(factory=SampleConfig)
     """Sampling (evaluation videos and generation defaults)."""
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)

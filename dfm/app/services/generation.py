@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from dfm.adapters.video import Mp4Writer, contact_sheet, save_png, to_uint8_frames
 from dfm.app import bootstrap
-from dfm.app.config import TrainConfig, config_from_yaml
+from dfm.app.config import CodecsConfig, ConfigError, TrainConfig, config_from_yaml
 from dfm.app.logging import get_logger
 from dfm.app.services.checkpoints import load_for_inference
 from dfm.domain.sampling import sample_latents
@@ -60,6 +60,12 @@ class GenerateRequest:
     """Frame rate of the mp4 (default: the data's)."""
     use_ema: bool = True
     """Sample with the EMA weights when the checkpoint has them (an exported directory holds one set)."""
+    vae: str | None = None
+    """WAN VAE directory replacing the checkpoint's ``codecs.vae`` (e.g. when the recorded path moved)."""
+    text_encoder: str | None = None
+    """UMT5 directory replacing the checkpoint's ``codecs.text_encoder``."""
+    tokenizer: str | None = None
+    """Tokenizer directory replacing the checkpoint's ``codecs.tokenizer``."""
     progress: bool = True
     """Show a progress bar over sampling steps."""
 
@@ -78,11 +84,8 @@ def output_paths(out: Path, n: int) -> list[Path]:
 def generate(request: GenerateRequest, *, writer: VideoWriter | None = None) -> list[Path]:
     """Generate one video per prompt; returns the mp4 paths (the contact sheet is ``out`` with ``.png``)."""
     cfg, model = load_for_inference(request.checkpoint, use_ema=request.use_ema)
-    codec, text_encoder = bootstrap.build_codecs(cfg)
-    if codec is None:
-        raise ValueError(
-            f"{request.checkpoint} was trained on mock latents (data.source=mock): there is no codec to decode videos"
-        )
+    cfg = with_codecs(cfg, request)
+    codec, text_encoder = _codecs(cfg, request.checkpoint)
     device = next(model.parameters()).device
     videos = [
         _one_video(request, cfg, model, codec, text_encoder, prompt, device, i)
@@ -94,6 +97,44 @@ def generate(request: GenerateRequest, *, writer: VideoWriter | None = None) -> 
     sheet = save_png(contact_sheet(videos, captions=list(request.prompts)), request.out.with_suffix(".png"))
     log.info("generated", videos=[str(p) for p in paths], contact_sheet=str(sheet))
     return paths
+
+
+def with_codecs(cfg: TrainConfig, request: GenerateRequest) -> TrainConfig:
+    """``cfg`` with the request's ``vae`` / ``text_encoder`` / ``tokenizer`` in place of the recorded ``codecs.*``.
+
+    A new ``text_encoder`` without a ``tokenizer`` also drops the recorded tokenizer (it belongs to the old one).
+    """
+    c = cfg.codecs
+    tokenizer = request.tokenizer or (None if request.text_encoder else c.tokenizer)
+    codecs = CodecsConfig(
+        vae=request.vae or c.vae, text_encoder=request.text_encoder or c.text_encoder, tokenizer=tokenizer
+    )
+    return attrs.evolve(cfg, codecs=codecs)
+
+
+def _codecs(cfg: TrainConfig, checkpoint: Path) -> tuple[LatentCodec, TextEncoder]:
+    try:
+        codec, text_encoder = bootstrap.build_codecs(cfg)
+    except ConfigError as exc:
+        hint = "--vae / --text-encoder / --tokenizer replace the codecs recorded in the checkpoint"
+        raise ValueError(f"{exc} ({hint})") from None
+    source = cfg.data.source
+    if codec is None:
+        raise ValueError(
+            f"{checkpoint} was trained on {source} latents (data.source={source}) and its config sets no codecs.vae: "
+            "there is no codec to decode videos; pass --vae DIR (the WAN VAE the latents were made with)"
+        )
+    if text_encoder is None:
+        raise ValueError(
+            f"{checkpoint} was trained on prepared text embeddings (data.source={source}) and its config sets no "
+            "codecs.text_encoder: pass --text-encoder DIR (the UMT5 the captions were embedded with)"
+        )
+    log.info(
+        "codecs",
+        vae=getattr(codec, "identity", type(codec).__name__),
+        text_encoder=getattr(text_encoder, "identity", type(text_encoder).__name__),
+    )
+    return codec, text_encoder
 
 
 def _embed(text_encoder: TextEncoder, prompts: Sequence[str], cfg: TrainConfig, device: torch.device):
