@@ -1,4 +1,4 @@
-"""``python -m dfm.app.bench train``: training throughput and memory of a config, without checkpoints.
+"""``python -m dfm.app.bench train | data``: training throughput and memory of a config, or data loader speed.
 
 Builds the runtime, model and data source exactly as ``python -m dfm.app.train`` does (recipe < YAML <
 ``key=value``; ``torchrun`` for several processes), runs ``--warmup`` steps then ``--steps`` timed steps
@@ -8,14 +8,23 @@ samples/s, tokens/s, model TFLOP/s per device (the spec's analytic training FLOP
 ``--profile DIR`` also writes a ``torch.profiler`` trace of two more steps after the timed ones and a
 table of the operators that took the most device time.
 
+``python -m dfm.app.bench data --source energon|hf_datasets --path DIR`` reads ``--warmup`` then ``--steps``
+micro-batches of ``--batch`` samples from a prepared data set (one process, data-parallel rank 0 of 1)
+and prints one JSON line: samples/s, batches/s, MB/s of tensors and the time to open the source.
+``--make-fake DIR --samples N`` first writes a data set of random 480p WAN samples (latents 16 x 21 x 60 x
+104, text 512 x 4096) as prepared shards in DIR (and, for ``--source hf_datasets``, its conversion in
+``DIR/hf``).
+
 Examples::
 
     python -m dfm.app.bench train --recipe wan_1_3b_t2v_pretrain train.activation_checkpointing=full
     torchrun --nproc-per-node 2 -m dfm.app.bench train --recipe wan_1_3b_t2v_pretrain parallel.context=2
+    python -m dfm.app.bench data --make-fake /tmp/fake480p --samples 64 --source energon --num-workers 2
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -27,8 +36,9 @@ from typing import Any
 import torch
 
 from dfm.app import bootstrap
-from dfm.app.cli import add_config_arguments, config_from_args, make_parser, parse_args, run_main
+from dfm.app.cli import UserError, add_config_arguments, config_from_args, make_parser, parse_args, run_main
 from dfm.app.config import TrainConfig
+from dfm.app.logging import configure_logging
 from dfm.domain.objective import training_loss
 from dfm.domain.rng import SampleRNG
 from dfm.domain.specs import num_tokens, training_flops
@@ -119,6 +129,188 @@ def _write_profile(prof: torch.profiler.profile, out: Path) -> None:
     (out / f"top_ops_rank{rank}.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40))
 
 
+def bench_data(
+    source: str,
+    path: Path,
+    *,
+    batch: int = 4,
+    steps: int = 20,
+    warmup: int = 2,
+    num_workers: int = 2,
+    shuffle_buffer: int = 100,
+    text_len: int = 512,
+    text_dim: int = 4096,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time ``steps`` micro-batches of ``batch`` samples from the ``source`` data set at ``path``.
+
+    Raises:
+        UserError: The data set cannot be opened with these settings.
+    """
+    t0 = time.perf_counter()
+    data = _open_source(source, path, batch, num_workers, shuffle_buffer, text_len, text_dim, seed)
+    it = iter(data)
+    for _ in range(warmup):
+        next(it)
+    setup = time.perf_counter() - t0
+    t0, nbytes, shape = time.perf_counter(), 0, ()
+    for _ in range(steps):
+        got = next(it)
+        nbytes += _tensor_bytes(got.latents) + _tensor_bytes(got.text)
+        shape = tuple(got.latents.shape[1:])
+    seconds = time.perf_counter() - t0
+    if hasattr(data, "close"):
+        data.close()
+    return {
+        "benchmark": "data",
+        "source": source,
+        "path": str(path),
+        "batch": batch,
+        "num_workers": num_workers if source == "energon" else 0,
+        "warmup_batches": warmup,
+        "timed_batches": steps,
+        "latent_shape": list(shape),
+        "setup_s": round(setup, 3),
+        "seconds": round(seconds, 4),
+        "samples_per_s": round(steps * batch / seconds, 3),
+        "batches_per_s": round(steps / seconds, 3),
+        "mb_per_s": round(nbytes / seconds / 1e6, 1),
+        "skipped": int(getattr(data, "skipped", 0)),
+    }
+
+
+def _open_source(
+    source: str, path: Path, batch: int, num_workers: int, shuffle_buffer: int, text_len: int, text_dim: int, seed: int
+) -> Any:
+    common = {"global_batch_size": batch, "micro_batch_size": batch, "seed": seed, "text_len": text_len}
+    try:
+        if source == "energon":
+            from dfm.adapters.energon import EnergonSource
+
+            return EnergonSource(
+                path, text_dim=text_dim, num_workers=num_workers, shuffle_buffer=shuffle_buffer, **common
+            )
+        from dfm.adapters.hf_datasets import HFDatasetSource
+
+        return HFDatasetSource(path, text_dim=text_dim, **common)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _tensor_bytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
+
+
+def make_fake_data(
+    root: Path,
+    samples: int,
+    *,
+    source: str = "energon",
+    latent_shape: Sequence[int] = (16, 21, 60, 104),
+    text_shape: Sequence[int] = (512, 4096),
+    dtype: str = "float32",
+    samples_per_shard: int = 16,
+) -> dict[str, Any]:
+    """Write ``samples`` random samples as prepared shards in ``root`` (and ``root/hf`` for ``hf_datasets``)."""
+    from dfm.adapters.energon import write_fake_dataset
+
+    if any(root.iterdir()) if root.is_dir() else root.exists():
+        raise UserError(f"{root} exists and is not empty; --make-fake writes a new data set")
+    t0 = time.perf_counter()
+    write_fake_dataset(
+        root,
+        samples,
+        latent_shape=latent_shape,
+        text_shape=text_shape,
+        dtype=dtype,
+        samples_per_shard=samples_per_shard,
+    )
+    made = {"made": str(root), "samples": samples, "latent_shape": list(latent_shape), "text_shape": list(text_shape)}
+    if source == "hf_datasets":
+        from dfm.adapters.hf_datasets import webdataset_to_hf
+
+        webdataset_to_hf(root, root / "hf")
+        made["hf_path"] = str(root / "hf")
+    made["seconds"] = round(time.perf_counter() - t0, 2)
+    return made
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 16,21,60,104, got {text!r}") from None
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return dims
+
+
+DATA_EXAMPLES = """\
+  python -m dfm.app.bench data --make-fake /tmp/fake480p --samples 64 --source energon
+  python -m dfm.app.bench data --source energon --path /tmp/fake480p --batch 2 --steps 20 --num-workers 2
+  python -m dfm.app.bench data --source hf_datasets --path /tmp/fake480p/hf --batch 2"""
+
+
+def main_data(argv: Sequence[str]) -> int:
+    """``python -m dfm.app.bench data ...``: loader samples/s as one JSON line (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dfm.app.bench data",
+        description="Samples/s of a data source on a prepared data set (one process).",
+        epilog=f"examples:\n{DATA_EXAMPLES}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--source", choices=("energon", "hf_datasets"), default="energon", help="data source")
+    parser.add_argument("--path", type=Path, default=None, help="prepared data set (default: the --make-fake one)")
+    parser.add_argument("--batch", type=int, default=2, help="samples per micro-batch")
+    parser.add_argument("--steps", type=int, default=20, help="timed micro-batches")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed micro-batches first")
+    parser.add_argument("--num-workers", type=int, default=2, help="energon loader worker processes")
+    parser.add_argument("--shuffle-buffer", type=int, default=100, help="energon shuffle buffer (samples)")
+    parser.add_argument("--text-len", type=int, default=512, help="text tokens per row S")
+    parser.add_argument("--text-dim", type=int, default=None, help="text width D (default: the --text-shape width)")
+    parser.add_argument("--make-fake", type=Path, default=None, metavar="DIR", help="first write random samples here")
+    parser.add_argument("--samples", type=int, default=64, help="samples --make-fake writes")
+    parser.add_argument("--latent-shape", type=_shape, default=(16, 21, 60, 104), help="C,F,H,W of fake latents")
+    parser.add_argument("--text-shape", type=_shape, default=(512, 4096), help="L,D of fake text embeddings")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="fake tensor dtype")
+    parser.add_argument("--samples-per-shard", type=int, default=16, help="fake samples per .tar shard")
+    args = parser.parse_args(list(argv))
+    configure_logging()  # stderr: stdout carries only the JSON lines
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.num_workers < 0 or args.samples < 1:
+        parser.error("need --batch >= 1, --steps >= 1, --warmup >= 0, --num-workers >= 0 and --samples >= 1")
+    if len(args.latent_shape) != 4 or len(args.text_shape) != 2:
+        parser.error("--latent-shape takes C,F,H,W and --text-shape takes L,D")
+    path = args.path
+    if args.make_fake is not None:
+        made = make_fake_data(
+            args.make_fake,
+            args.samples,
+            source=args.source,
+            latent_shape=args.latent_shape,
+            text_shape=args.text_shape,
+            dtype=args.dtype,
+            samples_per_shard=args.samples_per_shard,
+        )
+        print(json.dumps(made), flush=True)
+        path = path or Path(made.get("hf_path", made["made"]))
+    if path is None:
+        parser.error("give --path DIR (or --make-fake DIR)")
+    text_dim = args.text_dim if args.text_dim is not None else args.text_shape[1]
+    figures = bench_data(
+        args.source,
+        path,
+        batch=args.batch,
+        steps=args.steps,
+        warmup=args.warmup,
+        num_workers=args.num_workers,
+        shuffle_buffer=args.shuffle_buffer,
+        text_len=args.text_len,
+        text_dim=text_dim,
+    )
+    print(json.dumps(figures), flush=True)
+    return 0
+
+
 EXAMPLES = """\
   python -m dfm.app.bench train --recipe wan_tiny_t2v
   python -m dfm.app.bench train --recipe wan_1_3b_t2v_pretrain train.activation_checkpointing=full
@@ -127,13 +319,15 @@ EXAMPLES = """\
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "data":
+        return main_data(argv[1:])
     parser = make_parser("python -m dfm.app.bench train", __doc__.split("\n", 1)[0], examples=EXAMPLES)
     add_config_arguments(parser)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps")
     parser.add_argument("--profile", type=Path, default=None, help="write a torch.profiler trace here")
     if not argv or argv[0] != "train":
-        parser.error("the first argument names the benchmark: train")
+        parser.error("the first argument names the benchmark: train (or data: see `python -m dfm.app.bench data -h`)")
     args = parse_args(parser, argv[1:])
     if args.warmup < 0 or args.steps < 1:
         parser.error("need --warmup >= 0 and --steps >= 1")

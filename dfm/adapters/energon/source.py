@@ -1,0 +1,315 @@
+"""``data.source: energon``: prepared webdataset shards read with megatron-energon.
+
+Each data-parallel rank reads its own part of the shards (energon's ``WorkerConfig(rank=dp_rank,
+world_size=dp_size)``; the tensor/context-parallel ranks of a data-parallel group share ``dp_rank`` and
+so get the same samples), shuffled by energon (shard slices of ``max_samples_per_sequence`` samples, then
+a buffer of ``shuffle_buffer`` samples, seeded by ``seed``), grouped into micro-batches of one latent
+shape (:mod:`dfm.adapters.energon.task_encoder`), forever (energon repeats the data).
+
+Sample indices (DESIGN.md rule 2): with global batch ``G``, micro-batch ``m`` and ``W`` ranks, the
+``j``-th micro-batch of rank ``r`` at step ``k`` gets indices ``k G + r G / W + j m + [0, m)``: unique,
+and the same position in the global stream under any layout. They key the per-sample noise; the data
+order itself is energon's (a function of the seed and the layout).
+
+State: the position (``next_step``, ``next_micro``), the skipped-sample count and energon's loader state
+of this rank converted to JSON (:mod:`dfm.adapters.energon.state_codec`, no pickle). Loading it makes
+the next batch exactly the one the saving run would have read next. The state is per rank: a checkpoint
+must keep every data-parallel rank's state (``load_state_dict`` also accepts ``{"ranks": [state_0,
+state_1, ...]}`` and picks its own).
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import weakref
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+import yaml
+from megatron.energon import SavableDataLoader, get_savable_loader, get_train_dataset
+
+from dfm.adapters.energon import state_codec
+from dfm.adapters.energon.task_encoder import (
+    SUBFLAVOR,
+    DfmTaskEncoder,
+    RawBatch,
+    worker_config,
+)
+from dfm.domain.batch import Batch
+from dfm.ports.samples import FORMAT_VERSION, TENSORS, TEXT
+
+SOURCE = "energon"
+_LAYOUT_KEYS = ("seed", "global_batch_size", "micro_batch_size", "rank", "world")
+_log = structlog.get_logger(__name__)
+
+
+class EnergonSource:
+    """This rank's micro-batches from a prepared energon dataset (see the module docstring).
+
+    Args:
+        path: Prepared dataset directory (shards + ``.nv-meta/``, as ``python -m dfm.app.prepare`` writes).
+        global_batch_size: Samples per step over all ranks and micro-batches, ``G``.
+        micro_batch_size: Samples per yielded batch, ``m``.
+        seed: Data seed (energon's shuffling).
+        rank: This data-parallel rank.
+        world: Number of data-parallel ranks ``W``.
+        text_len: Text tokens per batch row ``S`` (shorter captions padded, longer ones cut).
+        text_dim: Width of the text embeddings; the data set's must match.
+        num_workers: Energon loader worker processes (0: read in this process).
+        shuffle_buffer: Samples in energon's shuffle buffer (1: no buffer shuffling).
+        max_samples_per_sequence: Samples read in a row from one shard before jumping (energon's slices).
+        strict: Raise :class:`~dfm.adapters.energon.task_encoder.BadSampleError` on a bad sample
+            instead of skipping and counting it.
+
+    Raises:
+        ValueError: ``path`` is not a prepared dfm data set, its text width is not ``text_dim``, or the
+            layout is invalid (``G`` not a multiple of ``m * W``...).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        global_batch_size: int,
+        micro_batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        text_len: int,
+        text_dim: int,
+        num_workers: int = 2,
+        shuffle_buffer: int = 100,
+        max_samples_per_sequence: int = 100,
+        strict: bool = False,
+    ) -> None:
+        self.micro_batches_per_step = check_layout(
+            global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, rank=rank, world=world
+        )
+        for name, value, low in (
+            ("text_len", text_len, 1),
+            ("text_dim", text_dim, 1),
+            ("num_workers", num_workers, 0),
+            ("shuffle_buffer", shuffle_buffer, 1),
+            ("max_samples_per_sequence", max_samples_per_sequence, 1),
+        ):
+            if value < low:
+                raise ValueError(f"energon data source: {name} must be >= {low}, got {value}")
+        self.path = Path(path)
+        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
+        self.seed, self.rank, self.world = int(seed), rank, world
+        self.text_len, self.text_dim, self.strict = text_len, text_dim, strict
+        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        self.max_samples_per_sequence = max_samples_per_sequence
+        check_prepared(self.path, text_dim=text_dim)
+        self.skipped = 0
+        """Bad samples skipped so far (over the run, carried through the state)."""
+        self._next_step, self._next_micro = 0, 0
+        self._loader: SavableDataLoader | None = None
+        self._iterator: Iterator[RawBatch] | None = None
+        self._pending: Any = None  # decoded energon state to restore when the loader is built
+        self._finalizer: weakref.finalize | None = None
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        """The next micro-batch of this rank."""
+        if self._iterator is None:
+            self._iterator = iter(self._build_loader())
+        raw = next(self._iterator)
+        if raw.skipped:
+            self.skipped += raw.skipped
+            _log.warning("bad samples skipped", now=raw.skipped, total=self.skipped, path=str(self.path))
+        m = self.micro_batch_size
+        assert raw.latents.shape[0] == m, f"energon yielded a batch of {raw.latents.shape[0]} samples, expected {m}"
+        first = (
+            self._next_step * self.global_batch_size
+            + self.rank * (self.global_batch_size // self.world)
+            + self._next_micro * m
+        )
+        self._next_micro += 1
+        if self._next_micro == self.micro_batches_per_step:
+            self._next_step, self._next_micro = self._next_step + 1, 0
+        return Batch(
+            latents=raw.latents,
+            text=raw.text,
+            text_mask=raw.text_mask,
+            sample_index=torch.arange(first, first + m, dtype=torch.int64),
+            captions=tuple(raw.captions),
+        )
+
+    def _build_loader(self) -> SavableDataLoader:
+        encoder = DfmTaskEncoder(text_len=self.text_len, text_dim=self.text_dim, strict=self.strict)
+        dataset = get_train_dataset(
+            self.path,
+            worker_config=worker_config(rank=self.rank, world=self.world, num_workers=self.num_workers, seed=self.seed),
+            batch_size=self.micro_batch_size,
+            shuffle_buffer_size=self.shuffle_buffer,
+            max_samples_per_sequence=self.max_samples_per_sequence,
+            task_encoder=encoder,
+        )
+        self._loader = get_savable_loader(dataset)
+        self._finalizer = weakref.finalize(self, _shutdown, self._loader)
+        if self._pending is not None:
+            self._loader.restore_state_rank(self._pending)
+            self._pending = None
+        return self._loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's position (JSON-safe): step, micro-batch, skipped count and energon's loader state."""
+        if self._loader is not None:
+            loader = state_codec.encode(self._loader.save_state_rank())
+        else:
+            loader = None if self._pending is None else state_codec.encode(self._pending)
+        return {
+            "source": SOURCE,
+            "path": str(self.path),
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+            "micro_batch_size": self.micro_batch_size,
+            "rank": self.rank,
+            "world": self.world,
+            "next_step": self._next_step,
+            "next_micro": self._next_micro,
+            "skipped": self.skipped,
+            "loader": loader,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue where ``state`` (this rank's, or ``{"ranks": [...]}`` of all ranks) was taken.
+
+        Raises:
+            ValueError: The state is of another source or layout (seed, batch sizes, rank, world), or
+                its loader state is not one this source wrote.
+        """
+        if "ranks" in state:
+            ranks = state["ranks"]
+            if not isinstance(ranks, list) or len(ranks) != self.world:
+                raise ValueError(f"energon data state: 'ranks' must list the states of all {self.world} ranks")
+            state = ranks[self.rank]
+        missing = [k for k in ("source", *_LAYOUT_KEYS, "next_step", "next_micro", "loader") if k not in state]
+        if missing:
+            raise ValueError(f"energon data state lacks keys {missing}")
+        if state["source"] != SOURCE:
+            raise ValueError(f"cannot resume data: the checkpoint was written by data source {state['source']!r}")
+        for key in _LAYOUT_KEYS:
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"cannot resume energon data: the checkpoint has {key}={state[key]!r} but this run has "
+                    f"{key}={getattr(self, key)!r} (energon's loader state belongs to one layout)"
+                )
+        step, micro = int(state["next_step"]), int(state["next_micro"])
+        if step < 0 or not 0 <= micro < self.micro_batches_per_step:
+            raise ValueError(f"invalid data position next_step={step}, next_micro={micro}")
+        try:
+            pending = None if state["loader"] is None else state_codec.decode(state["loader"])
+        except state_codec.StateCodecError as exc:
+            raise ValueError(f"cannot resume energon data: {exc}") from None
+        self.close()
+        self._pending = pending
+        self._next_step, self._next_micro = step, micro
+        self.skipped = int(state.get("skipped", 0))
+
+    def close(self) -> None:
+        """Stop the loader's worker processes now (also done when the source is collected or at exit).
+
+        Take :meth:`state_dict` first to continue later: a later ``next`` builds a fresh loader, starting
+        from the loaded state not yet iterated, else from the beginning of the data.
+        """
+        if self._finalizer is not None:
+            self._finalizer()
+        self._iterator, self._loader, self._finalizer = None, None, None
+
+
+def _shutdown(loader: SavableDataLoader) -> None:
+    """Stop ``loader``'s workers now.
+
+    Energon's workers run a command thread that only ends on a ``None`` command; without it each worker
+    outlives torch's 5 s join timeout, so dropping a loader would stall ``5 s x num_workers``.
+    """
+    if loader.num_workers == 0:
+        return
+    for queue in getattr(loader, "cmd_queues", ()):
+        queue.put((None,))
+    epoch = getattr(loader, "_epoch_iterator", None)
+    if epoch is not None:
+        epoch.close()
+    inner = getattr(loader, "_iterator", None)  # torch keeps the persistent workers' iterator here
+    if inner is not None and hasattr(inner, "_shutdown_workers"):
+        inner._shutdown_workers()
+    loader._iterator = None
+
+
+def check_layout(*, global_batch_size: int, micro_batch_size: int, rank: int, world: int) -> int:
+    """Micro-batches per rank and step ``G / (m W)``; ``ValueError`` for an invalid layout."""
+    if global_batch_size < 1 or micro_batch_size < 1:
+        raise ValueError(f"batch sizes must be >= 1, got global {global_batch_size}, micro {micro_batch_size}")
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need world >= 1 and 0 <= rank < world, got rank={rank}, world={world}")
+    if global_batch_size % (micro_batch_size * world):
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not divisible by micro_batch_size * world = "
+            f"{micro_batch_size} * {world}; choose a multiple of {micro_batch_size * world}"
+        )
+    return global_batch_size // (micro_batch_size * world)
+
+
+def check_prepared(path: Path, *, text_dim: int | None = None) -> None:
+    """Check that ``path`` is a prepared dfm data set (and, given ``text_dim``, that its text width matches).
+
+    Raises:
+        ValueError: What is missing or different, and how to fix it.
+    """
+    meta = path / ".nv-meta"
+    if not (meta / "dataset.yaml").is_file() or not (meta / ".info.json").is_file():
+        raise ValueError(
+            f"{path} is not a prepared energon data set (no .nv-meta/dataset.yaml or .info.json); "
+            "write one with `python -m dfm.app.prepare`"
+        )
+    declared = yaml.safe_load((meta / "dataset.yaml").read_text()) or {}
+    subflavors = declared.get("subflavors") or {}
+    if declared.get("__class__") != "CrudeWebdataset" or subflavors.get(SUBFLAVOR) != FORMAT_VERSION:
+        raise ValueError(
+            f"{meta / 'dataset.yaml'} must declare a CrudeWebdataset with subflavors {{{SUBFLAVOR}: {FORMAT_VERSION}}} "
+            f"(dfm sample format {FORMAT_VERSION}); found {declared!r}. Prepare the data with this dfm."
+        )
+    if text_dim is not None:
+        found = _first_text_dim(path, json.loads((meta / ".info.json").read_text()).get("shard_counts", {}))
+        if found is not None and found != text_dim:
+            raise ValueError(
+                f"{path}: the text embeddings are {found} wide but the model expects text_dim={text_dim}; "
+                "prepare the data with the model's text encoder or set model.text_dim to match"
+            )
+
+
+def _first_text_dim(path: Path, shard_counts: Mapping[str, int]) -> int | None:
+    """Width of the first sample's text embeddings, from its safetensors header (``None`` if unreadable)."""
+    for shard, count in shard_counts.items():
+        if count <= 0:
+            continue
+        with tarfile.open(path / shard) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith("." + TENSORS):
+                    data = tar.extractfile(member)
+                    return text_width(data.read() if data is not None else b"")
+    return None
+
+
+def text_width(tensors: bytes) -> int | None:
+    """``D`` of the ``text`` tensor named in a safetensors header; ``None`` when the bytes are not readable.
+
+    (A bad sample is skipped or raises when it is read; only a readable one can prove a mismatch.)
+    """
+    if len(tensors) < 8:
+        return None
+    size = int.from_bytes(tensors[:8], "little")
+    try:
+        header = json.loads(tensors[8 : 8 + size])
+        shape = header[TEXT]["shape"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return int(shape[1]) if isinstance(shape, list) and len(shape) == 2 else None

@@ -1,0 +1,159 @@
+"""The energon ``TaskEncoder`` of prepared dfm samples (:mod:`dfm.ports.samples`).
+
+Pipeline (energon runs it in each loader worker): a ``CrudeWebdataset`` sample (a dict of raw member
+bytes) -> :meth:`DfmTaskEncoder.cook` decodes ``tensors.safetensors`` and ``meta.json`` and checks them
+-> shuffle buffer -> grouping by latent shape (:meth:`~DfmTaskEncoder.batch_group_criterion`, energon's
+``GroupBatchDataset``: samples of different shapes never share a batch, nothing is padded but the text)
+-> :meth:`DfmTaskEncoder.batch` stacks latents and pads text to ``text_len`` with a mask.
+
+Bad samples (undecodable bytes, bad JSON, wrong shapes) raise :class:`BadSampleError` when ``strict``;
+otherwise they are logged, skipped (energon's ``SkipSample``) and counted. The count travels with the
+batches: each batch carries ``skipped``, the bad samples its worker skipped since its previous batch, so
+the reader's total is exact across worker processes, prefetching and resumption (samples replayed by a
+restored loader reproduce the batches they belong to).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NoReturn
+
+import structlog
+import torch
+from megatron.energon import Batch as EnergonBatch
+from megatron.energon import Cooker, Sample, SkipSample, TaskEncoder, reraise_exception, stateless
+from megatron.energon.worker import WorkerConfig
+
+from dfm.ports.samples import FORMAT_VERSION, META, TENSORS, BadSampleError, decode_sample, pad_text
+
+SUBFLAVOR = "dfm_format"
+"""Subflavor that ``dataset.yaml`` of a prepared dataset declares (value :data:`FORMAT_VERSION`)."""
+MAX_CONSECUTIVE_BAD = 100
+"""Bad samples in a row after which a lenient reader gives up (the data set is likely broken)."""
+
+_log = structlog.get_logger(__name__)
+
+
+@dataclasses.dataclass
+class DecodedSample(Sample):
+    """One checked sample: ``latents [C, F, H, W]`` and ``text [L, D]`` with ``L <= text_len``."""
+
+    latents: torch.Tensor
+    text: torch.Tensor
+    caption: str
+
+
+@dataclasses.dataclass
+class RawBatch(EnergonBatch):
+    """A micro-batch as it leaves a loader worker.
+
+    Attributes:
+        latents: ``[B, C, F, H, W]`` (one latent shape per batch).
+        text: ``[B, S, D]`` zero-padded to ``S = text_len``.
+        text_mask: ``[B, S]``, ``True`` on real tokens.
+        captions: One caption per sample.
+        skipped: Bad samples the producing worker skipped since its previous batch.
+    """
+
+    latents: torch.Tensor
+    text: torch.Tensor
+    text_mask: torch.Tensor
+    captions: list[str]
+    skipped: int
+
+
+def decode_members(tensors: Any, meta: Any, *, text_len: int, text_dim: int, where: str) -> dict[str, Any]:
+    """Decode and check the two members of one sample (:func:`dfm.ports.samples.decode_sample`).
+
+    Returns:
+        ``{"latents", "text", "caption"}`` (text cut to ``text_len`` tokens).
+
+    Raises:
+        BadSampleError: Naming ``where``, for anything that does not match :mod:`dfm.ports.samples`.
+    """
+    sample = decode_sample(tensors, meta, text_len=text_len, text_dim=text_dim, where=where)
+    return {"latents": sample.latents, "text": sample.text, "caption": sample.caption}
+
+
+class DfmTaskEncoder(TaskEncoder[DecodedSample, DecodedSample, RawBatch, RawBatch]):
+    """Cooks prepared dfm samples and batches them by latent shape (see the module docstring).
+
+    Args:
+        text_len: Text tokens per batch row ``S`` (longer captions are cut).
+        text_dim: Width ``D`` every sample's text must have.
+        strict: Raise :class:`BadSampleError` on a bad sample instead of skipping it.
+    """
+
+    decoder = None  # members stay raw bytes: the cooker decodes them
+
+    def __init__(self, *, text_len: int, text_dim: int, strict: bool) -> None:
+        self.text_len, self.text_dim, self.strict = text_len, text_dim, strict
+        self.cookers = [Cooker(self.cook, has_subflavors={SUBFLAVOR: FORMAT_VERSION})]
+        self._skipped_since_batch = 0
+        self._consecutive_bad = 0
+
+    @stateless
+    def cook(self, raw: dict[str, Any]) -> DecodedSample:
+        """Decode one crude sample (member name -> bytes); skips or raises on a bad one."""
+        where = _where(raw)
+        try:
+            fields = decode_members(
+                raw.get(TENSORS), raw.get(META), text_len=self.text_len, text_dim=self.text_dim, where=where
+            )
+        except BadSampleError as exc:
+            self._bad(exc)
+        self._consecutive_bad = 0
+        base = {f.name: raw[f.name] for f in dataclasses.fields(Sample) if f.name in raw}
+        return DecodedSample(**base, **fields)
+
+    def _bad(self, exc: BadSampleError) -> NoReturn:
+        if self.strict:
+            raise exc
+        self._skipped_since_batch += 1
+        self._consecutive_bad += 1
+        _log.warning("bad sample skipped", error=str(exc))
+        if self._consecutive_bad >= MAX_CONSECUTIVE_BAD:
+            raise BadSampleError(
+                f"{self._consecutive_bad} bad samples in a row (last: {exc}); the data set looks broken. "
+                "Prepare it again with `python -m dfm.app.prepare`."
+            )
+        raise SkipSample()
+
+    def batch_group_criterion(self, sample: DecodedSample) -> tuple[str, None]:
+        """Group key: the latent shape ``CxFxHxW`` (the batch size is the loader's)."""
+        return "x".join(str(s) for s in sample.latents.shape), None
+
+    @stateless
+    def batch(self, samples: list[DecodedSample]) -> RawBatch:
+        """Stack one shape group: latents ``[B, C, F, H, W]``, text padded to ``text_len`` with its mask."""
+        text, mask = pad_text([s.text for s in samples], self.text_len)
+        skipped, self._skipped_since_batch = self._skipped_since_batch, 0
+        return RawBatch.from_samples(
+            samples,
+            latents=torch.stack([s.latents for s in samples]),
+            text=text,
+            text_mask=mask,
+            captions=[s.caption for s in samples],
+            skipped=skipped,
+        )
+
+
+def _where(raw: dict[str, Any]) -> str:
+    """``shard[index] key`` of a crude sample, for messages."""
+    sources = raw.get("__sources__") or ()
+    for source in sources:
+        shard = getattr(source, "shard_name", None)
+        if shard is not None:
+            return f"sample {raw.get('__key__')!r} ({shard}[{getattr(source, 'index', '?')}])"
+    return f"sample {raw.get('__key__')!r}"
+
+
+def worker_config(*, rank: int, world: int, num_workers: int, seed: int) -> WorkerConfig:
+    """Energon's worker layout of one data-parallel rank; errors other than bad samples always propagate."""
+    return WorkerConfig(
+        rank=rank,
+        world_size=world,
+        num_workers=num_workers,
+        seed_offset=seed,
+        global_error_handler=reraise_exception,
+    )

@@ -1,0 +1,261 @@
+"""``data.source: hf_datasets``: prepared samples in a local Hugging Face dataset (or parquet files).
+
+The dataset has the columns ``tensors.safetensors`` (bytes) and ``meta.json`` (string) of
+:mod:`dfm.ports.samples` (:func:`~dfm.adapters.hf_datasets.convert.webdataset_to_hf` makes one from
+prepared shards). It is read with ``datasets.load_from_disk`` (a ``save_to_disk`` directory) or as
+parquet files (``datasets.load_dataset("parquet")``, offline).
+
+Order (DESIGN.md rule 2): an endless stream of rows, epoch ``e`` being the permutation of the ``N`` rows
+drawn from ``(seed, e)``. Global position ``p`` holds row ``perm_e[p mod N]`` with ``e = p div N``;
+data-parallel rank ``r`` of ``W`` reads positions ``p = q W + r`` (``q = 0, 1, ...``), so within every
+epoch the ranks read disjoint rows that together cover it. Each rank puts its rows into one bucket per
+latent shape and yields a bucket when it holds ``micro_batch_size`` samples (shapes never mix, only text
+is padded). Sample indices: micro-batch ``j`` of rank ``r`` at step ``k`` is ``k G + r G / W + j m + [0, m)``.
+
+State (JSON-safe): ``position`` ``q``, the rows waiting in each bucket, the step/micro-batch position
+and the skipped count. Loading it reproduces exactly the batches the saving source would have yielded
+next. The state is per rank (ranks consume their streams at different paces: buckets, bad rows): a
+checkpoint must keep every data-parallel rank's state (``load_state_dict`` also accepts ``{"ranks":
+[state_0, state_1, ...]}`` and picks its own). Bad rows are skipped and counted (``skipped``, logged), or raise
+:class:`~dfm.adapters.hf_datasets.samples.BadSampleError` when ``strict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import datasets
+import structlog
+import torch
+
+from dfm.adapters.hf_datasets.samples import BadSampleError, Decoded, decode_row, pad_text, text_width
+from dfm.domain.batch import Batch
+from dfm.domain.rng import stream_seed
+from dfm.ports.samples import META, TENSORS
+
+SOURCE = "hf_datasets"
+ORDER_STREAM = 0x5EED0D3E
+"""Stream id (:func:`dfm.domain.rng.stream_seed`) of the per-epoch row permutations."""
+MAX_CONSECUTIVE_BAD = 100
+"""Bad rows in a row after which a lenient reader gives up (the data set is likely broken)."""
+_LAYOUT_KEYS = ("seed", "global_batch_size", "micro_batch_size", "rank", "world", "num_rows")
+_log = structlog.get_logger(__name__)
+
+
+def load_table(path: str | Path) -> datasets.Dataset:
+    """The dataset at ``path``: a ``save_to_disk`` directory (its ``train`` split if it holds several),
+    a parquet file, or a directory of parquet files.
+
+    Raises:
+        ValueError: Nothing readable there, or the columns are not those of :mod:`dfm.ports.samples`.
+    """
+    path = Path(path)
+    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        table = datasets.load_from_disk(str(path))
+        if isinstance(table, datasets.DatasetDict):
+            if "train" not in table:
+                raise ValueError(f"{path}: a DatasetDict without a 'train' split (has {sorted(table)})")
+            table = table["train"]
+    else:
+        files = [path] if path.suffix == ".parquet" and path.is_file() else sorted(path.glob("**/*.parquet"))
+        if not files:
+            raise ValueError(
+                f"{path} is neither a dataset written by `save_to_disk` nor parquet files; convert prepared "
+                "shards with dfm.adapters.hf_datasets.webdataset_to_hf"
+            )
+        table = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    missing = [c for c in (TENSORS, META) if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: lacks the columns {missing} of a prepared dfm data set (has {table.column_names})")
+    if len(table) == 0:
+        raise ValueError(f"{path}: the dataset has no rows")
+    return table.select_columns([TENSORS, META])
+
+
+class HFDatasetSource:
+    """This rank's micro-batches from a local Hugging Face dataset of prepared samples (module docstring).
+
+    Args:
+        path: ``save_to_disk`` directory, parquet file, or directory of parquet files.
+        global_batch_size: Samples per step over all ranks and micro-batches, ``G``.
+        micro_batch_size: Samples per yielded batch, ``m``.
+        seed: Data seed (row order).
+        rank: This data-parallel rank.
+        world: Number of data-parallel ranks ``W``.
+        text_len: Text tokens per batch row ``S`` (shorter captions padded, longer ones cut).
+        text_dim: Width of the text embeddings; the data set's must match.
+        strict: Raise :class:`~dfm.adapters.hf_datasets.samples.BadSampleError` on a bad row instead of
+            skipping and counting it.
+
+    Raises:
+        ValueError: Unreadable data set, text width other than ``text_dim``, or an invalid layout.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        global_batch_size: int,
+        micro_batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        text_len: int,
+        text_dim: int,
+        strict: bool = False,
+    ) -> None:
+        self.micro_batches_per_step = _check_layout(global_batch_size, micro_batch_size, rank, world)
+        if text_len < 1 or text_dim < 1:
+            raise ValueError(f"hf_datasets data source: text_len and text_dim must be >= 1, got {text_len}, {text_dim}")
+        self.path = Path(path)
+        self.table = load_table(self.path)
+        self.num_rows = len(self.table)
+        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
+        self.seed, self.rank, self.world = int(seed), rank, world
+        self.text_len, self.text_dim, self.strict = text_len, text_dim, strict
+        found = text_width(self.table[0][TENSORS])
+        if found is not None and found != text_dim:
+            raise ValueError(
+                f"{self.path}: the text embeddings are {found} wide but the model expects text_dim={text_dim}; "
+                "prepare the data with the model's text encoder or set model.text_dim to match"
+            )
+        self.skipped = 0
+        """Bad rows skipped so far (over the run, carried through the state)."""
+        self._position = 0  # q: next position in this rank's stream
+        self._buckets: dict[str, list[tuple[int, Decoded]]] = {}
+        self._next_step, self._next_micro = 0, 0
+        self._consecutive_bad = 0
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        """The next micro-batch of this rank."""
+        m = self.micro_batch_size
+        while True:
+            row = self._row_at(self._position)
+            self._position += 1
+            sample = self._decode(row)
+            if sample is None:
+                continue
+            bucket = self._buckets.setdefault(sample.shape_key, [])
+            bucket.append((row, sample))
+            if len(bucket) == m:
+                del self._buckets[sample.shape_key]
+                return self._batch([s for _, s in bucket])
+
+    def _row_at(self, q: int) -> int:
+        """Row of this rank's stream position ``q`` (global position ``q W + r``)."""
+        p = q * self.world + self.rank
+        epoch, i = divmod(p, self.num_rows)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(stream_seed(self.seed, epoch, 0, ORDER_STREAM))
+            self._perm_epoch, self._perm = epoch, torch.randperm(self.num_rows, generator=g)
+        return int(self._perm[i])
+
+    def _decode(self, row: int) -> Decoded | None:
+        where = f"{self.path} row {row}"
+        try:
+            sample = decode_row(self.table[row], text_len=self.text_len, text_dim=self.text_dim, where=where)
+        except BadSampleError as exc:
+            if self.strict:
+                raise
+            self.skipped += 1
+            self._consecutive_bad += 1
+            _log.warning("bad sample skipped", error=str(exc), total=self.skipped)
+            if self._consecutive_bad >= MAX_CONSECUTIVE_BAD:
+                raise BadSampleError(
+                    f"{self._consecutive_bad} bad rows in a row (last: {exc}); the data set looks broken"
+                ) from None
+            return None
+        self._consecutive_bad = 0
+        return sample
+
+    def _batch(self, samples: list[Decoded]) -> Batch:
+        m, first = self.micro_batch_size, self._first_index()
+        self._next_micro += 1
+        if self._next_micro == self.micro_batches_per_step:
+            self._next_step, self._next_micro = self._next_step + 1, 0
+        text, mask = pad_text([s.text for s in samples], self.text_len)
+        return Batch(
+            latents=torch.stack([s.latents for s in samples]),
+            text=text,
+            text_mask=mask,
+            sample_index=torch.arange(first, first + m, dtype=torch.int64),
+            captions=tuple(s.caption for s in samples),
+        )
+
+    def _first_index(self) -> int:
+        g, w, m = self.global_batch_size, self.world, self.micro_batch_size
+        return self._next_step * g + self.rank * (g // w) + self._next_micro * m
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next position this rank reads."""
+        return (self._position * self.world + self.rank) // self.num_rows
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position (JSON-safe): stream position, rows waiting in buckets, step and micro-batch."""
+        return {
+            "source": SOURCE,
+            "path": str(self.path),
+            **{key: getattr(self, key) for key in _LAYOUT_KEYS},
+            "epoch": self.epoch,
+            "position": self._position,
+            "buckets": [[key, [row for row, _ in bucket]] for key, bucket in self._buckets.items()],
+            "next_step": self._next_step,
+            "next_micro": self._next_micro,
+            "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue where ``state`` (this rank's, or ``{"ranks": [...]}`` of all ranks) was taken.
+
+        Raises:
+            ValueError: The state is of another source or layout (seed, batch sizes, rank, world, rows).
+        """
+        if "ranks" in state:
+            ranks = state["ranks"]
+            if not isinstance(ranks, list) or len(ranks) != self.world:
+                raise ValueError(f"hf_datasets data state: 'ranks' must list the states of all {self.world} ranks")
+            state = ranks[self.rank]
+        missing = [
+            k for k in ("source", *_LAYOUT_KEYS, "position", "buckets", "next_step", "next_micro") if k not in state
+        ]
+        if missing:
+            raise ValueError(f"hf_datasets data state lacks keys {missing}")
+        if state["source"] != SOURCE:
+            raise ValueError(f"cannot resume data: the checkpoint was written by data source {state['source']!r}")
+        for key in _LAYOUT_KEYS:
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"cannot resume hf_datasets data: the checkpoint has {key}={state[key]!r} "
+                    f"but this run has {key}={getattr(self, key)!r}"
+                )
+        step, micro = int(state["next_step"]), int(state["next_micro"])
+        if step < 0 or not 0 <= micro < self.micro_batches_per_step or int(state["position"]) < 0:
+            raise ValueError(f"invalid data position {state['position']}, next_step={step}, next_micro={micro}")
+        buckets: dict[str, list[tuple[int, Decoded]]] = {}
+        for key, rows in state["buckets"]:
+            decoded = [(int(r), self._decode(int(r))) for r in rows]
+            buckets[str(key)] = [(r, s) for r, s in decoded if s is not None]
+        self._buckets = buckets
+        self._position, self._next_step, self._next_micro = int(state["position"]), step, micro
+        self.skipped = int(state.get("skipped", 0))
+
+
+def _check_layout(global_batch_size: int, micro_batch_size: int, rank: int, world: int) -> int:
+    """Micro-batches per rank and step ``G / (m W)``; ``ValueError`` for an invalid layout."""
+    if global_batch_size < 1 or micro_batch_size < 1:
+        raise ValueError(f"batch sizes must be >= 1, got global {global_batch_size}, micro {micro_batch_size}")
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need world >= 1 and 0 <= rank < world, got rank={rank}, world={world}")
+    if global_batch_size % (micro_batch_size * world):
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not divisible by micro_batch_size * world = "
+            f"{micro_batch_size} * {world}; choose a multiple of {micro_batch_size * world}"
+        )
+    return global_batch_size // (micro_batch_size * world)

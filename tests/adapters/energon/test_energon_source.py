@@ -1,0 +1,210 @@
+"""``EnergonSource`` on real prepared shards: contents, shape grouping, rank split, exact resume, bad samples."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from support.shards import FakeSample, make_samples, write_prepared
+
+from dfm.adapters.energon import BadSampleError, EnergonSource
+from dfm.domain.batch import Batch
+from dfm.ports.data import DataSource
+from dfm.ports.samples import META, TENSORS
+
+pytestmark = pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true:UserWarning")
+SHAPE_A, SHAPE_B = (4, 2, 4, 6), (4, 2, 6, 4)
+TEXT_DIM, TEXT_LEN = 8, 7
+
+
+def source(path: Path, **kw: object) -> EnergonSource:
+    args: dict = {
+        "global_batch_size": 4,
+        "micro_batch_size": 2,
+        "seed": 3,
+        "text_len": TEXT_LEN,
+        "text_dim": TEXT_DIM,
+        "num_workers": 0,
+        "shuffle_buffer": 4,
+        "max_samples_per_sequence": 4,
+    }
+    args.update(kw)
+    return EnergonSource(path, **args)
+
+
+def by_caption(samples: list[FakeSample]) -> dict[str, FakeSample]:
+    return {s.meta.caption: s for s in samples}
+
+
+def take(src: EnergonSource, n: int) -> list[Batch]:
+    it = iter(src)
+    return [next(it) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def one_shape(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[FakeSample]]:
+    samples = make_samples(24, latent_shapes=(SHAPE_A,), text_dim=TEXT_DIM, max_text_len=6)
+    return write_prepared(tmp_path_factory.mktemp("one_shape"), samples), samples
+
+
+@pytest.fixture(scope="module")
+def two_shapes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[FakeSample]]:
+    samples = make_samples(24, latent_shapes=(SHAPE_A, SHAPE_B), text_dim=TEXT_DIM, max_text_len=6)
+    return write_prepared(tmp_path_factory.mktemp("two_shapes"), samples), samples
+
+
+def test_batches_hold_the_written_tensors(one_shape: tuple[Path, list[FakeSample]]) -> None:
+    path, samples = one_shape
+    src = source(path)
+    assert isinstance(src, DataSource)
+    written = by_caption(samples)
+    for k, batch in enumerate(take(src, 6)):
+        assert batch.latents.shape == (2, *SHAPE_A) and batch.text.shape == (2, TEXT_LEN, TEXT_DIM)
+        assert batch.sample_index.tolist() == [2 * k, 2 * k + 1]  # G=4, m=2, W=1: the global stream
+        assert batch.captions is not None and batch.text_mask is not None
+        for row, caption in enumerate(batch.captions):
+            want = written[caption]
+            n = want.meta.text_len
+            torch.testing.assert_close(batch.latents[row], want.latents, rtol=0, atol=0)
+            torch.testing.assert_close(batch.text[row, :n], want.text, rtol=0, atol=0)
+            assert not batch.text[row, n:].any()
+            assert batch.text_mask[row].tolist() == [i < n for i in range(TEXT_LEN)]
+
+
+def test_latent_shapes_never_share_a_batch(two_shapes: tuple[Path, list[FakeSample]]) -> None:
+    path, samples = two_shapes
+    written = by_caption(samples)
+    seen = set()
+    for batch in take(source(path, num_workers=2), 16):
+        assert batch.captions is not None
+        shapes = {tuple(written[c].latents.shape) for c in batch.captions}
+        assert shapes == {tuple(batch.latents.shape[1:])}
+        seen |= shapes
+    assert seen == {SHAPE_A, SHAPE_B}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_two_ranks_read_disjoint_samples_covering_the_data(
+    one_shape: tuple[Path, list[FakeSample]], num_workers: int
+) -> None:
+    path, samples = one_shape
+    per_rank: list[set[str]] = []
+    for rank in range(2):
+        src = source(path, rank=rank, world=2, num_workers=num_workers)
+        batches = take(src, 18)  # 3 epochs of this rank's 12 samples
+        first = batches[0].sample_index.tolist()
+        assert first == [2 * rank, 2 * rank + 1]  # step 0: rank r holds [r G/W, (r+1) G/W)
+        assert batches[1].sample_index.tolist() == [4 + 2 * rank, 5 + 2 * rank]  # one micro-batch per step
+        per_rank.append({c for b in batches for c in (b.captions or ())})
+    assert not per_rank[0] & per_rank[1]
+    assert per_rank[0] | per_rank[1] == set(by_caption(samples))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_mid_epoch_reads_exactly_the_next_batches(
+    two_shapes: tuple[Path, list[FakeSample]], num_workers: int
+) -> None:
+    path, _ = two_shapes
+    first = source(path, num_workers=num_workers, global_batch_size=8)
+    head = take(first, 5)  # mid-step (4 micro-batches per step) and mid-epoch
+    state = json.loads(json.dumps(first.state_dict()))
+    want = take(first, 6)
+    assert state["next_step"] == 1 and state["next_micro"] == 1 and head[-1].sample_index.tolist() == [8, 9]
+
+    resumed = source(path, num_workers=num_workers, global_batch_size=8)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["loader"] == state["loader"]  # not iterated yet: the loaded state
+    got = take(resumed, 6)
+    for a, b in zip(want, got, strict=True):
+        assert a.captions == b.captions
+        assert a.sample_index.tolist() == b.sample_index.tolist()
+        torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
+        torch.testing.assert_close(a.text, b.text, rtol=0, atol=0)
+
+
+def test_all_ranks_state_form_picks_its_own(one_shape: tuple[Path, list[FakeSample]]) -> None:
+    path, _ = one_shape
+    ranks = [source(path, rank=r, world=2) for r in range(2)]
+    for src in ranks:
+        take(src, 3)
+    combined = json.loads(json.dumps({"source": "energon", "ranks": [s.state_dict() for s in ranks]}))
+    want = [take(s, 2) for s in ranks]
+    for r in range(2):
+        resumed = source(path, rank=r, world=2)
+        resumed.load_state_dict(combined)
+        assert [b.captions for b in take(resumed, 2)] == [b.captions for b in want[r]]
+    with pytest.raises(ValueError, match="rank=0 but this run has rank=1"):
+        source(path, rank=1, world=2).load_state_dict(combined["ranks"][0])
+
+
+def corrupt_two(sample: FakeSample, members: dict[str, bytes]) -> dict[str, bytes]:
+    if sample.key == "000005":
+        return {**members, TENSORS: b"definitely not safetensors"}
+    if sample.key == "000010":
+        return {**members, META: b"{not json"}
+    return members
+
+
+@pytest.fixture(scope="module")
+def with_bad(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[FakeSample]]:
+    samples = make_samples(16, latent_shapes=(SHAPE_A,), text_dim=TEXT_DIM, max_text_len=6)
+    return write_prepared(tmp_path_factory.mktemp("bad"), samples, corrupt=corrupt_two), samples
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_samples_are_skipped_and_counted(with_bad: tuple[Path, list[FakeSample]], num_workers: int) -> None:
+    path, samples = with_bad
+    good = {s.meta.caption for s in samples if s.key not in ("000005", "000010")}
+    src = source(path, num_workers=num_workers, shuffle_buffer=1)
+    seen: set[str] = set()
+    it = iter(src)
+    for _ in range(40):
+        seen |= set(next(it).captions or ())
+        if seen == good and src.skipped >= 2:
+            break
+    assert seen == good  # the bad ones never appear
+    assert src.skipped >= 2 and src.state_dict()["skipped"] == src.skipped
+
+
+def test_the_skip_count_survives_resumption_exactly(with_bad: tuple[Path, list[FakeSample]]) -> None:
+    path, _ = with_bad
+    straight = source(path, num_workers=2)
+    take(straight, 12)
+    first = source(path, num_workers=2)
+    take(first, 5)
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = source(path, num_workers=2)
+    resumed.load_state_dict(state)
+    take(resumed, 7)
+    assert resumed.skipped == straight.skipped >= 2
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_bad_sample_raises_when_strict(with_bad: tuple[Path, list[FakeSample]], num_workers: int) -> None:
+    path, _ = with_bad
+    it = iter(source(path, strict=True, shuffle_buffer=1, num_workers=num_workers))
+    with pytest.raises(BadSampleError, match=r"not valid safetensors data|not valid JSON"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(20):
+            next(it)
+
+
+def test_wrong_text_width_and_unprepared_directories_are_user_errors(
+    one_shape: tuple[Path, list[FakeSample]], tmp_path: Path
+) -> None:
+    path, _ = one_shape
+    with pytest.raises(ValueError, match="8 wide but the model expects text_dim=16"):
+        source(path, text_dim=16)
+    with pytest.raises(ValueError, match="not a prepared energon data set"):
+        source(tmp_path)
+    with pytest.raises(ValueError, match="not divisible"):
+        source(path, global_batch_size=6, micro_batch_size=4)
+
+
+def test_order_is_a_function_of_the_seed(two_shapes: tuple[Path, list[FakeSample]]) -> None:
+    path, _ = two_shapes
+    orders = [[b.captions for b in take(source(path, seed=s), 8)] for s in (3, 3, 4)]
+    assert orders[0] == orders[1] != orders[2]
