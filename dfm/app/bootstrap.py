@@ -217,7 +217,29 @@ def build_data_source(cfg: TrainConfig, topology: Topology, codec: LatentCodec |
         return MockLatentSource(
             latent_shape=latent_shape(cfg, codec), text_len=d.text_len, text_dim=cfg.model.text_dim, **common
         )
-    raise ConfigError(f"data.source: {d.source!r} is not available in this version of dfm; use synthetic or mock")
+    return _prepared_source(cfg, common)
+
+
+def _prepared_source(cfg: TrainConfig, common: dict[str, Any]) -> DataSource:
+    """``energon`` or ``hf_datasets``: samples written by ``python -m dfm.app.prepare`` (the data extra)."""
+    d = cfg.data
+    shared = {"text_len": d.text_len, "text_dim": cfg.model.text_dim, "strict": d.strict, **common}
+    try:
+        if d.source == "energon":
+            from dfm.adapters.energon import EnergonSource
+
+            return EnergonSource(
+                d.path,
+                num_workers=d.num_workers,
+                shuffle_buffer=d.shuffle_buffer,
+                max_samples_per_sequence=d.max_samples_per_sequence,
+                **shared,
+            )
+        from dfm.adapters.hf_datasets import HFDatasetSource
+
+        return HFDatasetSource(d.path, **shared)
+    except ValueError as exc:
+        raise ConfigError(f"data.path: {exc}") from None
 
 
 def build_checkpoint_store(cfg: TrainConfig) -> CheckpointStore:

@@ -11,7 +11,7 @@ from dfm.adapters.torch_dist.checkpointing import apply_activation_checkpointing
 from dfm.adapters.torch_dist.head_norm import HeadNormForward
 from dfm.adapters.torch_dist.mesh import DIM_NAMES, MeshSizes, build_mesh, fsdp_mesh, resolve_sizes, topology
 from dfm.adapters.torch_dist.optim import NO_DECAY_SUFFIXES, build_adamw, decays, materialize_state, param_groups
-from dfm.adapters.torch_dist.process_group import DistEnv, destroy, init_process_group
+from dfm.adapters.torch_dist.process_group import DistEnv, all_gather_json, destroy, init_process_group
 from dfm.adapters.torch_dist.schedule import (
     build_scheduler,
     check_optimizer_settings,
@@ -36,6 +36,7 @@ __all__ = [
     "HeadNormForward",
     "MeshSizes",
     "UlyssesAttention",
+    "all_gather_json",
     "apply_activation_checkpointing",
     "build_adamw",
     "build_mesh",

@@ -57,6 +57,13 @@ class DataConfig:
     """Data-loader worker processes per rank (0 loads in the training process)."""
     synthetic: SyntheticConfig = attrs.field(factory=SyntheticConfig)
     """Scene options of the ``synthetic`` source."""
+    shuffle_buffer: int = attrs.field(default=100, validator=non_negative)
+    """``energon``: samples in each loader worker's shuffle buffer (0: read shards in order)."""
+    max_samples_per_sequence: int = attrs.field(default=100, validator=positive)
+    """``energon``: samples read in a row from one shard before switching to another."""
+    strict: bool = False
+    """``energon`` / ``hf_datasets``: stop at the first bad sample (undecodable, wrong shape) instead of
+    skipping it; skipped samples are logged and counted either way."""
 
     def __attrs_post_init__(self) -> None:
         if self.source in _NEEDS_PATH and self.path is None:

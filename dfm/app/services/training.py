@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 import torch
 
+from dfm.adapters.torch_dist import all_gather_json
 from dfm.app import bootstrap
 from dfm.app.config import TrainConfig, config_to_yaml
 from dfm.app.logging import bind_step, configure_logging, get_logger
@@ -198,11 +199,22 @@ def _state(run: _Run) -> dict[str, Any]:
     return {"runtime": run.runtime.state_dict(), "rng": {"torch": torch.get_rng_state()}}
 
 
+def _data_state(data: DataSource) -> dict[str, Any]:
+    """The data position to checkpoint (collective): the state every rank shares, or, when the ranks'
+    states differ (a loader per data-parallel rank, e.g. energon), ``{"source", "ranks": [state per
+    data-parallel rank]}`` (each state names its ``rank``; a source's ``load_state_dict`` picks its own)."""
+    states = all_gather_json(data.state_dict())
+    if all(state == states[0] for state in states):
+        return states[0]
+    by_rank = {int(state["rank"]): state for state in states}
+    return {"source": states[0].get("source"), "ranks": [by_rank[r] for r in sorted(by_rank)]}
+
+
 def _save(run: _Run) -> None:
     meta = {
         "step": run.step,
         "config": config_to_yaml(run.cfg),
-        "data": run.data.state_dict(),
+        "data": _data_state(run.data),
         "skipped_steps": run.skipped,
         "model": {"arch": run.cfg.model.arch},
     }

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from dfm.adapters.memory import InMemoryCheckpointStore, InMemoryMetricsSink
 from dfm.adapters.tracking import read_metrics
 from dfm.app.config import config_from_yaml, resolve_config
+from dfm.app.services import training
 from dfm.app.services.training import train
 
 
@@ -105,3 +107,28 @@ def test_init_from_starts_a_fresh_run_from_diffusers_weights(tmp_path: Path) -> 
     missing = resolve_config("wan_tiny_t2v", None, [f"checkpoint.init_from={tmp_path / 'nothing'}"])
     with pytest.raises(ConfigError, match=r"^checkpoint.init_from: "):
         bootstrap.initial_weights(missing)
+
+
+class _RankedSource:
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+
+def test_checkpoint_data_state_keeps_every_data_parallel_ranks_position(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loaders with a state per data-parallel rank (energon) are saved as one list; shared states once."""
+    patch = monkeypatch
+    per_rank = [  # 4 global ranks: data-parallel rank 1 and 0, each twice (its tensor-parallel pair)
+        {"source": "energon", "rank": 1, "next_step": 5},
+        {"source": "energon", "rank": 1, "next_step": 5},
+        {"source": "energon", "rank": 0, "next_step": 4},
+        {"source": "energon", "rank": 0, "next_step": 4},
+    ]
+    patch.setattr(training, "all_gather_json", lambda state: per_rank)
+    saved = training._data_state(_RankedSource(per_rank[0]))
+    assert saved == {"source": "energon", "ranks": [per_rank[2], per_rank[0]]}
+    shared = {"source": "synthetic", "next_step": 3}
+    patch.setattr(training, "all_gather_json", lambda state: [shared, dict(shared)])
+    assert training._data_state(_RankedSource(shared)) == shared
