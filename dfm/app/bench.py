@@ -39,7 +39,7 @@ from dfm.app import bootstrap
 from dfm.app.cli import UserError, add_config_arguments, config_from_args, make_parser, parse_args, run_main
 from dfm.app.config import TrainConfig
 from dfm.app.logging import configure_logging
-from dfm.domain.objective import training_loss
+from dfm.domain.objective import batch_loss
 from dfm.domain.rng import SampleRNG
 from dfm.domain.specs import num_tokens, training_flops
 from dfm.ports.runtime import LossFn, ParallelRuntime
@@ -77,7 +77,7 @@ def bench_train(cfg: TrainConfig, *, warmup: int = 2, steps: int = 6, profile: P
 def _loss_fn(cfg: TrainConfig, step: int) -> LossFn:
     """The training service's loss for ``step`` (per-sample noise streams keyed by seed and step)."""
     rng = SampleRNG(seed=cfg.seed, step=step)
-    return lambda model, batch: training_loss(model, batch, cfg.diffusion, rng)
+    return lambda model, batch: batch_loss(model, batch, cfg.diffusion, rng)
 
 
 def _figures(cfg: TrainConfig, runtime: ParallelRuntime, times: list[float], loss: float, warmup: int) -> dict:

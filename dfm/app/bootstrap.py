@@ -32,6 +32,7 @@ def build_runtime(cfg: TrainConfig, device: str = "auto") -> ParallelRuntime:
     ``fsdp2`` joins (or, in a lone process, creates) the process group and builds its device mesh here,
     so the topology is known before the data source is built.
     """
+    _check_packing(cfg)  # before any process group exists
     t = cfg.train
     knobs = {
         "device": device,
@@ -220,6 +221,20 @@ def build_data_source(cfg: TrainConfig, topology: Topology, codec: LatentCodec |
     return _prepared_source(cfg, common)
 
 
+def _check_packing(cfg: TrainConfig) -> None:
+    """Packed batches need a network call on a whole packed sequence: refuse the layouts that split it."""
+    d, p = cfg.data, cfg.parallel
+    if not d.packing:
+        return
+    if d.source != "energon":
+        raise ConfigError(f"data.packing: only data.source=energon packs samples, not {d.source!r}")
+    if cfg.runtime == "megatron" or p.context > 1:
+        raise ConfigError(
+            "data.packing: packed sequences run on runtime local or fsdp2 without context parallelism "
+            f"(runtime={cfg.runtime}, parallel.context={p.context}); set data.packing=false"
+        )
+
+
 def _prepared_source(cfg: TrainConfig, common: dict[str, Any]) -> DataSource:
     """``energon`` or ``hf_datasets``: samples written by ``python -m dfm.app.prepare`` (the data extra)."""
     d = cfg.data
@@ -233,6 +248,7 @@ def _prepared_source(cfg: TrainConfig, common: dict[str, Any]) -> DataSource:
                 num_workers=d.num_workers,
                 shuffle_buffer=d.shuffle_buffer,
                 max_samples_per_sequence=d.max_samples_per_sequence,
+                packing=d.packing,
                 **shared,
             )
         from dfm.adapters.hf_datasets import HFDatasetSource

@@ -13,7 +13,7 @@ noise and text dropout drawn from the same streams, so its per-sample losses equ
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 import torch
@@ -216,3 +216,10 @@ def _packed_terms(
         network([c[0][0] for c in calls], torch.cat([c[1] for c in calls]), torch.cat([c[2] for c in calls]), mask)
     )
     return each(lambda x, timestep, txt, m: next(outputs).unsqueeze(0))
+
+
+def batch_loss(network: Any, batch: Batch | PackedBatch, process: DiffusionProcess, rng: SampleRNG) -> LossOutput:
+    """:func:`packed_training_loss` for a :class:`PackedBatch`, :func:`training_loss` for a :class:`Batch`."""
+    if isinstance(batch, PackedBatch):
+        return packed_training_loss(network, batch, process, rng)
+    return training_loss(network, batch, process, rng)

@@ -39,7 +39,7 @@ from dfm.adapters.energon.task_encoder import (
     RawBatch,
     worker_config,
 )
-from dfm.domain.batch import Batch
+from dfm.domain.batch import Batch, PackedBatch
 from dfm.ports.samples import FORMAT_VERSION, TENSORS, TEXT
 
 SOURCE = "energon"
@@ -64,6 +64,8 @@ class EnergonSource:
         max_samples_per_sequence: Samples read in a row from one shard before jumping (energon's slices).
         strict: Raise :class:`~dfm.adapters.energon.task_encoder.BadSampleError` on a bad sample
             instead of skipping and counting it.
+        packing: Yield each micro-batch as one :class:`~dfm.domain.batch.PackedBatch`: samples of any latent
+            shapes, run as one token sequence in which attention never crosses samples.
 
     Raises:
         ValueError: ``path`` is not a prepared dfm data set, its text width is not ``text_dim``, or the
@@ -85,7 +87,9 @@ class EnergonSource:
         shuffle_buffer: int = 100,
         max_samples_per_sequence: int = 100,
         strict: bool = False,
+        packing: bool = False,
     ) -> None:
+        self.packing = packing
         self.micro_batches_per_step = check_layout(
             global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, rank=rank, world=world
         )
@@ -116,8 +120,8 @@ class EnergonSource:
     def __iter__(self) -> Iterator[Batch]:
         return self
 
-    def __next__(self) -> Batch:
-        """The next micro-batch of this rank."""
+    def __next__(self) -> Batch | PackedBatch:
+        """The next micro-batch of this rank (a :class:`PackedBatch` of any shapes with ``packing``)."""
         if self._iterator is None:
             self._iterator = iter(self._build_loader())
         raw = next(self._iterator)
@@ -125,7 +129,7 @@ class EnergonSource:
             self.skipped += raw.skipped
             _log.warning("bad samples skipped", now=raw.skipped, total=self.skipped, path=str(self.path))
         m = self.micro_batch_size
-        assert raw.latents.shape[0] == m, f"energon yielded a batch of {raw.latents.shape[0]} samples, expected {m}"
+        assert len(raw.latents) == m, f"energon yielded a batch of {len(raw.latents)} samples, expected {m}"
         first = (
             self._next_step * self.global_batch_size
             + self.rank * (self.global_batch_size // self.world)
@@ -134,16 +138,27 @@ class EnergonSource:
         self._next_micro += 1
         if self._next_micro == self.micro_batches_per_step:
             self._next_step, self._next_micro = self._next_step + 1, 0
+        index = torch.arange(first, first + m, dtype=torch.int64)
+        if self.packing:
+            return PackedBatch(
+                latents=tuple(raw.latents),
+                text=raw.text,
+                text_mask=raw.text_mask,
+                sample_index=index,
+                captions=tuple(raw.captions),
+            )
         return Batch(
             latents=raw.latents,
             text=raw.text,
             text_mask=raw.text_mask,
-            sample_index=torch.arange(first, first + m, dtype=torch.int64),
+            sample_index=index,
             captions=tuple(raw.captions),
         )
 
     def _build_loader(self) -> SavableDataLoader:
-        encoder = DfmTaskEncoder(text_len=self.text_len, text_dim=self.text_dim, strict=self.strict)
+        encoder = DfmTaskEncoder(
+            text_len=self.text_len, text_dim=self.text_dim, strict=self.strict, packing=self.packing
+        )
         dataset = get_train_dataset(
             self.path,
             worker_config=worker_config(rank=self.rank, world=self.world, num_workers=self.num_workers, seed=self.seed),

@@ -48,14 +48,15 @@ class RawBatch(EnergonBatch):
     """A micro-batch as it leaves a loader worker.
 
     Attributes:
-        latents: ``[B, C, F, H, W]`` (one latent shape per batch).
+        latents: ``[B, C, F, H, W]`` (one latent shape per batch); with packing a list of ``B`` latents
+            ``[C, F_i, H_i, W_i]`` of any shapes.
         text: ``[B, S, D]`` zero-padded to ``S = text_len``.
         text_mask: ``[B, S]``, ``True`` on real tokens.
         captions: One caption per sample.
         skipped: Bad samples the producing worker skipped since its previous batch.
     """
 
-    latents: torch.Tensor
+    latents: torch.Tensor | list[torch.Tensor]
     text: torch.Tensor
     text_mask: torch.Tensor
     captions: list[str]
@@ -82,12 +83,14 @@ class DfmTaskEncoder(TaskEncoder[DecodedSample, DecodedSample, RawBatch, RawBatc
         text_len: Text tokens per batch row ``S`` (longer captions are cut).
         text_dim: Width ``D`` every sample's text must have.
         strict: Raise :class:`BadSampleError` on a bad sample instead of skipping it.
+        packing: Batch samples of any latent shapes together (kept as a list, to be packed into one
+            sequence) instead of grouping them by shape.
     """
 
     decoder = None  # members stay raw bytes: the cooker decodes them
 
-    def __init__(self, *, text_len: int, text_dim: int, strict: bool) -> None:
-        self.text_len, self.text_dim, self.strict = text_len, text_dim, strict
+    def __init__(self, *, text_len: int, text_dim: int, strict: bool, packing: bool = False) -> None:
+        self.text_len, self.text_dim, self.strict, self.packing = text_len, text_dim, strict, packing
         self.cookers = [Cooker(self.cook, has_subflavors={SUBFLAVOR: FORMAT_VERSION})]
         self._skipped_since_batch = 0
         self._consecutive_bad = 0
@@ -120,7 +123,9 @@ class DfmTaskEncoder(TaskEncoder[DecodedSample, DecodedSample, RawBatch, RawBatc
         raise SkipSample()
 
     def batch_group_criterion(self, sample: DecodedSample) -> tuple[str, None]:
-        """Group key: the latent shape ``CxFxHxW`` (the batch size is the loader's)."""
+        """Group key: the latent shape ``CxFxHxW`` (the batch size is the loader's); one group with packing."""
+        if self.packing:
+            return "packed", None
         return "x".join(str(s) for s in sample.latents.shape), None
 
     @stateless
@@ -130,7 +135,7 @@ class DfmTaskEncoder(TaskEncoder[DecodedSample, DecodedSample, RawBatch, RawBatc
         skipped, self._skipped_since_batch = self._skipped_since_batch, 0
         return RawBatch.from_samples(
             samples,
-            latents=torch.stack([s.latents for s in samples]),
+            latents=[s.latents for s in samples] if self.packing else torch.stack([s.latents for s in samples]),
             text=text,
             text_mask=mask,
             captions=[s.caption for s in samples],

@@ -44,9 +44,15 @@ class StagedForward:
         self.compute_dtype = compute_dtype
 
     def __call__(
-        self, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor | list[torch.Tensor],
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
         net = self.network
+        if isinstance(x, list | tuple):  # a packed sequence of samples of any sizes (data.packing)
+            return self._packed(list(x), timestep, text, text_mask)
         if self.compute_dtype is not None:
             x, text = x.to(self.compute_dtype), text.to(self.compute_dtype)
         inputs = net.embed(x, timestep, text, text_mask)
@@ -58,6 +64,16 @@ class StagedForward:
         tokens = net.run_blocks(shard_sequence(inputs.tokens, 1, self.cp_group), inputs._replace(rope=rope))
         patches = gather_sequence(net.project(tokens, inputs.temb), 1, self.cp_group)
         return net.unpatchify(patches, inputs.grid)
+
+    def _packed(
+        self, x: list[torch.Tensor], timestep: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        if self.cp_group is not None:
+            raise ValueError("packed sequences do not run with context parallelism; set data.packing=false")
+        if self.compute_dtype is not None:
+            x, text = [xi.to(self.compute_dtype) for xi in x], text.to(self.compute_dtype)
+        # the per-sample outputs are views of one tensor: copies, so that FSDP's pre-backward hooks stay attached
+        return [out.clone() for out in self.network.forward_packed(x, timestep, text, text_mask)]
 
     def _check_length(self, length: int, grid: Any) -> None:
         if length % self.cp:

@@ -61,6 +61,10 @@ class DataConfig:
     """``energon``: samples in each loader worker's shuffle buffer (0: read shards in order)."""
     max_samples_per_sequence: int = attrs.field(default=100, validator=positive)
     """``energon``: samples read in a row from one shard before switching to another."""
+    packing: bool = False
+    """``energon``: each micro-batch's samples, of any latent shapes, run as one packed sequence (attention
+    never crosses samples; per-sample noise levels) instead of batches grouped by shape. Runtimes
+    ``local`` and ``fsdp2`` (without context parallelism)."""
     strict: bool = False
     """``energon`` / ``hf_datasets``: stop at the first bad sample (undecodable, wrong shape) instead of
     skipping it; skipped samples are logged and counted either way."""

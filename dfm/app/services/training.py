@@ -25,7 +25,7 @@ from dfm.app.logging import bind_step, configure_logging, get_logger
 from dfm.app.services.resume import resolve_resume
 from dfm.app.services.signals import StopRequest
 from dfm.domain.batch import Batch
-from dfm.domain.objective import training_loss
+from dfm.domain.objective import batch_loss
 from dfm.domain.rng import SampleRNG
 from dfm.domain.specs import num_tokens, training_flops
 from dfm.ports.checkpoint import CheckpointInfo, CheckpointStore
@@ -164,7 +164,7 @@ def _one_step(run: _Run) -> StepResult:
     micro = [next(run.batches) for _ in range(n_micro)]
     rng = SampleRNG(seed=cfg.seed, step=step)
     result = run.runtime.train_step(
-        micro, lambda model, batch: training_loss(model, batch, cfg.diffusion, rng), cfg.train.global_batch_size
+        micro, lambda model, batch: batch_loss(model, batch, cfg.diffusion, rng), cfg.train.global_batch_size
     )
     run.step = step + 1
     bind_step(run.step)
