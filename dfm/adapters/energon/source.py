@@ -43,7 +43,9 @@ from dfm.domain.batch import Batch, PackedBatch
 from dfm.ports.samples import FORMAT_VERSION, TENSORS, TEXT
 
 SOURCE = "energon"
-_LAYOUT_KEYS = ("seed", "global_batch_size", "micro_batch_size", "rank", "world")
+PACK_BUFFER = 8
+"""With packing, packs formed together from one buffer of samples (first-fit-decreasing balances them)."""
+_LAYOUT_KEYS = ("seed", "global_batch_size", "micro_batch_size", "rank", "world", "packing")
 _log = structlog.get_logger(__name__)
 
 
@@ -64,8 +66,10 @@ class EnergonSource:
         max_samples_per_sequence: Samples read in a row from one shard before jumping (energon's slices).
         strict: Raise :class:`~dfm.adapters.energon.task_encoder.BadSampleError` on a bad sample
             instead of skipping and counting it.
-        packing: Yield each micro-batch as one :class:`~dfm.domain.batch.PackedBatch`: samples of any latent
-            shapes, run as one token sequence in which attention never crosses samples.
+        packing: Yield each micro-batch as one :class:`~dfm.domain.batch.PackedBatch`: ``micro_batch_size``
+            samples of any latent shapes, run as one token sequence in which attention never crosses samples.
+            Energon hands buffers of :data:`PACK_BUFFER` packs' worth of samples to first-fit-decreasing,
+            which balances the token counts of the packs.
 
     Raises:
         ValueError: ``path`` is not a prepared dfm data set, its text width is not ``text_dim``, or the
@@ -156,13 +160,15 @@ class EnergonSource:
         )
 
     def _build_loader(self) -> SavableDataLoader:
+        m = self.micro_batch_size
         encoder = DfmTaskEncoder(
-            text_len=self.text_len, text_dim=self.text_dim, strict=self.strict, packing=self.packing
+            text_len=self.text_len, text_dim=self.text_dim, strict=self.strict, pack_size=m if self.packing else None
         )
         dataset = get_train_dataset(
             self.path,
             worker_config=worker_config(rank=self.rank, world=self.world, num_workers=self.num_workers, seed=self.seed),
-            batch_size=self.micro_batch_size,
+            batch_size=1 if self.packing else m,  # with packing, one pack of m samples per micro-batch
+            packing_buffer_size=PACK_BUFFER * m if self.packing else None,
             shuffle_buffer_size=self.shuffle_buffer,
             max_samples_per_sequence=self.max_samples_per_sequence,
             task_encoder=encoder,
@@ -188,6 +194,7 @@ class EnergonSource:
             "micro_batch_size": self.micro_batch_size,
             "rank": self.rank,
             "world": self.world,
+            "packing": self.packing,
             "next_step": self._next_step,
             "next_micro": self._next_micro,
             "skipped": self.skipped,

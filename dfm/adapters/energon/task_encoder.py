@@ -24,6 +24,7 @@ from megatron.energon import Batch as EnergonBatch
 from megatron.energon import Cooker, Sample, SkipSample, TaskEncoder, reraise_exception, stateless
 from megatron.energon.worker import WorkerConfig
 
+from dfm.domain.packing import first_fit_decreasing_fixed_count
 from dfm.ports.samples import FORMAT_VERSION, META, TENSORS, BadSampleError, decode_sample, pad_text
 
 SUBFLAVOR = "dfm_format"
@@ -41,6 +42,13 @@ class DecodedSample(Sample):
     latents: torch.Tensor
     text: torch.Tensor
     caption: str
+
+
+@dataclasses.dataclass
+class PackedSample(Sample):
+    """Samples selected to run as one packed sequence (``data.packing``)."""
+
+    samples: list[DecodedSample]
 
 
 @dataclasses.dataclass
@@ -83,14 +91,16 @@ class DfmTaskEncoder(TaskEncoder[DecodedSample, DecodedSample, RawBatch, RawBatc
         text_len: Text tokens per batch row ``S`` (longer captions are cut).
         text_dim: Width ``D`` every sample's text must have.
         strict: Raise :class:`BadSampleError` on a bad sample instead of skipping it.
-        packing: Batch samples of any latent shapes together (kept as a list, to be packed into one
-            sequence) instead of grouping them by shape.
+        pack_size: With packing, the samples of a pack: energon's packing buffer is handed to
+            :meth:`select_samples_to_pack`, which forms packs of ``pack_size`` samples of any latent shapes
+            with balanced token counts (first-fit-decreasing); one pack is one micro-batch. ``None``: no
+            packing, batches grouped by latent shape.
     """
 
     decoder = None  # members stay raw bytes: the cooker decodes them
 
-    def __init__(self, *, text_len: int, text_dim: int, strict: bool, packing: bool = False) -> None:
-        self.text_len, self.text_dim, self.strict, self.packing = text_len, text_dim, strict, packing
+    def __init__(self, *, text_len: int, text_dim: int, strict: bool, pack_size: int | None = None) -> None:
+        self.text_len, self.text_dim, self.strict, self.pack_size = text_len, text_dim, strict, pack_size
         self.cookers = [Cooker(self.cook, has_subflavors={SUBFLAVOR: FORMAT_VERSION})]
         self._skipped_since_batch = 0
         self._consecutive_bad = 0
@@ -124,18 +134,37 @@ class DfmTaskEncoder(TaskEncoder[DecodedSample, DecodedSample, RawBatch, RawBatc
 
     def batch_group_criterion(self, sample: DecodedSample) -> tuple[str, None]:
         """Group key: the latent shape ``CxFxHxW`` (the batch size is the loader's); one group with packing."""
-        if self.packing:
+        if self.pack_size is not None:
             return "packed", None
         return "x".join(str(s) for s in sample.latents.shape), None
 
+    def select_samples_to_pack(self, samples: list[DecodedSample]) -> list[list[DecodedSample]]:
+        """Energon's pre-packing: packs of ``pack_size`` samples with balanced token counts (the latent
+        volume ``F x H x W``, proportional to the tokens), by :func:`first_fit_decreasing_fixed_count`."""
+        assert self.pack_size is not None
+        sizes = [int(s.latents[0].numel()) for s in samples]
+        return [[samples[i] for i in pack] for pack in first_fit_decreasing_fixed_count(sizes, self.pack_size)]
+
     @stateless
-    def batch(self, samples: list[DecodedSample]) -> RawBatch:
-        """Stack one shape group: latents ``[B, C, F, H, W]``, text padded to ``text_len`` with its mask."""
+    def pack_selected_samples(self, samples: list[DecodedSample]) -> PackedSample:
+        """Energon's final packing: the selected samples, kept apart (the network packs their tokens)."""
+        base = {f.name: getattr(samples[0], f.name) for f in dataclasses.fields(Sample)}
+        base["__key__"] = "+".join(s.__key__ for s in samples)
+        return PackedSample(**base, samples=list(samples))
+
+    @stateless
+    def batch(self, samples: list[DecodedSample] | list[PackedSample]) -> RawBatch:
+        """Stack one shape group: latents ``[B, C, F, H, W]``, text padded to ``text_len`` with its mask.
+
+        With packing, ``samples`` is one pack, whose latents stay a list."""
+        if self.pack_size is not None:
+            assert len(samples) == 1, "with packing a micro-batch is one pack"
+            samples = samples[0].samples  # type: ignore[union-attr]
         text, mask = pad_text([s.text for s in samples], self.text_len)
         skipped, self._skipped_since_batch = self._skipped_since_batch, 0
         return RawBatch.from_samples(
             samples,
-            latents=[s.latents for s in samples] if self.packing else torch.stack([s.latents for s in samples]),
+            latents=[s.latents for s in samples] if self.pack_size else torch.stack([s.latents for s in samples]),
             text=text,
             text_mask=mask,
             captions=[s.caption for s in samples],
