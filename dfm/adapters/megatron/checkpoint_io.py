@@ -10,6 +10,7 @@ another tensor/pipeline layout. Plain values (scheduler counters, the RNG state)
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,25 @@ class _NotOverwriting(logging.Filter):
         return "Overwriting old incomplete" not in record.getMessage()
 
 
+class _RngOnlyDiffers(logging.Filter):
+    """Drops megatron's "common state dict differs" warning when the only difference is ``rng.torch``.
+
+    Each rank's torch RNG state differs by design; like a DCP checkpoint, the common state keeps rank 0's
+    (every training draw is keyed by seed, step and sample, so resuming does not depend on it). Any other
+    difference is still reported.
+    """
+
+    _ONLY_RNG = re.compile(
+        r"Keys only on rank 0: \[\], Keys only on \d+: \[\], Mismatched keys: \[\(\('rng', 'torch'\),"
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (self._ONLY_RNG.search(message) and message.count("((") == 1)
+
+
 logging.getLogger("megatron.core.dist_checkpointing.serialization").addFilter(_NotOverwriting())
+logging.getLogger("megatron.core.dist_checkpointing.validation").addFilter(_RngOnlyDiffers())
 
 
 class DistCheckpointIO:
