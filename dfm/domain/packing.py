@@ -26,10 +26,10 @@ Grid = tuple[int, int, int]
 __all__ = [
     "Grid",
     "PackedLayout",
+    "balanced_packs",
     "bucket_by_shape",
     "cu_seqlens",
     "first_fit_decreasing",
-    "first_fit_decreasing_fixed_count",
     "pack_tokens",
     "pad_text",
     "token_grid",
@@ -103,39 +103,37 @@ def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]
     return bins
 
 
-def first_fit_decreasing_fixed_count(sizes: Sequence[int], per_bin: int) -> list[list[int]]:
-    """First-fit-decreasing into bins of exactly ``per_bin`` items with balanced token totals.
+def balanced_packs(sizes: Sequence[int], per_pack: int) -> list[list[int]]:
+    """Packs of exactly ``per_pack`` items with balanced token totals (largest first, worst-fit decreasing).
 
-    The packs a data loader feeds as micro-batches must hold the same number of samples; FFD then
-    balances their lengths: ``n = len(sizes) // per_bin`` bins of capacity ``ceil(sum / n)``, items
-    largest first (ties by position) into the first bin with room for one more item and its tokens,
-    else into the least-loaded bin with room for an item. Items beyond ``n * per_bin`` (the smallest,
-    then the latest) are left out.
+    The packs a data loader feeds as micro-batches must hold the same number of samples, so the packs'
+    number is fixed (``n = len(sizes) // per_pack``) and only their balance is chosen: items are taken
+    largest first (ties by position), each into the least-loaded pack with a free slot (Graham's LPT rule
+    with a cardinality limit). :func:`first_fit_decreasing` is the packer for a token budget instead,
+    when the number of packs may vary. Items beyond ``n * per_pack`` (the smallest, then the latest) are
+    left out.
 
     Args:
         sizes: Positive item sizes (token counts).
-        per_bin: Items per bin (>= 1).
+        per_pack: Items per pack (>= 1).
 
     Returns:
-        ``n`` bins as lists of item positions, in placement order.
+        ``n`` packs as lists of item positions, in placement order.
 
     Raises:
-        ValueError: If ``per_bin`` or a size is not positive, or fewer than ``per_bin`` items are given.
+        ValueError: If ``per_pack`` or a size is not positive, or fewer than ``per_pack`` items are given.
     """
-    if per_bin < 1 or any(s <= 0 for s in sizes) or len(sizes) < per_bin:
-        raise ValueError(f"need >= {per_bin} positive sizes and per_bin >= 1, got {list(sizes)} and {per_bin}")
-    n = len(sizes) // per_bin
-    order = sorted(range(len(sizes)), key=lambda j: (-sizes[j], j))[: n * per_bin]
-    capacity = -(-sum(sizes[i] for i in order) // n)
-    bins: list[list[int]] = [[] for _ in range(n)]
+    if per_pack < 1 or any(s <= 0 for s in sizes) or len(sizes) < per_pack:
+        raise ValueError(f"need >= {per_pack} positive sizes and per_pack >= 1, got {list(sizes)} and {per_pack}")
+    n = len(sizes) // per_pack
+    order = sorted(range(len(sizes)), key=lambda j: (-sizes[j], j))[: n * per_pack]
+    packs: list[list[int]] = [[] for _ in range(n)]
     load = [0] * n
     for i in order:
-        open_bins = [b for b in range(n) if len(bins[b]) < per_bin]
-        fits = [b for b in open_bins if load[b] + sizes[i] <= capacity]
-        b = fits[0] if fits else min(open_bins, key=lambda k: (load[k], k))
-        bins[b].append(i)
-        load[b] += sizes[i]
-    return bins
+        p = min((p for p in range(n) if len(packs[p]) < per_pack), key=lambda k: (load[k], k))
+        packs[p].append(i)
+        load[p] += sizes[i]
+    return packs
 
 
 def cu_seqlens(lengths: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:

@@ -44,7 +44,7 @@ from dfm.ports.samples import FORMAT_VERSION, TENSORS, TEXT
 
 SOURCE = "energon"
 PACK_BUFFER = 8
-"""With packing, packs formed together from one buffer of samples (first-fit-decreasing balances them)."""
+"""With packing, packs formed together from one buffer of samples (so their token totals can be balanced)."""
 _LAYOUT_KEYS = ("seed", "global_batch_size", "micro_batch_size", "rank", "world", "packing")
 _log = structlog.get_logger(__name__)
 
@@ -68,8 +68,8 @@ class EnergonSource:
             instead of skipping and counting it.
         packing: Yield each micro-batch as one :class:`~dfm.domain.batch.PackedBatch`: ``micro_batch_size``
             samples of any latent shapes, run as one token sequence in which attention never crosses samples.
-            Energon hands buffers of :data:`PACK_BUFFER` packs' worth of samples to first-fit-decreasing,
-            which balances the token counts of the packs.
+            Energon hands buffers of :data:`PACK_BUFFER` packs' worth of samples to
+            :func:`~dfm.domain.packing.balanced_packs`, which balances the token counts of the packs.
 
     Raises:
         ValueError: ``path`` is not a prepared dfm data set, its text width is not ``text_dim``, or the

@@ -24,7 +24,7 @@ from megatron.energon import Batch as EnergonBatch
 from megatron.energon import Cooker, Sample, SkipSample, TaskEncoder, reraise_exception, stateless
 from megatron.energon.worker import WorkerConfig
 
-from dfm.domain.packing import first_fit_decreasing_fixed_count
+from dfm.domain.packing import balanced_packs
 from dfm.ports.samples import FORMAT_VERSION, META, TENSORS, BadSampleError, decode_sample, pad_text
 
 SUBFLAVOR = "dfm_format"
@@ -93,7 +93,7 @@ class DfmTaskEncoder(TaskEncoder[DecodedSample, DecodedSample, RawBatch, RawBatc
         strict: Raise :class:`BadSampleError` on a bad sample instead of skipping it.
         pack_size: With packing, the samples of a pack: energon's packing buffer is handed to
             :meth:`select_samples_to_pack`, which forms packs of ``pack_size`` samples of any latent shapes
-            with balanced token counts (first-fit-decreasing); one pack is one micro-batch. ``None``: no
+            with balanced token counts (largest first into the lightest pack); one pack is one micro-batch. ``None``: no
             packing, batches grouped by latent shape.
     """
 
@@ -140,10 +140,11 @@ class DfmTaskEncoder(TaskEncoder[DecodedSample, DecodedSample, RawBatch, RawBatc
 
     def select_samples_to_pack(self, samples: list[DecodedSample]) -> list[list[DecodedSample]]:
         """Energon's pre-packing: packs of ``pack_size`` samples with balanced token counts (the latent
-        volume ``F x H x W``, proportional to the tokens), by :func:`first_fit_decreasing_fixed_count`."""
+        volume ``F x H x W``, proportional to the tokens), largest first into the lightest pack
+        (:func:`dfm.domain.packing.balanced_packs`)."""
         assert self.pack_size is not None
         sizes = [int(s.latents[0].numel()) for s in samples]
-        return [[samples[i] for i in pack] for pack in first_fit_decreasing_fixed_count(sizes, self.pack_size)]
+        return [[samples[i] for i in pack] for pack in balanced_packs(sizes, self.pack_size)]
 
     @stateless
     def pack_selected_samples(self, samples: list[DecodedSample]) -> PackedSample:

@@ -138,19 +138,19 @@ def test_pad_text_pads_and_masks() -> None:
     st.integers(min_value=1, max_value=6),
 )
 @settings(max_examples=100, deadline=None)
-def test_fixed_count_ffd_fills_every_bin_with_the_largest_items_balanced(sizes: list[int], per_bin: int) -> None:
-    from dfm.domain.packing import first_fit_decreasing_fixed_count
+def test_balanced_packs_fill_every_pack_with_the_largest_items_within_one_item(sizes: list[int], per_bin: int) -> None:
+    from dfm.domain.packing import balanced_packs
 
     if len(sizes) < per_bin:
         with pytest.raises(ValueError):
-            first_fit_decreasing_fixed_count(sizes, per_bin)
+            balanced_packs(sizes, per_bin)
         return
-    bins = first_fit_decreasing_fixed_count(sizes, per_bin)
+    bins = balanced_packs(sizes, per_bin)
     n = len(sizes) // per_bin
     placed = [i for b in bins for i in b]
     assert len(bins) == n and all(len(b) == per_bin for b in bins) and len(set(placed)) == len(placed)
     kept = sorted(sizes[i] for i in placed)
     assert kept == sorted(sizes)[len(sizes) - n * per_bin :]  # the largest items are the ones packed
-    assert bins == first_fit_decreasing_fixed_count(sizes, per_bin)  # deterministic
+    assert bins == balanced_packs(sizes, per_bin)  # deterministic
     loads = [sum(sizes[i] for i in b) for b in bins]
     assert max(loads) - min(loads) <= max(sizes)  # balanced to within one item
