@@ -134,14 +134,7 @@ def training_loss(network: DenoiserNetwork, batch: Batch, process: DiffusionProc
     terms = process.training_terms(network, x0, eps, sigma, text, batch.text_mask)
     mse = per_sample_mse(terms.prediction, terms.target)
     weight = terms.weight.float()
-    per_sample = weight * mse
-    metrics = {
-        "mse": mse.detach().mean(),
-        "sigma_mean": sigma.detach().float().mean(),
-        "weight_mean": weight.detach().mean(),
-        "text_dropped": (~keep).float().mean(),
-    }
-    return LossOutput(loss=per_sample.mean(), per_sample=per_sample, metrics=metrics)
+    return _loss_output(mse, weight, sigma, keep)
 
 
 def packed_training_loss(
@@ -172,6 +165,11 @@ def packed_training_loss(
     terms = _packed_terms(network, process, x0, eps, sigma, text, batch.text_mask)
     mse = torch.cat([per_sample_mse(t.prediction, t.target) for t in terms])
     weight = torch.cat([t.weight.float().reshape(1) for t in terms])
+    return _loss_output(mse, weight, sigma, keep)
+
+
+def _loss_output(mse: torch.Tensor, weight: torch.Tensor, sigma: torch.Tensor, keep: torch.Tensor) -> LossOutput:
+    """``per_sample = weight * mse``, their mean, and the detached metrics every objective reports."""
     per_sample = weight * mse
     metrics = {
         "mse": mse.detach().mean(),

@@ -44,10 +44,10 @@ from dfm.domain.networks.layers import (
     packed_positions,
     patch_grid,
     per_token,
+    run_packed,
     timestep_features,
     token_positions,
     unpatchify,
-    unpatchify_packed,
 )
 from dfm.domain.networks.plan import ParallelPlan
 from dfm.domain.specs import DiTSpec
@@ -378,10 +378,7 @@ class DiT(nn.Module):
         Returns:
             Per-sample outputs ``[C_out, F_i, H_i, W_i]``.
         """
-        inputs = self.embed_packed(latents, timestep, text, text_mask)
-        tokens = self.run_blocks(inputs.tokens, inputs)
-        patches = self.project(tokens, inputs.temb, inputs.packed)
-        return unpatchify_packed(patches, inputs.packed.layout, self.spec.patch_size, self.spec.out_channels)
+        return run_packed(self, latents, timestep, text, text_mask)
 
     def embed_packed(
         self, latents: Sequence[Tensor], timestep: Tensor, text: Tensor, text_mask: Tensor | None = None

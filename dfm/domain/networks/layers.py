@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -371,3 +371,14 @@ def unpatchify_packed(patches: Tensor, layout: PackedLayout, patch: Grid, channe
     """Fold packed ``[1, sum L, pt * ph * pw * C]`` into per-sample ``[C, F_i, H_i, W_i]`` (:func:`unpatchify`)."""
     pieces = unpack_tokens(patches, layout)
     return [unpatchify(p.unsqueeze(0), g, patch, channels)[0] for p, g in zip(pieces, layout.grids, strict=True)]
+
+
+def run_packed(
+    network: Any, latents: Sequence[Tensor], timestep: Tensor, text: Tensor, text_mask: Tensor | None
+) -> list[Tensor]:
+    """A network's packed forward through its stages: ``embed_packed``, ``run_blocks``, ``project``, then
+    :func:`unpatchify_packed` into per-sample outputs (shared by WAN and DiT)."""
+    inputs = network.embed_packed(latents, timestep, text, text_mask)
+    tokens = network.run_blocks(inputs.tokens, inputs)
+    patches = network.project(tokens, inputs.temb, inputs.packed)
+    return unpatchify_packed(patches, inputs.packed.layout, network.spec.patch_size, network.spec.out_channels)

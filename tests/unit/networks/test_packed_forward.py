@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.networks import tiny_network
 from torch import Tensor, nn
 
 from dfm.domain.batch import Batch, PackedBatch
@@ -18,7 +19,7 @@ from dfm.domain.networks.wan import WanTransformer
 from dfm.domain.objective import packed_training_loss, training_loss
 from dfm.domain.packing import PackedLayout, pad_text
 from dfm.domain.rng import SampleRNG
-from dfm.domain.specs import DIT_TINY, WAN_TINY
+from dfm.domain.specs import WAN_TINY
 
 Network = WanTransformer | DiT
 SHAPES = [(2, 4, 6), (1, 2, 2), (3, 4, 4)]  # latent (F, H, W): 12, 1 and 12 tokens with patch (1, 2, 2)
@@ -30,14 +31,7 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def _network(kind: str) -> Network:
-    """A tiny seeded network with every all-zero parameter (output projections, adaLN-zero) randomised."""
-    model: Network = WanTransformer(WAN_TINY, generator=_gen(0)) if kind == "wan" else DiT(DIT_TINY, generator=_gen(0))
-    g = _gen(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model
+    return tiny_network(kind)
 
 
 def _samples(model: Network) -> tuple[list[Tensor], Tensor, list[Tensor]]:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.networks import tiny_network
 from torch import Tensor, nn
 
 from dfm.domain.networks.attention import SDPAAttention
 from dfm.domain.networks.dit import DiT
 from dfm.domain.networks.layers import rope_3d
 from dfm.domain.networks.wan import WanAttention, WanTransformer
-from dfm.domain.specs import DIT_TINY, WAN_TINY
 
 Network = WanTransformer | DiT
 
@@ -22,14 +22,7 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def _network(kind: str) -> Network:
-    """A tiny seeded network with every all-zero parameter (output projections, adaLN-zero) randomised."""
-    model: Network = WanTransformer(WAN_TINY, generator=_gen(0)) if kind == "wan" else DiT(DIT_TINY, generator=_gen(0))
-    g = _gen(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model
+    return tiny_network(kind)
 
 
 def _inputs(model: Network, with_mask: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
