@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dfm-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint format demo clean
+.PHONY: venv test test-avx2 test-scalar lint format demo clean
 
 venv: $(STAMP)
 
@@ -17,6 +17,15 @@ $(STAMP): pyproject.toml constraints.txt scripts/make_venv.sh
 ## make test: create .venv, install the pinned dependencies, run the whole CPU suite (ruff and import-linter included)
 test: venv
 	bash scripts/run_tests.sh $(PYTEST_ARGS)
+
+## make test-avx2: the same suite on the AVX2 kernels of torch, MKL and oneDNN (as on a CPU without AVX-512, e.g. AMD
+## EPYC before Zen 4), so that a tolerance tuned on this machine's kernels fails here rather than on someone else's
+test-avx2: venv
+	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 bash scripts/run_tests.sh $(PYTEST_ARGS)
+
+## make test-scalar: the same suite on torch's unvectorised kernels (as on a CPU without AVX2), which round differently again
+test-scalar: venv
+	ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41 bash scripts/run_tests.sh $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check dfm tests examples

@@ -16,8 +16,10 @@ from dfm.adapters.diffusers import UMT5TextEncoder, WanVAECodec, load_wan_diffus
 from dfm.adapters.fsdp2 import FSDP2Runtime
 from dfm.adapters.local import LocalRuntime
 from dfm.adapters.synthetic import HashTextEncoder, IdentityPixelCodec, MockLatentSource, SyntheticVideoSource
+from dfm.adapters.torch_dist import DistEnv
+from dfm.adapters.torch_dist.devices import device_type
 from dfm.adapters.tracking import JsonlMetricsSink, NullMetricsSink
-from dfm.app.config import ConfigError, TrainConfig
+from dfm.app.config import ConfigError, ParallelConfig, TrainConfig
 from dfm.domain.specs import LatentSpec, ModelSpec, WanSpec
 from dfm.ports.checkpoint import CheckpointStore
 from dfm.ports.codecs import LatentCodec, TextEncoder
@@ -33,6 +35,7 @@ def build_runtime(cfg: TrainConfig, device: str = "auto") -> ParallelRuntime:
     so the topology is known before the data source is built.
     """
     _check_packing(cfg)  # before any process group exists
+    check_batch_layout(cfg, 1)  # global % micro; the data-parallel size is checked with the data source
     t = cfg.train
     knobs = {
         "device": device,
@@ -66,13 +69,34 @@ def build_runtime(cfg: TrainConfig, device: str = "auto") -> ParallelRuntime:
     raise ConfigError(f"runtime: {cfg.runtime!r} is unknown; use local, fsdp2 or megatron")
 
 
+def check_training_config(cfg: TrainConfig) -> None:
+    """Checks of a config that is about to train (not of one read back from a checkpoint to load it).
+
+    Raises:
+        ConfigError: ``parallel.*`` keys set to other values than their defaults under ``runtime=local``
+            (one process: the layout would be silently ignored), one line per key.
+    """
+    if cfg.runtime != "local":
+        return
+    p, default = cfg.parallel, ParallelConfig()
+    changed = [a.name for a in attrs.fields(ParallelConfig) if getattr(p, a.name) != getattr(default, a.name)]
+    if changed:
+        raise ConfigError(
+            [
+                f"parallel.{name}: is {getattr(p, name)!r}, but runtime=local runs one process and has "
+                f"no parallel layout; use runtime=fsdp2 or runtime=megatron, or remove parallel.{name}"
+                for name in changed
+            ]
+        )
+
+
 def _megatron_runtime(cfg: TrainConfig, knobs: dict[str, Any]) -> ParallelRuntime:
     if cfg.train.compile:
         raise ConfigError(
             "train.compile: runtime=megatron does not compile its blocks; set train.compile=false "
             "(runtime=fsdp2 compiles them)"
         )
-    from dfm.adapters.megatron import MegatronRuntime  # megatron-core is an optional extra
+    from dfm.adapters.megatron import MegatronRuntime, megatron_sizes  # megatron-core is an optional extra
 
     p, m = cfg.parallel, cfg.megatron
     sizes = {
@@ -83,6 +107,16 @@ def _megatron_runtime(cfg: TrainConfig, knobs: dict[str, Any]) -> ParallelRuntim
         "data_replicate": p.data_replicate,
         "data_shard": p.data_shard,
     }
+    try:  # the layout against the world first (as the runtime checks it), then the device
+        megatron_sizes(DistEnv.from_env().world_size, **sizes)
+        kind = device_type(knobs["device"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if kind != "cuda":
+        raise ConfigError(
+            "runtime: megatron needs CUDA GPUs, and none is available here; runtime=local (one process) and "
+            "runtime=fsdp2 (several processes) also run on the CPU"
+        )
     engine = {
         "distributed_optimizer": m.distributed_optimizer,
         "overlap_grad_reduce": m.overlap_grad_reduce,
@@ -191,8 +225,39 @@ def latent_shape(cfg: TrainConfig, codec: LatentCodec | None) -> tuple[int, int,
         raise ConfigError(f"data: {exc} (data.frames/height/width do not fit the codec)") from None
 
 
+def check_batch_layout(cfg: TrainConfig, dp_size: int) -> None:
+    """The global batch must split into whole micro-batches on every data-parallel rank (any data source).
+
+    Raises:
+        ConfigError: Naming ``train.global_batch_size`` and ``train.micro_batch_size`` (and the data-parallel
+            size when it is more than 1).
+    """
+    t = cfg.train
+    per_step = t.micro_batch_size * dp_size
+    if t.global_batch_size % per_step == 0:
+        return
+    if dp_size == 1:
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not divisible by train.micro_batch_size="
+            f"{t.micro_batch_size}; set train.global_batch_size to a multiple of {t.micro_batch_size} "
+            "or change train.micro_batch_size"
+        )
+    raise ConfigError(
+        f"train.global_batch_size: {t.global_batch_size} is not divisible by train.micro_batch_size x "
+        f"data-parallel size = {t.micro_batch_size} x {dp_size} = {per_step}; set train.global_batch_size to a "
+        f"multiple of {per_step}, or change train.micro_batch_size or the data-parallel size "
+        "(parallel.data_replicate x parallel.data_shard = processes / (parallel.tensor x parallel.context x "
+        "parallel.pipeline))"
+    )
+
+
 def build_data_source(cfg: TrainConfig, topology: Topology, codec: LatentCodec | None, text: TextEncoder) -> DataSource:
-    """This rank's data source."""
+    """This rank's data source.
+
+    Raises:
+        ConfigError: Naming the key at fault: the batch sizes (:func:`check_batch_layout`), ``data.path``.
+    """
+    check_batch_layout(cfg, topology.dp_size)
     d, t = cfg.data, cfg.train
     common = {
         "global_batch_size": t.global_batch_size,
@@ -260,12 +325,18 @@ def _prepared_source(cfg: TrainConfig, common: dict[str, Any]) -> DataSource:
 
 def build_checkpoint_store(cfg: TrainConfig) -> CheckpointStore:
     """Checkpoints under ``RUN_DIR/checkpoints``."""
+    return checkpoint_store_at(Path(cfg.run.dir) / "checkpoints", cfg.runtime, keep_last=cfg.checkpoint.keep_last)
+
+
+def checkpoint_store_at(root: Path, runtime: str = "local", *, keep_last: int | None = None) -> CheckpointStore:
+    """The checkpoint store of ``root`` for ``runtime``'s state (torch DCP; megatron's dist_checkpointing for
+    ``megatron``). Any runtime's checkpoints are listed, and their weights loaded, by the default one."""
     io = None
-    if cfg.runtime == "megatron":
+    if runtime == "megatron":
         from dfm.adapters.megatron import DistCheckpointIO
 
         io = DistCheckpointIO()
-    return DCPCheckpointStore(Path(cfg.run.dir) / "checkpoints", keep_last=cfg.checkpoint.keep_last, io=io)
+    return DCPCheckpointStore(root, keep_last=keep_last, io=io)
 
 
 def build_metrics_sink(cfg: TrainConfig, resume_step: int | None, *, is_main: bool = True) -> MetricsSink:

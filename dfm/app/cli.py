@@ -17,10 +17,11 @@ from typing import TextIO
 from dfm.app.config import ConfigError, TrainConfig, config_to_yaml, resolve_config
 from dfm.app.recipes import recipe_names, recipe_summary
 from dfm.ports.checkpoint import CheckpointError
+from dfm.ports.samples import BadSampleError
 
 USER_ERROR_EXIT = 2
 """Exit status of a run stopped by a user error (argparse uses 2 as well)."""
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError, BadSampleError)
 """Exception types that are the user's to fix: reported as ``error: ...`` without a traceback."""
 
 

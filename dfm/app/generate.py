@@ -30,14 +30,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="caption; repeat for several videos")
     p.add_argument("--negative-prompt", default=None, help="text of the unconditional pass (default: null text)")
     p.add_argument("--sampler", choices=("unipc", "flow_euler", "edm_euler", "edm_heun"), default=None)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--shift", type=float, default=None, help="flow shift at sampling time")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    p.add_argument("--frames", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--fps", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps, >= 1 (default: the run's sample.steps)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale >= 0, 1 = none (default: sample.guidance)",
+    )
+    p.add_argument(
+        "--shift", type=float, default=None, help="flow shift at sampling time, > 0; flow-matching models only"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise, >= 0 (default: 0)")
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="frames per video (default: sample.frames); 1 + a multiple of the VAE's temporal stride (4n+1 for WAN)",
+    )
+    p.add_argument(
+        "--height",
+        type=int,
+        default=None,
+        help="pixels; a multiple of VAE stride x patch, 16 for WAN (default: sample.height)",
+    )
+    p.add_argument("--width", type=int, default=None, help="pixels; like --height (default: sample.width)")
+    p.add_argument("--fps", type=float, default=None, help="frame rate of the mp4, > 0 (default: the run's data.fps)")
     p.add_argument(
         "--vae",
         default=None,

@@ -6,6 +6,7 @@ See docs/data.md for the options, the sample format, resuming, the report and to
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,6 +64,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse options that cannot work (counts below 1, frame counts not ``4n + 1``, a bad ``--fps``) before any work.
+
+    Raises:
+        UserError: Naming the option and what it accepts.
+    """
+    if args.input is None and args.synthetic is None:
+        raise UserError("give --input (a directory or list file) or --synthetic N")
+    if args.input is not None and args.synthetic is not None:
+        raise UserError(
+            f"give either --input or --synthetic N, not both (--synthetic prepares the clips it writes to "
+            f"OUT/{SYNTHETIC_DIR})"
+        )
+    if args.synthetic is not None and args.synthetic < 1:
+        raise UserError(f"--synthetic N must be at least 1 (the number of toy videos to write), got {args.synthetic}")
+    for option, frames in (("--frames", args.frames), ("--max-frames", args.max_frames)):
+        if frames is not None and (frames < 1 or frames % 4 != 1):
+            raise UserError(f"{option} must be 4n + 1 (1, 5, 9, ..., 81), got {frames}")
+    if not (math.isfinite(args.fps) and args.fps >= 0):
+        raise UserError(f"--fps must be a finite frame rate > 0, or 0 to keep each source's rate; got {args.fps:g}")
+    for option, count in (("--samples-per-shard", args.samples_per_shard), ("--text-max-length", args.text_max_length)):
+        if count < 1:
+            raise UserError(f"{option} must be at least 1, got {count}")
+    if args.captions_file is not None and args.captions == "sidecar":
+        raise UserError("--captions-file goes with --captions jsonl or csv (sidecar captions are NAME.txt files)")
 
 
 def _buckets(args: argparse.Namespace) -> tuple[tuple[int, int], ...]:
@@ -134,15 +162,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dfm.adapters.torch_dist.process_group import DistEnv, init_process_group
     from dfm.adapters.video.clips import ClipOptions
     from dfm.app.logging import configure_logging
-    from dfm.app.services.prepare import PrepareRequest, Ranks, prepare
+    from dfm.app.services.paths import check_output_dir
+    from dfm.app.services.prepare import PrepareRequest, Ranks, check_request, prepare
 
     try:
         env = DistEnv.from_env()
     except ValueError as exc:
         raise UserError(str(exc)) from None
     configure_logging(rank=env.rank)
-    if args.input is None and args.synthetic is None:
-        raise UserError("give --input (a directory or list file) or --synthetic N")
+    check_options(args)
     device = _device(args.device, env.local_rank)
     ranks = Ranks()
     if env.world_size > 1:
@@ -159,15 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fps=args.fps or None,
             resize=args.resize,
         )
-        source = args.input
-        if args.synthetic is not None:
-            source = args.out / SYNTHETIC_DIR
-            if env.rank == 0:
-                height, width = buckets[0]
-                write_synthetic_videos(
-                    source, args.synthetic, frames=args.frames or 33, height=height, width=width, fps=args.fps or 16.0
-                )
-            ranks.barrier()
+        source = args.input if args.synthetic is None else args.out / SYNTHETIC_DIR
         request = PrepareRequest(
             input=source,
             out=args.out,
@@ -181,7 +201,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             strict=args.strict,
             progress=not args.no_progress,
         )
+        check_output_dir(request.out, option="--out")
         vae, text = build_codecs(args, device)
+        check_request(request, vae)
+        if args.synthetic is not None:
+            if env.rank == 0:
+                height, width = buckets[0]
+                write_synthetic_videos(
+                    source, args.synthetic, frames=args.frames or 33, height=height, width=width, fps=args.fps or 16.0
+                )
+            ranks.barrier()
         report = prepare(request, vae=vae, text_encoder=text, ranks=ranks)
     except ValueError as exc:  # bad options, inputs or (--strict) a bad file: the user's to fix
         raise UserError(str(exc)) from None

@@ -20,6 +20,7 @@ from dfm.app.cli import (
     parse_args,
     print_config,
     print_recipes,
+    report_user_error,
     run_main,
 )
 from dfm.app.logging import configure_logging
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="auto|never|PATH",
         default=None,
-        help="resume policy or checkpoint directory (shortcut for checkpoint.resume=...)",
+        help="resume policy, or a checkpoint directory or a run directory (its newest intact checkpoint); "
+        "shortcut for checkpoint.resume=...",
     )
     add_config_arguments(parser)
     return parser
@@ -79,10 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     log = config.logging
     configure_logging(rank=_rank(), level=log.level, fmt=log.format, all_ranks=log.all_ranks)
+    from dfm.app.services.run_dir import RunDirError
     from dfm.app.services.training import TrainingError, train
 
     try:
         result = train(config)
+    except RunDirError as exc:  # run.dir unusable, in use by another run, or its disk full
+        return report_user_error(exc)
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -13,6 +13,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, truncated, corrupted or from another model."""
 
 
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint whose files fail verification before anything is loaded from them: incomplete (no
+    manifest), a file missing, truncated or changed, or unreadable. An older checkpoint may still serve."""
+
+
 @attrs.frozen(kw_only=True)
 class CheckpointInfo:
     """One published checkpoint."""
@@ -21,6 +26,16 @@ class CheckpointInfo:
     """The optimizer step it was taken after."""
     path: Path
     """Its directory (or an in-memory key shown as a path)."""
+
+
+@attrs.frozen(kw_only=True)
+class CheckpointCandidate:
+    """A checkpoint a resume may start from, with what a cheap look at it found wrong."""
+
+    info: CheckpointInfo
+    problem: str | None = None
+    """Why it cannot be used (no manifest, a file of the wrong size...), found without reading its data; None
+    when it looks intact (its content is verified when loaded)."""
 
 
 @runtime_checkable
@@ -43,20 +58,36 @@ class CheckpointStore(Protocol):
         """All complete checkpoints, oldest first."""
         ...
 
+    def candidates(self) -> list[CheckpointCandidate]:
+        """The checkpoints to try when resuming, in order (the one ``latest`` names first, then older ones,
+        newest first), each with its problem if a cheap check finds one."""
+        ...
+
 
 @runtime_checkable
 class CheckpointIO(Protocol):
-    """How a checkpoint directory's tensors are written and read (collective under a process group).
+    """How a checkpoint's tensors are written and read (collective under a process group).
 
-    The default is torch DCP; the megatron runtime's state (``ShardedTensor`` s of
-    ``megatron.core.dist_checkpointing``) goes through megatron's own. A :class:`CheckpointStore` adds
-    the atomic publish, the manifest, retention and verification around it.
+    The store splits a state into leaves under dotted keys: those the IO ``owns`` (tensors for torch DCP,
+    ``ShardedTensor`` s for megatron's ``dist_checkpointing``) go through the IO, every other value is
+    the store's (JSON). A :class:`CheckpointStore` adds the atomic publish, the manifest, retention and
+    verification around it. Nothing an IO writes or reads may be a pickle.
     """
 
-    def save(self, state: dict[str, Any], directory: Path) -> None:
-        """Write ``state`` into the (new, empty) ``directory``; files durable on return."""
+    def owns(self, value: object) -> bool:
+        """Whether ``value`` is a leaf this IO stores."""
         ...
 
-    def load(self, state: dict[str, Any], directory: Path) -> None:
-        """Fill ``state`` in place from ``directory``."""
+    def save(self, leaves: dict[str, Any], directory: Path) -> None:
+        """Write ``{key: leaf}`` into the new ``directory``; files durable on return."""
+        ...
+
+    def load(self, leaves: dict[str, Any], directory: Path) -> dict[str, Any]:
+        """Load ``{key: leaf}`` from ``directory``; returns each key's loaded value (the caller's tensor,
+        filled in place, or a new one)."""
+        ...
+
+    def load_legacy(self, state: dict[str, Any], directory: Path) -> None:
+        """Fill the nested ``state`` from a checkpoint of layout version 1 through readers that refuse
+        anything but plain data (that layout stored pickles)."""
         ...

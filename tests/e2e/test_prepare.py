@@ -234,3 +234,80 @@ def test_bad_options_are_user_errors(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "no videos or images found" in capsys.readouterr().err
     assert run_main(prepare_main, [*base, "--input", str(tmp_path / "v"), "--frames", "8"]) == 2
     assert "4n + 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--synthetic", "0"], "--synthetic N must be at least 1 (the number of toy videos to write), got 0"),
+        (["--synthetic", "-2"], "--synthetic N must be at least 1 (the number of toy videos to write), got -2"),
+        (["--synthetic", "2", "--frames", "0"], "--frames must be 4n + 1 (1, 5, 9, ..., 81), got 0"),
+        (["--synthetic", "2", "--max-frames", "0"], "--max-frames must be 4n + 1 (1, 5, 9, ..., 81), got 0"),
+        (
+            ["--synthetic", "2", "--fps", "-1"],
+            "--fps must be a finite frame rate > 0, or 0 to keep each source's rate; got -1",
+        ),
+        (
+            ["--synthetic", "2", "--fps", "nan"],
+            "--fps must be a finite frame rate > 0, or 0 to keep each source's rate; got nan",
+        ),
+        (
+            ["--synthetic", "2", "--fps", "inf"],
+            "--fps must be a finite frame rate > 0, or 0 to keep each source's rate; got inf",
+        ),
+        (["--synthetic", "2", "--samples-per-shard", "0"], "--samples-per-shard must be at least 1, got 0"),
+        (["--synthetic", "2", "--text-max-length", "0"], "--text-max-length must be at least 1, got 0"),
+        (
+            ["--synthetic", "2", "--input", "videos"],
+            "give either --input or --synthetic N, not both (--synthetic prepares the clips it writes to "
+            "OUT/synthetic_videos)",
+        ),
+        (
+            ["--input", "videos", "--captions-file", "captions.jsonl"],
+            "--captions-file goes with --captions jsonl or csv (sidecar captions are NAME.txt files)",
+        ),
+    ],
+)
+def test_a_bad_option_is_refused_before_any_work(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from dfm.app.cli import run_main
+
+    out = tmp_path / "out"
+    toy = ["--vae", "toy", "--text-encoder", "toy", "--height", "32", "--width", "32", "--no-progress"]
+    assert run_main(prepare_main, [*argv, "--out", str(out), *toy]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {message}"]
+    assert not out.exists()
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from dfm.app.cli import run_main
+
+    taken = tmp_path / "data"
+    taken.write_text("not a directory")
+    toy = ["--synthetic", "2", "--vae", "toy", "--text-encoder", "toy", "--height", "32", "--width", "32"]
+    assert run_main(prepare_main, [*toy, "--out", str(taken)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --out {taken} is an existing file, not a directory; name a directory (created if missing)"
+    ]
+    assert run_main(prepare_main, [*toy, "--out", str(taken / "train")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --out {taken / 'train'}: {taken} is a file, not a directory; choose another --out"
+    ]
+    assert taken.read_text() == "not a directory"
+
+
+def test_synthetic_videos_are_not_written_for_a_bucket_the_vae_cannot_take(
+    codecs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from dfm.app.cli import run_main
+
+    vae, text = codecs
+    out = tmp_path / "syn"
+    argv = ["--synthetic", "2", "--out", str(out), "--vae", str(vae), "--text-encoder", str(text), "--frames", "5"]
+    assert run_main(prepare_main, [*argv, "--height", "36", "--width", "32", "--device", "cpu", "--no-progress"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: bucket 36x32 is not a multiple of the VAE's spatial stride 8; pick --height/--width divisible by it "
+        "(16 suits WAN)"
+    ]
+    assert not (out / "synthetic_videos").exists()

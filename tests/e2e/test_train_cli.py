@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from dfm.app.config import config_from_yaml, config_to_dict
@@ -137,4 +138,48 @@ def test_megatron_refuses_compile_with_the_key_to_change(tmp_path: Path) -> None
     assert stderr.splitlines()[-1] == (
         "error: train.compile: runtime=megatron does not compile its blocks; set train.compile=false "
         "(runtime=fsdp2 compiles them)"
+    )
+
+
+def test_run_dir_that_is_a_file_or_under_a_file_is_refused_up_front(tmp_path: Path) -> None:
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a run directory\n")
+    is_file, under_file = train_cli_many(
+        ["--recipe", "wan_tiny_t2v", f"run.dir={a_file}"], ["--recipe", "wan_tiny_t2v", f"run.dir={a_file}/run"]
+    )
+    assert user_error(is_file) == f"error: run.dir: {a_file} is a file, not a directory; choose another run.dir\n"
+    assert user_error(under_file) == (
+        f"error: run.dir: cannot create {a_file}/run: {a_file} is a file, not a directory; choose another run.dir\n"
+    )
+    assert a_file.read_text() == "not a run directory\n"
+
+
+def test_parallel_keys_under_the_local_runtime_are_refused(tmp_path: Path) -> None:
+    stderr = user_error(
+        train_cli("--recipe", "wan_tiny_t2v", "parallel.tensor=2", "parallel.data_shard=1", f"run.dir={tmp_path}")
+    )
+    assert stderr == (
+        "error: parallel.tensor: is 2, but runtime=local runs one process and has no parallel layout; use "
+        "runtime=fsdp2 or runtime=megatron, or remove parallel.tensor\n"
+        "error: parallel.data_shard: is 1, but runtime=local runs one process and has no parallel layout; use "
+        "runtime=fsdp2 or runtime=megatron, or remove parallel.data_shard\n"
+    )
+    assert not any(tmp_path.iterdir())  # refused before the run directory was touched
+
+
+def test_non_finite_learning_rate_is_refused() -> None:
+    stderr = user_error(train_cli("--dry-run", "optim.lr=inf", "optim.eps=nan", "optim.weight_decay=-inf"))
+    assert stderr == (
+        "error: optim.lr: must be a finite number, got inf\n"
+        "error: optim.weight_decay: must be a finite number, got -inf\n"
+        "error: optim.eps: must be a finite number, got nan\n"
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the megatron runtime trains")
+def test_megatron_without_cuda_names_the_cpu_runtimes(tmp_path: Path) -> None:
+    stderr = user_error(train_cli("--recipe", "wan_tiny_t2v", "--runtime", "megatron", f"run.dir={tmp_path}"))
+    assert stderr.splitlines()[-1] == (
+        "error: runtime: megatron needs CUDA GPUs, and none is available here; runtime=local (one process) and "
+        "runtime=fsdp2 (several processes) also run on the CPU"
     )

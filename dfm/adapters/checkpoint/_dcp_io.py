@@ -1,16 +1,17 @@
-"""torch Distributed Checkpoint (DCP) calls, with its failures turned into readable messages.
+"""torch Distributed Checkpoint (DCP) calls for the store's tensors, with failures turned into readable messages.
 
-What DCP (torch 2.13) accepts, measured: nested mappings are flattened to dotted keys with ``str(key)``,
-so int keys work (an optimizer's ``{"state": {0: ...}}``) and load back into ``0`` or ``"0"`` alike,
-but ``{0: a, "0": b}`` or ``{"a.b": x, "a": {"b": y}}`` collide ("duplicated flatten key"). Lists that
-contain tensors or mappings are walked element-wise (``"l.0"``); tensors are written raw and loaded in
-place into the caller's tensors (cast to the caller's dtype). Every other leaf (int, float, str, None,
-bytes, tuples — even a tuple holding tensors, lists of plain values) is stored with ``torch.save``
-(pickle) inside the ``.distcp`` file and read back with ``torch.load(weights_only=False)``, and replaces
-the caller's value (DCP's own planner would put it under ``str(key)``: fixed here). DCP's ``.metadata``
-file is a pickle too. That is torch's format: only load checkpoints you trust. Loading needs the
-caller's state to have the saved structure: a list of dicts must have the saved length, and keys
-absent from the caller's state are not loaded (a fresh optimizer's empty ``state`` loads nothing).
+dfm's checkpoints (layout version 2) hand DCP only tensors (plain values are the store's JSON), as a
+flat ``{dotted key: tensor}`` dict; DCP writes them through torch's safetensors storage layer (see
+:mod:`dfm.adapters.torch_dist.dcp_storage`) and loads them in place into the caller's tensors (cast to
+the caller's dtype), resharding ``DTensor`` s from any saved layout.
+
+Layout version 1 (the pickle era) stored every leaf through DCP: tensors raw, every other value
+(int, float, str, None, tuples...) with ``torch.save`` inside the ``.distcp`` file, and DCP's index as a
+pickled ``.metadata``. :func:`load_legacy` still reads such checkpoints, but through refusing readers:
+the metadata with an unpickler that builds only DCP's metadata types, the values with
+``torch.load(weights_only=True)``, which refuses anything but plain data. Loading needs the caller's
+state to have the saved structure: a list of dicts must have the saved length, and keys absent from
+the caller's state are not loaded.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 
 from dfm.adapters.checkpoint._dist import is_distributed
+from dfm.adapters.torch_dist.dcp_storage import (
+    RefusingFileSystemReader,
+    load_plain_value,
+    safetensors_reader,
+    safetensors_writer,
+)
 from dfm.ports.checkpoint import CheckpointError
 
 _SHOWN = 5
@@ -52,7 +59,7 @@ def _kind_problem(key: str, wanted: Any, stored: object) -> str | None:
     return None
 
 
-def _missing_keys(keys: list[str]) -> str:
+def missing_keys(keys: list[str]) -> str:
     """``"3 keys missing from the checkpoint: a, b, c"`` with at most ``_SHOWN`` keys named."""
     shown = ", ".join(keys[:_SHOWN]) + (f", … ({len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
     return f"{len(keys)} key{'s' if len(keys) > 1 else ''} missing from the checkpoint: {shown}"
@@ -82,12 +89,11 @@ class StrictLoadPlanner(DefaultLoadPlanner):
     """
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        """Sets one non-tensor value (``torch.load``, as DCP does) at its place in the caller's state."""
-        if not self.flatten_state_dict:
-            super().load_bytes(read_item, value)
-            return
-        path = tuple(self.mappings[read_item.dest_index.fqn])
-        _set_leaf(self.original_state_dict, path, torch.load(value, weights_only=False))
+        """Sets one non-tensor value of a layout-version-1 checkpoint (read with ``torch.load(weights_only=True)``,
+        which refuses anything but plain data) at its place in the caller's state."""
+        fqn = read_item.dest_index.fqn
+        path = tuple(self.mappings[fqn])
+        _set_leaf(self.original_state_dict, path, load_plain_value(value, fqn))
 
     def create_local_plan(self) -> LoadPlan:
         """Checks keys, kinds and shapes of the (flattened) state against the checkpoint, then plans."""
@@ -95,7 +101,7 @@ class StrictLoadPlanner(DefaultLoadPlanner):
         stored = self.metadata.state_dict_metadata
         missing = sorted(key for key in self.state_dict if key not in stored)
         wrong = [_kind_problem(key, value, stored[key]) for key, value in self.state_dict.items() if key in stored]
-        problems = [_missing_keys(missing)] if missing else []
+        problems = [missing_keys(missing)] if missing else []
         problems += [text for text in wrong if text is not None][:_SHOWN]
         if problems:
             raise StateMismatchError("; ".join(problems))
@@ -148,35 +154,44 @@ def check_top_level_keys(state: Mapping[Any, Any]) -> None:
         )
 
 
-def save(state: dict[str, Any], directory: Path) -> None:
-    """``dcp.save`` into ``directory`` (collective when a process group is initialised), files fsynced.
+class DCPIO:
+    """The default ``CheckpointIO``: torch DCP writing safetensors files (see the module docstring)."""
 
-    Raises:
-        CheckpointException: DCP's failure (a ``BaseException``) on every rank if any rank failed.
-    """
-    writer = dcp.FileSystemWriter(directory, sync_files=True, overwrite=False)
-    with _quiet_single_process():
-        dcp.save(state, storage_writer=writer, no_dist=not is_distributed())
+    def owns(self, value: object) -> bool:
+        """DCP stores the tensors (``DTensor`` shards included); the store keeps the plain values."""
+        return isinstance(value, torch.Tensor)
+
+    def save(self, leaves: dict[str, Any], directory: Path) -> None:
+        """``dcp.save`` of ``{key: tensor}`` into ``directory`` (collective when a process group is initialised).
+
+        Raises:
+            CheckpointException: DCP's failure (a ``BaseException``) on every rank if any rank failed.
+        """
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        contiguous = {key: value if value.is_contiguous() else value.contiguous() for key, value in leaves.items()}
+        with _quiet_single_process():
+            dcp.save(contiguous, storage_writer=safetensors_writer(directory), no_dist=not is_distributed())
+
+    def load(self, leaves: dict[str, Any], directory: Path) -> dict[str, Any]:
+        """``dcp.load`` into the tensors of ``leaves`` in place, with the strict planner; returns ``leaves``.
+
+        Raises:
+            CheckpointException: DCP's failure on every rank if any rank failed; a ``StateMismatchError``
+                among its causes when keys, kinds or shapes disagree.
+        """
+        reader = safetensors_reader(directory)
+        reader.read_metadata()  # files that are not safetensors raise here, as themselves
+        with _quiet_single_process():
+            dcp.load(leaves, storage_reader=reader, planner=StrictLoadPlanner(), no_dist=not is_distributed())
+        return leaves
+
+    def load_legacy(self, state: dict[str, Any], directory: Path) -> None:
+        """Fills the nested ``state`` from a layout-version-1 checkpoint through refusing readers."""
+        reader = RefusingFileSystemReader(directory)
+        reader.read_metadata()  # a refused .metadata raises here, as itself
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=reader, planner=StrictLoadPlanner(), no_dist=not is_distributed())
 
 
-def load(state: dict[str, Any], directory: Path) -> None:
-    """``dcp.load`` from ``directory`` into ``state`` in place, with the strict planner.
-
-    Raises:
-        CheckpointException: DCP's failure (a ``BaseException``) on every rank if any rank failed; a
-            ``StateMismatchError`` among its causes when keys, kinds or shapes disagree.
-    """
-    reader = dcp.FileSystemReader(directory)
-    with _quiet_single_process():
-        dcp.load(state, storage_reader=reader, planner=StrictLoadPlanner(), no_dist=not is_distributed())
-
-
-class _DCP:
-    """:func:`save` and :func:`load` as a ``CheckpointIO``."""
-
-    save = staticmethod(save)
-    load = staticmethod(load)
-
-
-DCP_IO = _DCP()
-"""The default ``CheckpointIO``: torch DCP."""
+DCP_IO = DCPIO()
+"""The default ``CheckpointIO``."""

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from dfm.ports.checkpoint import CheckpointError
+from dfm.ports.checkpoint import CheckpointCorruptError, CheckpointError
 
 T = TypeVar("T")
 
@@ -31,6 +31,10 @@ class RemoteRankError(CheckpointError):
         self.errno = errno
 
 
+class RemoteCorruptError(RemoteRankError, CheckpointCorruptError):
+    """Another rank found the checkpoint corrupted (so every rank treats it as corrupted)."""
+
+
 def is_distributed() -> bool:
     """Whether a default process group is initialised."""
     return dist.is_available() and dist.is_initialized()
@@ -46,21 +50,22 @@ def process_rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def _failure(exc: BaseException) -> tuple[str, int | None]:
-    """A transportable description of an exception: its message and OSError errno."""
+def _failure(exc: BaseException) -> tuple[str, int | None, bool]:
+    """A transportable description of an exception: its message, OSError errno, and whether it is corruption."""
     code = exc.errno if isinstance(exc, RemoteRankError) else getattr(exc, "errno", None)
     message = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
-    return message, code if isinstance(code, int) else None
+    return message, code if isinstance(code, int) else None, isinstance(exc, CheckpointCorruptError)
 
 
-def _raise_first(outcomes: list[tuple[Any, tuple[str, int | None] | None]], local: BaseException | None) -> None:
+def _raise_first(outcomes: list[tuple[Any, tuple[str, int | None, bool] | None]], local: BaseException | None) -> None:
     """Re-raises this rank's own exception, or a RemoteRankError for the lowest failing rank."""
     if local is not None:
         raise local
     for rank, (_, failure) in enumerate(outcomes):
         if failure is not None:
-            message, code = failure
-            raise RemoteRankError(f"rank {rank} failed: {message}", rank=rank, errno=code) from None
+            message, code, corrupt = failure
+            kind = RemoteCorruptError if corrupt else RemoteRankError
+            raise kind(f"rank {rank} failed: {message}", rank=rank, errno=code) from None
 
 
 def on_every_rank(fn: Callable[[], T]) -> list[T]:

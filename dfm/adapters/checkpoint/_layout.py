@@ -19,12 +19,18 @@ from typing import Any, Literal
 
 import attrs
 
-from dfm.ports.checkpoint import CheckpointError
+from dfm.adapters.torch_dist.dcp_storage import writer_rank
+from dfm.ports.checkpoint import CheckpointCorruptError, CheckpointError
 
 FORMAT = "dfm-dcp-checkpoint"
 """The ``format`` field of ``manifest.json`` and ``meta.json``."""
-FORMAT_VERSION = 1
-"""The layout version this module writes and reads."""
+FORMAT_VERSION = 2
+"""The layout version written: tensors in ``tensors/*.safetensors``, plain values in ``state.json``."""
+LEGACY_VERSION = 1
+"""The pickle-era layout (DCP ``.metadata`` + ``.distcp`` files), still read through refusing readers."""
+READABLE_VERSIONS = (LEGACY_VERSION, FORMAT_VERSION)
+TENSORS = "tensors"
+"""The subdirectory holding the engine's files (layout version 2)."""
 MANIFEST = "manifest.json"
 META = "meta.json"
 LATEST = "latest"
@@ -35,7 +41,6 @@ OLD_PREFIX = ".old-"
 
 VerifyMode = Literal["size", "hash"]
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
-_RANK_FILE_RE = re.compile(r"^__(\d+)_")
 
 
 def step_dir_name(step: int) -> str:
@@ -74,12 +79,12 @@ def describe(directory: Path, relative: str) -> FileEntry:
 
 
 def owner_rank(relative: str, world_size: int) -> int:
-    """The rank that hashes a file: DCP names rank r's data files ``__r_N.distcp``; the rest go to rank 0.
+    """The rank that hashes a file: the rank that wrote a DCP data file (see ``writer_rank``); the rest go to 0.
 
     Each rank hashes the files it wrote itself (still in its page cache), so hashing scales with ranks.
     """
-    match = _RANK_FILE_RE.match(relative)
-    return int(match.group(1)) % world_size if match else 0
+    rank = writer_rank(relative.rsplit("/", 1)[-1])
+    return rank % world_size if rank is not None else 0
 
 
 def data_files(directory: Path) -> list[str]:
@@ -88,8 +93,8 @@ def data_files(directory: Path) -> list[str]:
     return sorted(name for name in found if name != MANIFEST)
 
 
-def fsync_dir(path: Path) -> None:
-    """Makes a directory's entries (creations, renames) durable."""
+def fsync(path: Path) -> None:
+    """Makes a written file's content, or a directory's entries (creations, renames), durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -132,32 +137,35 @@ def _load_json(path: Path, directory: Path) -> dict[str, Any]:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {directory} is corrupted: {path.name} cannot be read: {exc}") from exc
+        raise CheckpointCorruptError(f"checkpoint {directory} is corrupted: {path.name} cannot be read: {exc}") from exc
     if not isinstance(document, dict):
-        raise CheckpointError(f"checkpoint {directory} is corrupted: {path.name} is not a JSON object")
+        raise CheckpointCorruptError(f"checkpoint {directory} is corrupted: {path.name} is not a JSON object")
     return document
 
 
 def _check_format(document: Mapping[str, Any], name: str, directory: Path) -> None:
     """Raises CheckpointError unless ``document`` is our format at a version we read."""
     if document.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {directory}: {name} is not a dfm checkpoint file (format {FORMAT!r})")
-    if document.get("version") != FORMAT_VERSION:
+        raise CheckpointCorruptError(f"checkpoint {directory}: {name} is not a dfm checkpoint file (format {FORMAT!r})")
+    version = document.get("version")
+    if not (type(version) is int and version in READABLE_VERSIONS):
         raise CheckpointError(
             f"checkpoint {directory}: {name} has layout version {document.get('version')!r}; "
-            f"this dfm reads version {FORMAT_VERSION} (was it written by another dfm version?)"
+            f"this dfm reads versions {', '.join(map(str, READABLE_VERSIONS))} (was it written by a newer dfm?)"
         )
 
 
 def _entry(raw: object, directory: Path) -> FileEntry:
     """One validated manifest entry."""
     if not isinstance(raw, dict):
-        raise CheckpointError(f"checkpoint {directory} is corrupted: {MANIFEST} has an entry that is not an object")
+        raise CheckpointCorruptError(
+            f"checkpoint {directory} is corrupted: {MANIFEST} has an entry that is not an object"
+        )
     path, size, digest = raw.get("path"), raw.get("size"), raw.get("sha256")
     if not isinstance(path, str) or not path or path.startswith("/") or ".." in path.split("/"):
-        raise CheckpointError(f"checkpoint {directory} is corrupted: {MANIFEST} lists an invalid path {path!r}")
+        raise CheckpointCorruptError(f"checkpoint {directory} is corrupted: {MANIFEST} lists an invalid path {path!r}")
     if not isinstance(size, int) or size < 0 or not isinstance(digest, str):
-        raise CheckpointError(f"checkpoint {directory} is corrupted: {MANIFEST} has a bad entry for {path}")
+        raise CheckpointCorruptError(f"checkpoint {directory} is corrupted: {MANIFEST} has a bad entry for {path}")
     return FileEntry(path=path, size=size, sha256=digest)
 
 
@@ -171,13 +179,29 @@ def read_manifest(directory: Path) -> list[FileEntry]:
         raise CheckpointError(f"checkpoint {directory} does not exist (or is not a directory)")
     path = directory / MANIFEST
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {directory} has no {MANIFEST} (incomplete or not a dfm checkpoint)")
+        raise CheckpointCorruptError(f"checkpoint {directory} has no {MANIFEST} (incomplete or not a dfm checkpoint)")
     document = _load_json(path, directory)
     _check_format(document, MANIFEST, directory)
     files = document.get("files")
     if not isinstance(files, list):
-        raise CheckpointError(f"checkpoint {directory} is corrupted: {MANIFEST} has no file list")
+        raise CheckpointCorruptError(f"checkpoint {directory} is corrupted: {MANIFEST} has no file list")
     return [_entry(raw, directory) for raw in files]
+
+
+def layout_version(directory: Path) -> int:
+    """The layout version of a complete checkpoint (its manifest's; checked to be one this dfm reads).
+
+    Raises:
+        CheckpointError: When the manifest is missing, unreadable or not ours, or ``meta.json`` disagrees.
+    """
+    read_manifest(directory)
+    version = _load_json(directory / MANIFEST, directory)["version"]
+    meta_path = directory / META
+    if meta_path.is_file() and _load_json(meta_path, directory).get("version") != version:
+        raise CheckpointCorruptError(
+            f"checkpoint {directory} is corrupted: {MANIFEST} and {META} name other layout versions"
+        )
+    return int(version)
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
@@ -188,12 +212,12 @@ def read_meta(directory: Path) -> dict[str, Any]:
     """
     path = directory / META
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {directory} is corrupted: {META} is missing")
+        raise CheckpointCorruptError(f"checkpoint {directory} is corrupted: {META} is missing")
     document = _load_json(path, directory)
     _check_format(document, META, directory)
     meta = document.get("meta")
     if not isinstance(meta, dict):
-        raise CheckpointError(f"checkpoint {directory} is corrupted: {META} has no meta object")
+        raise CheckpointCorruptError(f"checkpoint {directory} is corrupted: {META} has no meta object")
     return meta
 
 
@@ -218,13 +242,18 @@ def problem(directory: Path, entry: FileEntry, *, check_hash: bool) -> str | Non
     return None
 
 
-def is_intact(directory: Path) -> bool:
-    """Whether a checkpoint is complete and every listed file has its recorded size."""
+def unusable(directory: Path) -> str | None:
+    """Why a checkpoint cannot be used, found from its manifest and its files' sizes (no hashing), or None."""
     try:
         entries = read_manifest(directory)
-    except CheckpointError:
-        return False
-    return all(problem(directory, entry, check_hash=False) is None for entry in entries)
+    except CheckpointError as exc:
+        return str(exc)
+    return next((found for entry in entries if (found := problem(directory, entry, check_hash=False))), None)
+
+
+def is_intact(directory: Path) -> bool:
+    """Whether a checkpoint is complete and every listed file has its recorded size."""
+    return unusable(directory) is None
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -253,17 +282,26 @@ def read_pointer(root: Path) -> Path | None:
     return root / name if parse_step(name) is not None else None
 
 
-def latest_in(root: Path) -> tuple[int, Path] | None:
-    """The ``latest`` pointer's checkpoint if intact, else the newest intact one by step, else None."""
+def candidates(root: Path) -> list[tuple[int, Path, str | None]]:
+    """``(step, directory, problem)`` in the order a resume tries them: the checkpoint ``latest`` names (when
+    it exists), then the older ones, newest first; ``problem`` is :func:`unusable`'s finding."""
+    if not root.is_dir():
+        return []
+    found = sorted(
+        ((step, child) for child in root.iterdir() if (step := parse_step(child.name)) is not None and child.is_dir()),
+        reverse=True,
+    )
     pointed = read_pointer(root)
-    if pointed is not None and is_intact(pointed):
-        step = parse_step(pointed.name)
-        assert step is not None
-        return step, pointed
-    for step, directory in reversed(complete_checkpoints(root)):
-        if is_intact(directory):
-            return step, directory
-    return None
+    if pointed is not None and pointed.is_dir():
+        top = parse_step(pointed.name)
+        assert top is not None
+        found = [(top, pointed)] + [(step, directory) for step, directory in found if step < top]
+    return [(step, directory, unusable(directory)) for step, directory in found]
+
+
+def latest_in(root: Path) -> tuple[int, Path] | None:
+    """The first of :func:`candidates` that looks intact (the ``latest`` pointer's, else the newest), or None."""
+    return next(((step, directory) for step, directory, problem in candidates(root) if problem is None), None)
 
 
 def write_pointer(root: Path, name: str) -> None:
@@ -274,4 +312,4 @@ def write_pointer(root: Path, name: str) -> None:
         os.replace(tmp, root / LATEST)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(root)
+    fsync(root)

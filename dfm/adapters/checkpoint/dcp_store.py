@@ -3,9 +3,11 @@
 Layout of a checkpoint root::
 
     root/
-      step_0000100/          # one published checkpoint
-        .metadata            # DCP's index (torch's pickle format)
-        __0_0.distcp ...     # DCP's data, one file per rank
+      step_0000100/          # one published checkpoint (layout version 2)
+        tensors/             # the CheckpointIO's files: one safetensors file of chunks per rank
+          shard-00001-model-00001-of-00001.safetensors ...
+        state.json           # the state's plain values (step counters, optimizer settings...) by dotted key
+        state.safetensors    # plain tensors the IO does not take (e.g. the RNG state under megatron), if any
         meta.json            # {"format", "version", "step", "meta": <the caller's JSON-safe meta>}
         manifest.json        # written last: every other file's path, size and sha256
       latest                 # text: "step_0000100", replaced atomically after publishing
@@ -14,7 +16,9 @@ Layout of a checkpoint root::
 A save writes everything into a ``.tmp-*`` directory, fsyncs it, renames it to ``step_XXXXXXX`` and only
 then moves the ``latest`` pointer, so a crash at any moment leaves the previous checkpoint loadable.
 With a process group initialised, every rank calls ``save``/``load`` together (DCP is collective);
-rank 0 alone writes ``meta.json``, the manifest and the pointer, and every rank hashes its own files.
+rank 0 alone writes ``meta.json``, the plain values, the manifest and the pointer, and every rank hashes
+its own files. Nothing in a checkpoint is a pickle: loading one cannot run code. Checkpoints of layout
+version 1 (DCP's pickled ``.metadata``, ``.distcp`` files) are read through the IO's refusing readers.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_args
 
+import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from dfm.adapters.checkpoint import _dcp_io, _layout
+from dfm.adapters.checkpoint import _dcp_io, _layout, _plain, _tree
 from dfm.adapters.checkpoint._dist import (
     RemoteRankError,
     is_distributed,
@@ -40,7 +45,13 @@ from dfm.adapters.checkpoint._dist import (
     world_size,
 )
 from dfm.adapters.checkpoint._layout import FileEntry, VerifyMode
-from dfm.ports.checkpoint import CheckpointError, CheckpointInfo, CheckpointIO
+from dfm.ports.checkpoint import (
+    CheckpointCandidate,
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointInfo,
+    CheckpointIO,
+)
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -107,12 +118,19 @@ class DCPCheckpointStore:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         rank = self._this_rank()
-        meta_text = on_every_rank(lambda: self._checked_meta_text(step, state, meta))[rank]
+        own: dict[str, _tree.Leaves] = {}
+
+        def check() -> tuple[str, dict[str, Any], dict[str, Any]]:
+            own["leaves"] = self._leaves(state)
+            return (_layout.meta_document(step, meta), *_plain.encode(own["leaves"].plain))
+
         final = self.root / _layout.step_dir_name(step)
         tmp: Path | None = None
         try:
-            tmp = Path(on_rank_zero(lambda: str(self._prepare(final.name, meta_text)), rank=rank))
-            self._io.save(dict(state), tmp)
+            checked = on_every_rank(check)
+            meta_text, leaves = checked[rank][0], own["leaves"]
+            tmp = Path(on_rank_zero(lambda: str(self._prepare(final.name, meta_text, checked)), rank=rank))
+            self._io.save(leaves.engine, tmp / _layout.TENSORS)
             owned = on_every_rank(lambda: self._describe_own_files(tmp, rank))
             entries = [entry for per_rank in owned for entry in per_rank]
             on_rank_zero(lambda: self._publish(step, tmp, final, entries), rank=rank)
@@ -124,20 +142,29 @@ class DCPCheckpointStore:
             raise
         return CheckpointInfo(step=step, path=final)
 
-    @staticmethod
-    def _checked_meta_text(step: int, state: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
-        """The ``meta.json`` text, after checking ``state``'s top-level keys and that ``meta`` is JSON-safe."""
+    def _leaves(self, state: Mapping[str, Any]) -> _tree.Leaves:
+        """``state``'s leaves, after checking its top-level keys."""
         _dcp_io.check_top_level_keys(state)
-        return _layout.meta_document(step, meta)
+        return _tree.flatten(state, self._io.owns)
 
-    def _prepare(self, name: str, meta_text: str) -> Path:
-        """Rank 0: removes stale temp dirs, makes this save's temp dir and writes ``meta.json`` in it."""
+    def _prepare(self, name: str, meta_text: str, checked: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> Path:
+        """Rank 0: removes stale temp dirs, makes this save's temp dir, writes ``meta.json`` and the plain values.
+
+        Every rank's plain values are kept; where ranks hold the same key, the lowest rank's value is (as DCP
+        keeps one replica of a tensor all ranks hold).
+        """
+        values: dict[str, Any] = {}
+        tensors: dict[str, Any] = {}
+        for _, rank_values, rank_tensors in checked:
+            values = rank_values | values
+            tensors = rank_tensors | tensors
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_stale()
         tmp = self.root / f"{_layout.TMP_PREFIX}{name}-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
             _layout.write_durably(tmp / _layout.META, meta_text)
+            _plain.write(tmp, values, tensors)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -168,7 +195,7 @@ class DCPCheckpointStore:
     def _publish(self, step: int, tmp: Path, final: Path, entries: list[FileEntry]) -> None:
         """Rank 0: writes the manifest, renames the temp dir to ``final``, moves ``latest``, prunes."""
         _layout.write_manifest(tmp, step, entries)
-        _layout.fsync_dir(tmp)
+        _layout.fsync(tmp)
         aside = None
         if final.exists():
             aside = self.root / f"{_layout.OLD_PREFIX}{final.name}-{secrets.token_hex(4)}"
@@ -179,7 +206,7 @@ class DCPCheckpointStore:
             if aside is not None:
                 aside.rename(final)
             raise
-        _layout.fsync_dir(self.root)
+        _layout.fsync(self.root)
         _layout.write_pointer(self.root, final.name)
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
@@ -209,8 +236,6 @@ class DCPCheckpointStore:
             head = f"out of disk space while writing checkpoint step {step} to {final}"
         elif any(isinstance(cause, OSError) for cause in found) or codes - {None}:
             head = f"could not write checkpoint step {step} to {final}"
-        elif isinstance(exc, CheckpointError) and not isinstance(exc, RemoteRankError):
-            return exc
         else:
             head = f"could not save checkpoint step {step} to {final}"
         previous = _layout.latest_in(self.root)
@@ -238,27 +263,62 @@ class DCPCheckpointStore:
         """
         rank = self._this_rank()
         directory = Path(on_rank_zero(lambda: str(checkpoint_dir(where)), rank=rank))
-        meta = on_every_rank(lambda: self._verified_meta(directory, state, rank))[rank]
+        meta, version = on_every_rank(lambda: self._verified_meta(directory, state, rank))[rank]
         try:
-            self._io.load(state, directory)
+            if version == _layout.LEGACY_VERSION:
+                self._io.load_legacy(state, directory)
+            else:
+                self._load(state, directory)
         except (Exception, CheckpointException) as exc:
             raise self._load_error(directory, exc) from exc
         return meta
+
+    def _load(self, state: dict[str, Any], directory: Path) -> None:
+        """Loads a layout-version-2 checkpoint: the plain values are checked (on every rank) before the engine
+        loads the tensors, and set only after it did."""
+        own: dict[str, Any] = {}
+
+        def resolve() -> None:
+            leaves = self._leaves(state)
+            stored = _plain.Stored(directory)
+            found, problems = stored.resolve(leaves.plain)
+            problems += [
+                f"{key} is a tensor in the state but a plain value in the checkpoint"
+                for key in leaves.engine
+                if key in stored.values
+            ]
+            if problems:
+                raise CheckpointError(f"checkpoint {directory} does not match the state to load: {'; '.join(problems)}")
+            own.update(leaves=leaves, found=found)
+
+        on_every_rank(resolve)
+        leaves: _tree.Leaves = own["leaves"]
+        loaded = self._io.load(leaves.engine, directory / _layout.TENSORS)
+        for key, value in loaded.items():
+            if value is not leaves.engine[key]:
+                _tree.set_leaf(state, leaves.paths[key], value)
+        for key, value in own["found"].items():
+            current = leaves.plain[key]
+            if isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor):
+                current.copy_(value)
+            else:
+                _tree.set_leaf(state, leaves.paths[key], value)
 
     def read_meta(self, where: CheckpointInfo | Path) -> dict[str, Any]:
         """The ``meta`` of a checkpoint without loading it; see the module-level ``read_meta``."""
         return read_meta(where)
 
-    def _verified_meta(self, directory: Path, state: dict[str, Any], rank: int) -> dict[str, Any]:
-        """Checks ``state``'s keys, every listed file's size (and this rank's files' hashes); reads ``meta.json``."""
+    def _verified_meta(self, directory: Path, state: dict[str, Any], rank: int) -> tuple[dict[str, Any], int]:
+        """Checks ``state``'s keys, every listed file's size (and this rank's files' hashes); returns
+        ``meta.json``'s meta and the layout version."""
         _dcp_io.check_top_level_keys(state)
         size = world_size()
         for entry in _layout.read_manifest(directory):
             check_hash = self.verify == "hash" and _layout.owner_rank(entry.path, size) == rank
             found = _layout.problem(directory, entry, check_hash=check_hash)
             if found is not None:
-                raise CheckpointError(found)
-        return _layout.read_meta(directory)
+                raise CheckpointCorruptError(found)
+        return _layout.read_meta(directory), _layout.layout_version(directory)
 
     @staticmethod
     def _load_error(directory: Path, exc: BaseException) -> CheckpointError:
@@ -269,7 +329,8 @@ class DCPCheckpointStore:
             return CheckpointError(f"checkpoint {directory} does not match the state to load: {mismatch}")
         if any(isinstance(cause, OSError) for cause in found):
             return CheckpointError(f"could not read checkpoint {directory}: {_dcp_io.describe(exc)}")
-        return CheckpointError(f"could not load checkpoint {directory}: {_dcp_io.describe(exc)}")
+        kind = CheckpointCorruptError if any(isinstance(c, CheckpointCorruptError) for c in found) else CheckpointError
+        return kind(f"could not load checkpoint {directory}: {_dcp_io.describe(exc)}")
 
     # ------------------------------------------------------------------------------------- discover
 
@@ -277,6 +338,14 @@ class DCPCheckpointStore:
         """The checkpoint ``latest`` names if it is intact (sizes checked), else the newest intact one."""
         found = _layout.latest_in(self.root)
         return CheckpointInfo(step=found[0], path=found[1]) if found else None
+
+    def candidates(self) -> list[CheckpointCandidate]:
+        """The checkpoints a resume tries, in order: the one ``latest`` names, then older ones, newest first;
+        each with what its manifest and file sizes show wrong (its hashes are checked when it is loaded)."""
+        return [
+            CheckpointCandidate(info=CheckpointInfo(step=step, path=path), problem=problem)
+            for step, path, problem in _layout.candidates(self.root)
+        ]
 
     def list(self) -> list[CheckpointInfo]:
         """Complete checkpoints (those with a manifest), oldest first; temp and partial dirs are skipped."""
@@ -293,6 +362,11 @@ class DCPCheckpointStore:
         return self._rank
 
 
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether ``path`` is one checkpoint's directory (named ``step_XXXXXXX`` or holding a manifest), not a root."""
+    return (path / _layout.MANIFEST).exists() or _layout.parse_step(path.name) is not None
+
+
 def checkpoint_dir(where: CheckpointInfo | Path) -> Path:
     """The checkpoint directory ``where`` names: itself, or the latest one when it is a checkpoint root.
 
@@ -302,7 +376,7 @@ def checkpoint_dir(where: CheckpointInfo | Path) -> Path:
     path = where.path if isinstance(where, CheckpointInfo) else Path(where)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    if (path / _layout.MANIFEST).exists() or _layout.parse_step(path.name) is not None:
+    if is_checkpoint_dir(path):
         return path
     found = _layout.latest_in(path)
     if found is None:

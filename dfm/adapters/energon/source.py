@@ -11,8 +11,14 @@ Sample indices (DESIGN.md rule 2): with global batch ``G``, micro-batch ``m`` an
 and the same position in the global stream under any layout. They key the per-sample noise; the data
 order itself is energon's (a function of the seed and the layout).
 
-State: the position (``next_step``, ``next_micro``), the skipped-sample count and energon's loader state
-of this rank converted to JSON (:mod:`dfm.adapters.energon.state_codec`, no pickle). Loading it makes
+Bad samples (undecodable, wrong shape, or unreadable from a truncated or corrupt shard) are skipped
+with a warning naming the sample and its shard, or raise :class:`~dfm.ports.samples.BadSampleError` with
+``strict``. :attr:`EnergonSource.skipped` counts distinct bad samples: energon repeats the data forever,
+and a bad sample met again in a later pass is not counted again.
+
+State: the position (``next_step``, ``next_micro``), the bad samples met (``bad_samples``, their
+``shard[index]``; ``skipped`` is their number) and energon's loader state of this rank converted to
+JSON (:mod:`dfm.adapters.energon.state_codec`, no pickle). Loading it makes
 the next batch exactly the one the saving run would have read next. The state is per rank: a checkpoint
 must keep every data-parallel rank's state (``load_state_dict`` also accepts ``{"ranks": [state_0,
 state_1, ...]}`` and picks its own).
@@ -40,7 +46,7 @@ from dfm.adapters.energon.task_encoder import (
     worker_config,
 )
 from dfm.domain.batch import Batch, PackedBatch
-from dfm.ports.samples import FORMAT_VERSION, TENSORS, TEXT
+from dfm.ports.samples import FORMAT_VERSION, TENSORS, TEXT, BadSampleError
 
 SOURCE = "energon"
 PACK_BUFFER = 8
@@ -62,10 +68,10 @@ class EnergonSource:
         text_len: Text tokens per batch row ``S`` (shorter captions padded, longer ones cut).
         text_dim: Width of the text embeddings; the data set's must match.
         num_workers: Energon loader worker processes (0: read in this process).
-        shuffle_buffer: Samples in energon's shuffle buffer (1: no buffer shuffling).
+        shuffle_buffer: Samples in energon's shuffle buffer (0 or 1: no buffer shuffling).
         max_samples_per_sequence: Samples read in a row from one shard before jumping (energon's slices).
-        strict: Raise :class:`~dfm.adapters.energon.task_encoder.BadSampleError` on a bad sample
-            instead of skipping and counting it.
+        strict: Raise :class:`~dfm.ports.samples.BadSampleError` on a bad sample (also one that cannot be
+            read from its shard) instead of skipping and counting it.
         packing: Yield each micro-batch as one :class:`~dfm.domain.batch.PackedBatch`: ``micro_batch_size``
             samples of any latent shapes, run as one token sequence in which attention never crosses samples.
             Energon hands buffers of :data:`PACK_BUFFER` packs' worth of samples to
@@ -101,7 +107,7 @@ class EnergonSource:
             ("text_len", text_len, 1),
             ("text_dim", text_dim, 1),
             ("num_workers", num_workers, 0),
-            ("shuffle_buffer", shuffle_buffer, 1),
+            ("shuffle_buffer", shuffle_buffer, 0),
             ("max_samples_per_sequence", max_samples_per_sequence, 1),
         ):
             if value < low:
@@ -113,8 +119,8 @@ class EnergonSource:
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.max_samples_per_sequence = max_samples_per_sequence
         check_prepared(self.path, text_dim=text_dim)
-        self.skipped = 0
-        """Bad samples skipped so far (over the run, carried through the state)."""
+        self.bad_samples: set[str] = set()
+        """The bad samples this rank has skipped so far (``shard[index]``; over the run, carried by the state)."""
         self._next_step, self._next_micro = 0, 0
         self._loader: SavableDataLoader | None = None
         self._iterator: Iterator[RawBatch] | None = None
@@ -128,10 +134,11 @@ class EnergonSource:
         """The next micro-batch of this rank (a :class:`PackedBatch` of any shapes with ``packing``)."""
         if self._iterator is None:
             self._iterator = iter(self._build_loader())
-        raw = next(self._iterator)
-        if raw.skipped:
-            self.skipped += raw.skipped
-            _log.warning("bad samples skipped", now=raw.skipped, total=self.skipped, path=str(self.path))
+        try:
+            raw = next(self._iterator)
+        except BadSampleError as exc:  # from a loader worker, torch wraps the message in the worker's traceback
+            raise BadSampleError(worker_message(str(exc), BadSampleError)) from None
+        self._note_bad(raw.bad)
         m = self.micro_batch_size
         assert len(raw.latents) == m, f"energon yielded a batch of {len(raw.latents)} samples, expected {m}"
         first = (
@@ -158,6 +165,18 @@ class EnergonSource:
             sample_index=index,
             captions=tuple(raw.captions),
         )
+
+    @property
+    def skipped(self) -> int:
+        """Distinct bad samples this rank has skipped (one met again in a later pass over the data counts once)."""
+        return len(self.bad_samples)
+
+    def _note_bad(self, bad: Mapping[str, str]) -> None:
+        """Count the bad samples a batch reports and warn about each one not met before."""
+        for ident, reason in bad.items():
+            if ident not in self.bad_samples:
+                self.bad_samples.add(ident)
+                _log.warning("bad sample skipped", sample=ident, reason=reason, skipped=self.skipped)
 
     def _build_loader(self) -> SavableDataLoader:
         m = self.micro_batch_size
@@ -198,6 +217,7 @@ class EnergonSource:
             "next_step": self._next_step,
             "next_micro": self._next_micro,
             "skipped": self.skipped,
+            "bad_samples": sorted(self.bad_samples),
             "loader": loader,
         }
 
@@ -234,7 +254,7 @@ class EnergonSource:
         self.close()
         self._pending = pending
         self._next_step, self._next_micro = step, micro
-        self.skipped = int(state.get("skipped", 0))
+        self.bad_samples = {str(ident) for ident in state.get("bad_samples", ())}
 
     def close(self) -> None:
         """Stop the loader's worker processes now (also done when the source is collected or at exit).
@@ -264,6 +284,18 @@ def _shutdown(loader: SavableDataLoader) -> None:
     if inner is not None and hasattr(inner, "_shutdown_workers"):
         inner._shutdown_workers()
     loader._iterator = None
+
+
+def worker_message(text: str, kind: type[Exception]) -> str:
+    """The original message of a ``kind`` error that torch's data loader re-raised from a worker process.
+
+    Torch re-raises ``Caught X in DataLoader worker process N.\nOriginal Traceback ...: message``; this
+    returns ``message`` (``text`` unchanged when it is not such a wrapper).
+    """
+    if not text.startswith(f"Caught {kind.__name__} in DataLoader worker"):
+        return text
+    _, found, message = text.rpartition(f"{kind.__name__}: ")
+    return message.strip() if found else text
 
 
 def check_layout(*, global_batch_size: int, micro_batch_size: int, rank: int, world: int) -> int:
@@ -313,11 +345,14 @@ def _first_text_dim(path: Path, shard_counts: Mapping[str, int]) -> int | None:
     for shard, count in shard_counts.items():
         if count <= 0:
             continue
-        with tarfile.open(path / shard) as tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith("." + TENSORS):
-                    data = tar.extractfile(member)
-                    return text_width(data.read() if data is not None else b"")
+        try:
+            with tarfile.open(path / shard) as tar:
+                for member in tar:
+                    if member.isfile() and member.name.endswith("." + TENSORS):
+                        data = tar.extractfile(member)
+                        return text_width(data.read() if data is not None else b"")
+        except (tarfile.TarError, OSError, EOFError):
+            continue  # an unreadable shard is reported (or skipped) when its samples are read
     return None
 
 

@@ -15,8 +15,10 @@ Every value JSON cannot hold natively becomes an object tagged with :data:`TAG`:
     numpy scalar    {"$dfm": "npscalar", "dtype": "int64", "v": 3}
     dataclass       {"$dfm": "dataclass", "cls": "module:Qualname", "v": {"field": value, ...}}
 
-Classes are looked up by name only inside :data:`ALLOWED_MODULES` (energon's own state classes and
-``dict``), and rebuilt from their fields: nothing in the data can make :func:`decode` run other code.
+Classes are looked up by name only among :data:`ALLOWED_CLASSES` (the energon state classes its loader
+states hold, measured on every loader configuration dfm uses: 0 or more workers, packing or not) and
+rebuilt from their fields; arrays only of numeric dtypes. Nothing in the data can make :func:`decode`
+import a module or run code of its choosing; a loader state holding another class is refused when saved.
 """
 
 from __future__ import annotations
@@ -31,8 +33,19 @@ import torch
 
 TAG = "$dfm"
 """Key that marks an encoded non-JSON value."""
-ALLOWED_MODULES = ("megatron.energon.",)
-"""Prefixes of the modules whose classes :func:`decode` may rebuild."""
+ALLOWED_CLASSES = frozenset(
+    {
+        "megatron.energon.flavors.webdataset.sample_loader:SliceState",
+        "megatron.energon.rng:SystemRngState",
+        "megatron.energon.savable_loader:SavableDataLoaderState",
+        "megatron.energon.savable_loader:SavableDatasetCheckpoint",
+        "megatron.energon.savable_loader:SavableDatasetState",
+        "megatron.energon.state:FlexState",
+    }
+)
+"""The classes (``module:Qualname``) :func:`encode` stores and :func:`decode` rebuilds."""
+_NUMERIC_KINDS = "biufc"
+"""numpy dtype kinds an encoded array may have (bool, ints, floats, complex)."""
 
 
 class StateCodecError(ValueError):
@@ -79,7 +92,7 @@ def decode(data: Any) -> Any:
 
     Raises:
         StateCodecError: ``data`` is not what :func:`encode` writes (unknown tag, class outside
-            :data:`ALLOWED_MODULES`, fields that do not fit the class).
+            :data:`ALLOWED_CLASSES`, fields that do not fit the class, malformed values).
     """
     if data is None or isinstance(data, bool | int | float | str):
         return data
@@ -92,6 +105,10 @@ def decode(data: Any) -> Any:
         return _DECODERS[kind](data)
     except KeyError as exc:
         raise StateCodecError(f"encoded loader state: unknown tag {kind!r} or missing key {exc}") from None
+    except StateCodecError:
+        raise
+    except (TypeError, ValueError, AttributeError, RuntimeError) as exc:  # malformed: base64, shapes, fields
+        raise StateCodecError(f"encoded loader state: malformed {kind!r} value: {exc}") from None
 
 
 def _decode_dict(data: dict[str, Any]) -> dict[Any, Any]:
@@ -110,9 +127,19 @@ def _decode_tensor(data: dict[str, Any]) -> torch.Tensor:
     return flat.view(dtype).reshape(data["shape"]).clone()
 
 
+def _numeric_dtype(name: Any) -> np.dtype:
+    try:
+        dtype = np.dtype(str(name))
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind not in _NUMERIC_KINDS:
+        raise StateCodecError(f"encoded loader state: {name!r} is not a numeric numpy dtype")
+    return dtype
+
+
 def _decode_ndarray(data: dict[str, Any]) -> np.ndarray:
     raw = base64.b64decode(data["v"])
-    return np.frombuffer(raw, dtype=np.dtype(data["dtype"])).reshape(data["shape"]).copy()
+    return np.frombuffer(raw, dtype=_numeric_dtype(data["dtype"])).reshape(data["shape"]).copy()
 
 
 def _decode_dataclass(data: dict[str, Any]) -> Any:
@@ -136,7 +163,7 @@ _DECODERS = {
     "dict": _decode_dict,
     "tensor": _decode_tensor,
     "ndarray": _decode_ndarray,
-    "npscalar": lambda d: np.dtype(d["dtype"]).type(d["v"]),
+    "npscalar": lambda d: _numeric_dtype(d["dtype"]).type(d["v"]),
     "dataclass": _decode_dataclass,
 }
 
@@ -147,15 +174,18 @@ def _b64(raw: bytes) -> str:
 
 def _class_name(cls: type) -> str:
     name = f"{cls.__module__}:{cls.__qualname__}"
-    if not cls.__module__.startswith(ALLOWED_MODULES):
-        raise StateCodecError(f"cannot store an instance of {name} in a JSON loader state (not an energon class)")
+    if name not in ALLOWED_CLASSES:
+        raise StateCodecError(
+            f"cannot store an instance of {name} in a JSON loader state (not one of energon's known state classes; "
+            "this energon version's loader state needs dfm's state codec extended)"
+        )
     return name
 
 
 def _load_class(name: str) -> type:
-    module, _, qualname = str(name).partition(":")
-    if not module.startswith(ALLOWED_MODULES) or not qualname:
-        raise StateCodecError(f"encoded loader state names class {name!r}, outside {ALLOWED_MODULES}")
+    if name not in ALLOWED_CLASSES:
+        raise StateCodecError(f"encoded loader state names class {name!r}, which is not an energon state class")
+    module, _, qualname = name.partition(":")
     obj: Any = importlib.import_module(module)
     for part in qualname.split("."):
         obj = getattr(obj, part, None)

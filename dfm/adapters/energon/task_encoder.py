@@ -6,24 +6,26 @@ bytes) -> :meth:`DfmTaskEncoder.cook` decodes ``tensors.safetensors`` and ``meta
 ``GroupBatchDataset``: samples of different shapes never share a batch, nothing is padded but the text)
 -> :meth:`DfmTaskEncoder.batch` stacks latents and pads text to ``text_len`` with a mask.
 
-Bad samples (undecodable bytes, bad JSON, wrong shapes) raise :class:`BadSampleError` when ``strict``;
-otherwise they are logged, skipped (energon's ``SkipSample``) and counted. The count travels with the
-batches: each batch carries ``skipped``, the bad samples its worker skipped since its previous batch, so
-the reader's total is exact across worker processes, prefetching and resumption (samples replayed by a
-restored loader reproduce the batches they belong to).
+Bad samples (undecodable bytes, bad JSON, wrong shapes, and samples that cannot be read at all from a
+truncated or corrupt shard, see :mod:`dfm.adapters.energon.reading`) raise :class:`BadSampleError` when
+``strict``; otherwise they are skipped (energon's ``SkipSample``, or ``None`` from the reader) and
+reported. The reports travel with the batches: each batch carries ``bad``, the samples its worker
+skipped since its previous batch (``shard[index]`` -> reason), so the reader sees every one across
+worker processes, prefetching and resumption, and can count each bad sample once however often energon
+repeats the data.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NoReturn
+from typing import Any
 
-import structlog
 import torch
 from megatron.energon import Batch as EnergonBatch
 from megatron.energon import Cooker, Sample, SkipSample, TaskEncoder, reraise_exception, stateless
 from megatron.energon.worker import WorkerConfig
 
+from dfm.adapters.energon.reading import guard_reads, sample_id
 from dfm.domain.packing import balanced_packs
 from dfm.ports.samples import FORMAT_VERSION, META, TENSORS, BadSampleError, decode_sample, pad_text
 
@@ -31,8 +33,6 @@ SUBFLAVOR = "dfm_format"
 """Subflavor that ``dataset.yaml`` of a prepared dataset declares (value :data:`FORMAT_VERSION`)."""
 MAX_CONSECUTIVE_BAD = 100
 """Bad samples in a row after which a lenient reader gives up (the data set is likely broken)."""
-
-_log = structlog.get_logger(__name__)
 
 
 @dataclasses.dataclass
@@ -61,14 +61,15 @@ class RawBatch(EnergonBatch):
         text: ``[B, S, D]`` zero-padded to ``S = text_len``.
         text_mask: ``[B, S]``, ``True`` on real tokens.
         captions: One caption per sample.
-        skipped: Bad samples the producing worker skipped since its previous batch.
+        bad: The bad samples the producing worker skipped since its previous batch: ``shard[index]`` ->
+            what is wrong with it.
     """
 
     latents: torch.Tensor | list[torch.Tensor]
     text: torch.Tensor
     text_mask: torch.Tensor
     captions: list[str]
-    skipped: int
+    bad: dict[str, str]
 
 
 def decode_members(tensors: Any, meta: Any, *, text_len: int, text_dim: int, where: str) -> dict[str, Any]:
@@ -102,35 +103,48 @@ class DfmTaskEncoder(TaskEncoder[DecodedSample, DecodedSample, RawBatch, RawBatc
     def __init__(self, *, text_len: int, text_dim: int, strict: bool, pack_size: int | None = None) -> None:
         self.text_len, self.text_dim, self.strict, self.pack_size = text_len, text_dim, strict, pack_size
         self.cookers = [Cooker(self.cook, has_subflavors={SUBFLAVOR: FORMAT_VERSION})]
-        self._skipped_since_batch = 0
+        self._bad_since_batch: dict[str, str] = {}
         self._consecutive_bad = 0
+
+    def build_cook_crude_sample(self, dataset: Any, **kwargs: Any) -> Any:
+        """Energon's hook that cooks the raw samples; first routes read errors to :meth:`unreadable`."""
+        guard_reads(dataset, self.unreadable)
+        return super().build_cook_crude_sample(dataset, **kwargs)
+
+    def unreadable(self, ident: str, where: str, exc: Exception) -> None:
+        """A sample energon cannot read from its shard (truncated, corrupt or missing): raise or skip it."""
+        reason = (
+            f"{where} cannot be read ({type(exc).__name__}: {exc}); the shard is truncated or corrupt: "
+            "prepare it again with `python -m dfm.app.prepare`"
+        )
+        self._record(ident, BadSampleError(reason))
 
     @stateless
     def cook(self, raw: dict[str, Any]) -> DecodedSample:
         """Decode one crude sample (member name -> bytes); skips or raises on a bad one."""
-        where = _where(raw)
+        ident, where = _origin(raw)
         try:
             fields = decode_members(
                 raw.get(TENSORS), raw.get(META), text_len=self.text_len, text_dim=self.text_dim, where=where
             )
         except BadSampleError as exc:
-            self._bad(exc)
+            self._record(ident, exc)
+            raise SkipSample() from None
         self._consecutive_bad = 0
         base = {f.name: raw[f.name] for f in dataclasses.fields(Sample) if f.name in raw}
         return DecodedSample(**base, **fields)
 
-    def _bad(self, exc: BadSampleError) -> NoReturn:
+    def _record(self, ident: str, exc: BadSampleError) -> None:
+        """Raise ``exc`` when strict; else note the bad sample for the next batch (too many in a row raise)."""
         if self.strict:
             raise exc
-        self._skipped_since_batch += 1
+        self._bad_since_batch[ident] = str(exc)
         self._consecutive_bad += 1
-        _log.warning("bad sample skipped", error=str(exc))
         if self._consecutive_bad >= MAX_CONSECUTIVE_BAD:
             raise BadSampleError(
                 f"{self._consecutive_bad} bad samples in a row (last: {exc}); the data set looks broken. "
                 "Prepare it again with `python -m dfm.app.prepare`."
             )
-        raise SkipSample()
 
     def batch_group_criterion(self, sample: DecodedSample) -> tuple[str, None]:
         """Group key: the latent shape ``CxFxHxW`` (the batch size is the loader's); one group with packing."""
@@ -162,25 +176,26 @@ class DfmTaskEncoder(TaskEncoder[DecodedSample, DecodedSample, RawBatch, RawBatc
             assert len(samples) == 1, "with packing a micro-batch is one pack"
             samples = samples[0].samples  # type: ignore[union-attr]
         text, mask = pad_text([s.text for s in samples], self.text_len)
-        skipped, self._skipped_since_batch = self._skipped_since_batch, 0
+        bad, self._bad_since_batch = self._bad_since_batch, {}
         return RawBatch.from_samples(
             samples,
             latents=[s.latents for s in samples] if self.pack_size else torch.stack([s.latents for s in samples]),
             text=text,
             text_mask=mask,
             captions=[s.caption for s in samples],
-            skipped=skipped,
+            bad=bad,
         )
 
 
-def _where(raw: dict[str, Any]) -> str:
-    """``shard[index] key`` of a crude sample, for messages."""
-    sources = raw.get("__sources__") or ()
-    for source in sources:
+def _origin(raw: dict[str, Any]) -> tuple[str, str]:
+    """``(identity, description)`` of a crude sample: ``shard[index]`` and ``sample 'key' (shard[index])``."""
+    key = raw.get("__key__")
+    for source in raw.get("__sources__") or ():
         shard = getattr(source, "shard_name", None)
         if shard is not None:
-            return f"sample {raw.get('__key__')!r} ({shard}[{getattr(source, 'index', '?')}])"
-    return f"sample {raw.get('__key__')!r}"
+            ident = sample_id(shard, getattr(source, "index", "?"))
+            return ident, f"sample {key!r} ({ident})"
+    return f"{raw.get('__shard__', '?')}/{key}", f"sample {key!r}"
 
 
 def worker_config(*, rank: int, world: int, num_workers: int, seed: int) -> WorkerConfig:

@@ -26,7 +26,7 @@ from dfm.adapters.fsdp2 import state as fsdp_state
 from dfm.adapters.fsdp2.ema import ShardedEMA
 from dfm.adapters.fsdp2.grads import clip_grads, set_gradient_sync, total_grad_norm
 from dfm.adapters.fsdp2.parallelize import ShardingOptions, build_sharded_network
-from dfm.adapters.torch_dist.devices import check_rank_share, device_type, peak_memory_gib
+from dfm.adapters.torch_dist.devices import batch_to_device, check_rank_share, device_type, peak_memory_gib
 from dfm.adapters.torch_dist.mesh import build_mesh, resolve_sizes, topology
 from dfm.adapters.torch_dist.optim import build_adamw
 from dfm.adapters.torch_dist.process_group import DEFAULT_TIMEOUT, DistEnv, destroy, init_process_group
@@ -249,7 +249,7 @@ class FSDP2Runtime:
         names: list[str] = []
         for i, micro in enumerate(micro_batches):
             set_gradient_sync(model, i == len(micro_batches) - 1)
-            batch = micro.to(self.device)
+            batch = batch_to_device(micro, self.device)
             out = loss_fn(model, batch)
             if out.per_sample.shape != (batch.size,):
                 raise ValueError(

@@ -22,10 +22,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from dfm.adapters.torch_dist.optim import own_group_settings
 from dfm.adapters.torch_dist.state import check_compatible
-
-_KEEP_OWN = ("fused", "foreach", "capturable", "differentiable")
-"""Parameter-group flags a checkpoint does not override (this runtime's kernel choice)."""
 
 
 def model_state(model: nn.Module) -> dict[str, Any]:
@@ -59,7 +57,9 @@ def load_full_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> 
 def load(model: nn.Module, optimizer: torch.optim.Optimizer, weights: Mapping[str, Any], saved: Mapping) -> None:
     """Restore model weights and optimizer state from :func:`model_state` / :func:`optimizer_state` layouts.
 
-    The implementation flags of the parameter groups (``fused``, ...) stay this runtime's.
+    The checkpoint supplies the per-parameter state (moments, step counters); the parameter groups'
+    settings (learning rate, betas, epsilon, weight decay, kernel flags) stay this runtime's, i.e. the
+    current config's (see :func:`dfm.adapters.torch_dist.optim.own_group_settings`).
 
     Raises:
         ValueError: If the model keys or shapes differ, or the optimizer state names other parameters.
@@ -71,7 +71,5 @@ def load(model: nn.Module, optimizer: torch.optim.Optimizer, weights: Mapping[st
     trainable = {name: None for name, p in model.named_parameters() if p.requires_grad}
     check_compatible(trainable, saved["state"], "checkpointed optimizer states")
     set_model_state_dict(model, dict(weights))
-    own = [{k: group[k] for k in _KEEP_OWN if k in group} for group in optimizer.param_groups]
-    set_optimizer_state_dict(model, optimizer, dict(saved))
-    for group, flags in zip(optimizer.param_groups, own, strict=True):
-        group.update(flags)
+    with own_group_settings([optimizer]):
+        set_optimizer_state_dict(model, optimizer, dict(saved))

@@ -6,6 +6,7 @@ parquet files); :func:`webdataset_to_hf` converts prepared webdataset shards int
 
 from dfm.adapters.hf_datasets.convert import webdataset_to_hf
 from dfm.adapters.hf_datasets.samples import BadSampleError
-from dfm.adapters.hf_datasets.source import HFDatasetSource, load_table
+from dfm.adapters.hf_datasets.source import HFDatasetSource
+from dfm.adapters.hf_datasets.table import load_table
 
 __all__ = ["BadSampleError", "HFDatasetSource", "load_table", "webdataset_to_hf"]

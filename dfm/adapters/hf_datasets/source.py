@@ -13,11 +13,16 @@ latent shape and yields a bucket when it holds ``micro_batch_size`` samples (sha
 is padded). Sample indices: micro-batch ``j`` of rank ``r`` at step ``k`` is ``k G + r G / W + j m + [0, m)``.
 
 State (JSON-safe): ``position`` ``q``, the rows waiting in each bucket, the step/micro-batch position
-and the skipped count. Loading it reproduces exactly the batches the saving source would have yielded
-next. The state is per rank (ranks consume their streams at different paces: buckets, bad rows): a
-checkpoint must keep every data-parallel rank's state (``load_state_dict`` also accepts ``{"ranks":
-[state_0, state_1, ...]}`` and picks its own). Bad rows are skipped and counted (``skipped``, logged), or raise
-:class:`~dfm.adapters.hf_datasets.samples.BadSampleError` when ``strict``.
+and the bad rows met (``bad_rows``; ``skipped`` is their number). Loading it reproduces exactly the
+batches the saving source would have yielded next. The state is per rank (ranks consume their streams
+at different paces: buckets, bad rows): a checkpoint must keep every data-parallel rank's state
+(``load_state_dict`` also accepts ``{"ranks": [state_0, state_1, ...]}`` and picks its own).
+
+Bad rows are skipped with a warning and counted, or raise
+:class:`~dfm.adapters.hf_datasets.samples.BadSampleError` when ``strict``. ``skipped`` is the number of
+distinct bad rows this rank has met (the stream repeats the rows every epoch; a row counts once). A
+file of the dataset that cannot be read at all (truncated, corrupt) is skipped with a warning at start,
+or raises when ``strict`` (:func:`~dfm.adapters.hf_datasets.table.load_table`).
 """
 
 from __future__ import annotations
@@ -26,14 +31,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import datasets
 import structlog
 import torch
 
 from dfm.adapters.hf_datasets.samples import BadSampleError, Decoded, decode_row, pad_text, text_width
+from dfm.adapters.hf_datasets.table import read_table
 from dfm.domain.batch import Batch
 from dfm.domain.rng import stream_seed
-from dfm.ports.samples import META, TENSORS
+from dfm.ports.samples import TENSORS
 
 SOURCE = "hf_datasets"
 ORDER_STREAM = 0x5EED0D3E
@@ -42,36 +47,6 @@ MAX_CONSECUTIVE_BAD = 100
 """Bad rows in a row after which a lenient reader gives up (the data set is likely broken)."""
 _LAYOUT_KEYS = ("seed", "global_batch_size", "micro_batch_size", "rank", "world", "num_rows")
 _log = structlog.get_logger(__name__)
-
-
-def load_table(path: str | Path) -> datasets.Dataset:
-    """The dataset at ``path``: a ``save_to_disk`` directory (its ``train`` split if it holds several),
-    a parquet file, or a directory of parquet files.
-
-    Raises:
-        ValueError: Nothing readable there, or the columns are not those of :mod:`dfm.ports.samples`.
-    """
-    path = Path(path)
-    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-        table = datasets.load_from_disk(str(path))
-        if isinstance(table, datasets.DatasetDict):
-            if "train" not in table:
-                raise ValueError(f"{path}: a DatasetDict without a 'train' split (has {sorted(table)})")
-            table = table["train"]
-    else:
-        files = [path] if path.suffix == ".parquet" and path.is_file() else sorted(path.glob("**/*.parquet"))
-        if not files:
-            raise ValueError(
-                f"{path} is neither a dataset written by `save_to_disk` nor parquet files; convert prepared "
-                "shards with dfm.adapters.hf_datasets.webdataset_to_hf"
-            )
-        table = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
-    missing = [c for c in (TENSORS, META) if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{path}: lacks the columns {missing} of a prepared dfm data set (has {table.column_names})")
-    if len(table) == 0:
-        raise ValueError(f"{path}: the dataset has no rows")
-    return table.select_columns([TENSORS, META])
 
 
 class HFDatasetSource:
@@ -86,11 +61,12 @@ class HFDatasetSource:
         world: Number of data-parallel ranks ``W``.
         text_len: Text tokens per batch row ``S`` (shorter captions padded, longer ones cut).
         text_dim: Width of the text embeddings; the data set's must match.
-        strict: Raise :class:`~dfm.adapters.hf_datasets.samples.BadSampleError` on a bad row instead of
-            skipping and counting it.
+        strict: Raise :class:`~dfm.adapters.hf_datasets.samples.BadSampleError` on a bad row (or a file
+            that cannot be read) instead of skipping and counting it.
 
     Raises:
-        ValueError: Unreadable data set, text width other than ``text_dim``, or an invalid layout.
+        ValueError: Unreadable data set (with ``strict``, any unreadable file: a ``BadSampleError``), text
+            width other than ``text_dim``, or an invalid layout.
     """
 
     def __init__(
@@ -110,7 +86,8 @@ class HFDatasetSource:
         if text_len < 1 or text_dim < 1:
             raise ValueError(f"hf_datasets data source: text_len and text_dim must be >= 1, got {text_len}, {text_dim}")
         self.path = Path(path)
-        self.table = load_table(self.path)
+        self.table, self.unreadable_files = read_table(self.path, strict=strict)
+        """The rows of the readable files; ``unreadable_files``: those skipped (truncated, corrupt)."""
         self.num_rows = len(self.table)
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.seed, self.rank, self.world = int(seed), rank, world
@@ -121,8 +98,8 @@ class HFDatasetSource:
                 f"{self.path}: the text embeddings are {found} wide but the model expects text_dim={text_dim}; "
                 "prepare the data with the model's text encoder or set model.text_dim to match"
             )
-        self.skipped = 0
-        """Bad rows skipped so far (over the run, carried through the state)."""
+        self.bad_rows: set[int] = set()
+        """The bad rows this rank has skipped so far (over the run, carried through the state)."""
         self._position = 0  # q: next position in this rank's stream
         self._buckets: dict[str, list[tuple[int, Decoded]]] = {}
         self._next_step, self._next_micro = 0, 0
@@ -163,9 +140,10 @@ class HFDatasetSource:
         except BadSampleError as exc:
             if self.strict:
                 raise
-            self.skipped += 1
             self._consecutive_bad += 1
-            _log.warning("bad sample skipped", error=str(exc), total=self.skipped)
+            if row not in self.bad_rows:
+                self.bad_rows.add(row)
+                _log.warning("bad sample skipped", error=str(exc), skipped=self.skipped)
             if self._consecutive_bad >= MAX_CONSECUTIVE_BAD:
                 raise BadSampleError(
                     f"{self._consecutive_bad} bad rows in a row (last: {exc}); the data set looks broken"
@@ -193,6 +171,11 @@ class HFDatasetSource:
         return self._next_step * g + self.rank * (g // w) + self._next_micro * m
 
     @property
+    def skipped(self) -> int:
+        """Distinct bad rows this rank has skipped (a row met again in a later epoch counts once)."""
+        return len(self.bad_rows)
+
+    @property
     def epoch(self) -> int:
         """Epoch of the next position this rank reads."""
         return (self._position * self.world + self.rank) // self.num_rows
@@ -209,6 +192,7 @@ class HFDatasetSource:
             "next_step": self._next_step,
             "next_micro": self._next_micro,
             "skipped": self.skipped,
+            "bad_rows": sorted(self.bad_rows),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -244,7 +228,7 @@ class HFDatasetSource:
             buckets[str(key)] = [(r, s) for r, s in decoded if s is not None]
         self._buckets = buckets
         self._position, self._next_step, self._next_micro = int(state["position"]), step, micro
-        self.skipped = int(state.get("skipped", 0))
+        self.bad_rows = {int(row) for row in state.get("bad_rows", ())}
 
 
 def _check_layout(global_batch_size: int, micro_batch_size: int, rank: int, world: int) -> int:

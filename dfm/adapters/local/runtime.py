@@ -23,6 +23,7 @@ from torch.optim.swa_utils import AveragedModel
 from dfm.adapters.local.ema import build_ema, reset_ema
 from dfm.adapters.local.state import load_model_and_optimizer_state, model_and_optimizer_state
 from dfm.adapters.torch_dist.checkpointing import apply_activation_checkpointing
+from dfm.adapters.torch_dist.devices import batch_to_device
 from dfm.adapters.torch_dist.optim import build_adamw
 from dfm.adapters.torch_dist.schedule import (
     build_scheduler,
@@ -227,7 +228,7 @@ class LocalRuntime:
         loss_sum = torch.zeros((), device=self.device)
         metric_sums: dict[str, torch.Tensor] = {}
         for micro in micro_batches:
-            batch = micro.to(self.device)
+            batch = batch_to_device(micro, self.device)
             with self._autocast():
                 out = loss_fn(model, batch)
             if out.per_sample.shape != (batch.size,):

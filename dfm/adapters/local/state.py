@@ -18,9 +18,6 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from dfm.adapters.torch_dist.state import check_compatible, listing
 
-_KEEP_OWN = ("params", "fused", "foreach", "capturable", "differentiable")
-"""Parameter-group entries a checkpoint does not override (the parameters and this runtime's kernel choice)."""
-
 
 def model_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """``(model_state, optimizer_state)`` with fully-qualified names as keys (aliasing the live tensors).
@@ -38,8 +35,9 @@ def load_model_and_optimizer_state(
     """Restore what :func:`model_and_optimizer_state` returned (strict), copying into the live tensors.
 
     Values are copied in place (``torch.optim.Optimizer.load_state_dict`` would keep the given tensors
-    themselves, so a runtime loading another's in-memory state would share its moments). The
-    implementation flags of the parameter groups (``fused``, ``foreach``, ...) stay this runtime's.
+    themselves, so a runtime loading another's in-memory state would share its moments). The checkpoint
+    supplies the per-parameter state (moments, step counters); the parameter groups' settings (learning
+    rate, betas, epsilon, weight decay, kernel flags) stay this runtime's, i.e. the current config's.
 
     Raises:
         ValueError: If the model keys or shapes differ, or the optimizer state names other parameters.
@@ -51,7 +49,7 @@ def load_model_and_optimizer_state(
     model.load_state_dict(dict(model_state), strict=True)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     _load_param_state(optimizer, params, optimizer_state["state"])
-    _load_param_groups(optimizer, params, optimizer_state["param_groups"])
+    _check_param_groups(optimizer, params, optimizer_state["param_groups"])
 
 
 @torch.no_grad()
@@ -67,14 +65,17 @@ def _load_param_state(optimizer: torch.optim.Optimizer, params: Mapping[str, nn.
                 state[key] = value
 
 
-def _load_param_groups(optimizer: torch.optim.Optimizer, params: Mapping[str, nn.Parameter], saved: list) -> None:
+def _check_param_groups(optimizer: torch.optim.Optimizer, params: Mapping[str, nn.Parameter], saved: list) -> None:
+    """Raise unless each of this optimizer's groups holds exactly the parameters of one saved group.
+
+    Nothing else of the saved groups is used: their settings (``lr``, ``betas``, ...) are the config's.
+    """
     name_of = {id(p): name for name, p in params.items()}
-    by_names = {frozenset(group["params"]): group for group in saved}
+    saved_names = {frozenset(group["params"]) for group in saved}
     for group in optimizer.param_groups:
         names = frozenset(name_of[id(p)] for p in group["params"])
-        if names not in by_names:
+        if names not in saved_names:
             raise ValueError(
                 "the checkpointed optimizer groups parameters differently (e.g. another weight-decay rule): "
                 f"no saved group holds exactly {listing(sorted(names))}"
             )
-        group.update({k: v for k, v in by_names[names].items() if k not in _KEEP_OWN})

@@ -33,8 +33,8 @@ from dfm.adapters.megatron import state as mstate
 from dfm.adapters.megatron.engine import initialize, megatron_sizes, megatron_topology, teardown
 from dfm.adapters.megatron.model import Options, build_chunks, transformer_config
 from dfm.adapters.megatron.stage import Chunk
-from dfm.adapters.torch_dist.devices import check_rank_share, device_type, peak_memory_gib
-from dfm.adapters.torch_dist.optim import decays
+from dfm.adapters.torch_dist.devices import batch_to_device, check_rank_share, device_type, peak_memory_gib
+from dfm.adapters.torch_dist.optim import decays, own_group_settings
 from dfm.adapters.torch_dist.process_group import DEFAULT_TIMEOUT, DistEnv, destroy
 from dfm.adapters.torch_dist.schedule import check_optimizer_settings, lr_factor
 from dfm.domain.batch import Batch
@@ -243,7 +243,7 @@ class MegatronRuntime:
             model.zero_grad_buffer()
         self._optimizer.zero_grad()
         totals: dict[str, Any] = {"rows": []}
-        batches = [b.to(self.device) for b in micro_batches]
+        batches = [batch_to_device(b, self.device) for b in micro_batches]
         iterators = [iter(batches) for _ in self._ddp]
         get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, loss_fn, global_batch_size, totals),
@@ -461,6 +461,11 @@ def _materialize_state(optimizer: Any) -> None:
 def _load_optimizer(optimizer: Any, state: Any) -> None:
     """``optimizer.load_state_dict(state)``, with AdamW's step counters handled outside megatron.
 
+    The checkpoint supplies the moments and step counters; the parameter groups' settings (betas,
+    epsilon, ...) stay those this runtime was built with, i.e. the current config's, as in the other
+    runtimes (:func:`dfm.adapters.torch_dist.optim.own_group_settings`; the learning rate and weight
+    decay are set from the config at every step anyway).
+
     Without Apex or Transformer Engine, megatron 0.16's distributed optimizer gives every parameter's
     state the same ``step`` tensor (AdamW would then count each step once per parameter) and then fails
     to copy the ``fully_reshardable`` tensors into a state that has a ``step`` (``KeyError: 'step'``). So
@@ -479,7 +484,8 @@ def _load_optimizer(optimizer: Any, state: Any) -> None:
     for torch_optimizer in inners:
         torch_optimizer.load_state_dict = take_steps(torch_optimizer.load_state_dict, torch_optimizer)
     try:
-        optimizer.load_state_dict(state)
+        with own_group_settings(inners):
+            optimizer.load_state_dict(state)
     finally:
         for torch_optimizer in inners:
             del torch_optimizer.load_state_dict  # the class's method again

@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import torch
 
-from dfm.ports.checkpoint import CheckpointError, CheckpointInfo
+from dfm.ports.checkpoint import CheckpointCandidate, CheckpointError, CheckpointInfo
 
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
 _SHOWN = 5
@@ -185,6 +185,10 @@ class InMemoryCheckpointStore:
     def list(self) -> list[CheckpointInfo]:
         """All kept checkpoints, oldest (lowest step) first."""
         return [self._info(step) for step in sorted(self._saved)]
+
+    def candidates(self) -> list[CheckpointCandidate]:
+        """Every kept checkpoint, newest first (an in-memory checkpoint is never corrupted)."""
+        return [CheckpointCandidate(info=self._info(step)) for step in sorted(self._saved, reverse=True)]
 
     def _info(self, step: int) -> CheckpointInfo:
         """The ``CheckpointInfo`` of a kept step."""

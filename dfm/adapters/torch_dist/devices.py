@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import resource
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 
-from dfm.domain.batch import Batch
+from dfm.domain.batch import Batch, PackedBatch
+
+MicroBatch = TypeVar("MicroBatch", Batch, PackedBatch)
+
+INPUT_DTYPE = torch.float32
+"""Dtype of a micro-batch's floating tensors inside every runtime (see :func:`batch_to_device`)."""
 
 
 def device_type(device: str) -> str:
@@ -39,3 +45,15 @@ def check_rank_share(micro_batches: Sequence[Batch], global_batch_size: int, dp:
             f"each of the {dp} data-parallel ranks must hold global_batch_size / {dp} samples: this rank's "
             f"{len(micro_batches)} micro-batches hold {held}, but global_batch_size is {global_batch_size}"
         )
+
+
+def batch_to_device(batch: MicroBatch, device: torch.device | str) -> MicroBatch:
+    """``batch`` on ``device`` with its floating tensors (latents, text embeddings) in :data:`INPUT_DTYPE`.
+
+    Prepared data are stored in bf16 by default while the weights and the objective's math are float32;
+    each runtime casts down to its compute dtype itself (autocast, FSDP2's ``param_dtype``, megatron's
+    bf16 stages). Casting every batch to float32 here, before any compute, makes a bf16-stored batch
+    train exactly like the same values given in float32, at any precision. Masks and indices keep their
+    dtypes.
+    """
+    return batch.to(device, INPUT_DTYPE)

@@ -8,6 +8,8 @@ network's conditioning.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -82,3 +84,20 @@ def materialize_state(optimizer: torch.optim.Optimizer) -> None:
         elif "step" in state:
             state["step"] = 0
     optimizer.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def own_group_settings(optimizers: Iterable[torch.optim.Optimizer]) -> Iterator[None]:
+    """Keep the optimizers' parameter-group settings through a checkpoint load done inside the block.
+
+    Everything a group holds besides its parameters (learning rate, betas, epsilon, weight decay, kernel
+    flags such as ``fused``) is put back as the runtime built it, i.e. from the current config; the load
+    keeps supplying the per-parameter state (moments, step counters). So a run resumed with a changed
+    ``optim.*`` setting uses the new value. Entries the load adds that the groups did not have are kept.
+    """
+    optimizers = list(optimizers)
+    own = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in optimizers]
+    yield
+    for optimizer, settings in zip(optimizers, own, strict=True):
+        for group, saved in zip(optimizer.param_groups, settings, strict=True):  # a load keeps the group count
+            group.update(saved)

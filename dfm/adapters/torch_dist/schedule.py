@@ -28,18 +28,21 @@ def check_optimizer_settings(settings: OptimizerSettings) -> None:
     """Validate the settings a user controls.
 
     Raises:
-        ValueError: On a non-positive ``lr`` or ``total_steps``, a negative ``warmup_steps`` or
-            ``weight_decay``, ``min_lr_ratio`` outside ``[0, 1]``, betas outside ``[0, 1)`` or an unknown schedule.
+        ValueError: On a non-positive or non-finite ``lr`` or ``eps``, a non-positive ``total_steps``, a
+            negative ``warmup_steps``, a negative or non-finite ``weight_decay``, ``min_lr_ratio`` outside
+            ``[0, 1]``, betas outside ``[0, 1)`` or an unknown schedule.
     """
     problems = []
-    if not settings.lr > 0:
-        problems.append(f"lr must be > 0, got {settings.lr}")
+    for name in ("lr", "eps"):
+        value = getattr(settings, name)
+        if not (math.isfinite(value) and value > 0):
+            problems.append(f"{name} must be a finite number > 0, got {value}")
     if settings.total_steps < 1:
         problems.append(f"total_steps must be >= 1, got {settings.total_steps}")
     if settings.warmup_steps < 0:
         problems.append(f"warmup_steps must be >= 0, got {settings.warmup_steps}")
-    if settings.weight_decay < 0:
-        problems.append(f"weight_decay must be >= 0, got {settings.weight_decay}")
+    if not (math.isfinite(settings.weight_decay) and settings.weight_decay >= 0):
+        problems.append(f"weight_decay must be a finite number >= 0, got {settings.weight_decay}")
     if not 0.0 <= settings.min_lr_ratio <= 1.0:
         problems.append(f"min_lr_ratio must be in [0, 1], got {settings.min_lr_ratio}")
     if len(settings.betas) != 2 or not all(0.0 <= b < 1.0 for b in settings.betas):
@@ -73,11 +76,23 @@ def scheduler_state(scheduler: LambdaLR) -> dict[str, Any]:
 
 
 def load_scheduler_state(scheduler: LambdaLR, state: Mapping[str, Any]) -> None:
-    """Restore what :func:`scheduler_state` returned.
+    """Restore the schedule's position from what :func:`scheduler_state` returned.
+
+    Only the position (the step counter) comes from ``state``. The peak rates (``base_lrs``) stay those
+    the scheduler was built with, from the current settings, and every parameter group's rate is set
+    for the restored step from them: a run resumed with another ``lr`` (or warmup, schedule, length)
+    goes on along the new schedule from the saved step. With unchanged settings the rates are the
+    saved ones, bit for bit.
 
     Raises:
         ValueError: If ``state`` lacks the step counter.
     """
     if "last_epoch" not in state:
         raise ValueError(f"scheduler state has no 'last_epoch' (keys: {sorted(state)}); is it from another runtime?")
+    own = list(scheduler.base_lrs)
     scheduler.load_state_dict({**dict(state), "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+    scheduler.base_lrs = own
+    rates = [base * factor(scheduler.last_epoch) for factor, base in zip(scheduler.lr_lambdas, own, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = rates  # what get_last_lr() reports

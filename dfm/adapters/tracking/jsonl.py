@@ -6,7 +6,8 @@ such a truncated last line (and says so with a warning and :attr:`JsonlMetricsSi
 
 JSON has no NaN or infinity. A non-finite float is written as one of the strings ``"nan"``, ``"inf"``
 or ``"-inf"`` (so every line is valid JSON and no information is lost); :func:`read_metrics` turns
-those strings back into floats.
+those strings back into floats. ``None`` is written as ``null`` (the training loop's means over a log
+interval whose every step was skipped).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import IO, Any
 import numpy as np
 import structlog
 import torch
+
+from dfm.adapters.tracking.files import write_text_atomic
 
 NONFINITE: dict[str, float] = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 """The strings that stand for non-finite floats in the file."""
@@ -135,14 +138,16 @@ def _step_of(path: Path, number: int, line: str) -> int:
 
 
 def _drop_after(path: Path, step: int) -> int:
-    """Rewrites ``path`` (atomically) without the records whose step is above ``step``; returns how many."""
+    """Rewrites ``path`` without the records whose step is above ``step``; returns how many.
+
+    The new content is written beside the file, synced, then renamed over it: when the write fails (a
+    full disk, say) the ``OSError`` propagates and ``path`` keeps its old content.
+    """
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     kept = [line for n, line in enumerate(lines, 1) if not line.strip() or _step_of(path, n, line) <= step]
     if len(kept) == len(lines):
         return 0
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))
     return len(lines) - len(kept)
 
 
@@ -162,6 +167,10 @@ class JsonlMetricsSink:
             path: The JSONL file; appended to when it exists.
             resume_step: The step a resumed run restarts from: records logged after it by the
                 interrupted run are removed, so the file holds each step once. ``None`` keeps all.
+
+        Raises:
+            OSError: When the file cannot be created or rewritten (e.g. ``ENOSPC``); a rewrite that fails
+                leaves the file as it was.
         """
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,8 @@ class CheckpointConfig:
     """Keep this many most recent checkpoints; ``null`` keeps all."""
     resume: str = attrs.field(default="auto", validator=non_empty)
     """``auto``: resume from the run directory's latest checkpoint if any; ``never``: start fresh; else a
-    checkpoint directory to start from."""
+    checkpoint directory, or a run directory (its newest intact checkpoint), to start from. ``seed`` and
+    ``train.global_batch_size`` must be the checkpoint's; other changed settings are logged and used."""
     init_from: str | None = attrs.field(default=None, validator=optional(non_empty))
     """A diffusers ``WanTransformer3DModel`` directory (``config.json`` + safetensors) to start a fresh run
     from (finetuning); its architecture must equal ``model``. Ignored when the run resumes a checkpoint."""

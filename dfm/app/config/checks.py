@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import typing
 from typing import Any
 
@@ -11,7 +12,19 @@ positive = v.gt(0)
 """Value > 0."""
 non_negative = v.ge(0)
 """Value >= 0."""
-unit_interval = v.and_(v.ge(0.0), v.le(1.0))
+
+
+def finite(_inst: object, attr: Any, value: Any) -> None:
+    """Validator rejecting ``inf``, ``-inf`` and ``nan`` (put it before a range check: ``inf > 0`` holds)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{attr.name} must be a finite number, got {value!r}")
+
+
+finite_positive = v.and_(finite, v.gt(0.0))
+"""A finite value > 0."""
+finite_non_negative = v.and_(finite, v.ge(0.0))
+"""A finite value >= 0."""
+unit_interval = v.and_(finite, v.ge(0.0), v.le(1.0))
 """Value in [0, 1]."""
 
 

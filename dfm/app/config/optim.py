@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Literal
 
 import attrs
-from attrs import validators as v
 
-from dfm.app.config.checks import choice, non_negative, unit_interval
+from dfm.app.config.checks import choice, finite_non_negative, finite_positive, non_negative, unit_interval
 
 Schedule = Literal["constant", "cosine"]
 
@@ -25,13 +24,14 @@ def _betas_validator(_inst: object, attr: attrs.Attribute, value: tuple[float, .
 class OptimConfig:
     """AdamW (decoupled weight decay) with linear warmup, then a constant or cosine learning rate."""
 
-    lr: float = attrs.field(default=1e-4, validator=v.gt(0.0))
-    """Peak learning rate (reached after warmup)."""
+    lr: float = attrs.field(default=1e-4, validator=finite_positive)
+    """Peak learning rate (reached after warmup). A resumed run uses this value (and the betas, epsilon,
+    weight decay and schedule below) even when its checkpoint was trained with others."""
     betas: tuple[float, float] = attrs.field(default=(0.9, 0.999), converter=_to_betas, validator=_betas_validator)
     """AdamW ``(beta1, beta2)``."""
-    weight_decay: float = attrs.field(default=0.0, validator=v.ge(0.0))
+    weight_decay: float = attrs.field(default=0.0, validator=finite_non_negative)
     """Decoupled weight decay."""
-    eps: float = attrs.field(default=1e-8, validator=v.gt(0.0))
+    eps: float = attrs.field(default=1e-8, validator=finite_positive)
     """AdamW epsilon."""
     schedule: Schedule = attrs.field(default="constant", validator=choice(Schedule))
     """Learning rate after warmup: ``constant``, or ``cosine`` decay to ``min_lr_ratio * lr`` at ``max_steps``."""

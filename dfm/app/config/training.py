@@ -7,7 +7,7 @@ from typing import Literal
 import attrs
 from attrs import validators as v
 
-from dfm.app.config.checks import choice, optional, positive
+from dfm.app.config.checks import choice, finite_positive, optional, positive
 
 ActivationCheckpointing = Literal["off", "full"]
 AttentionBackend = Literal["auto", "math", "flash", "efficient", "cudnn"]
@@ -26,7 +26,7 @@ class TrainingConfig:
     """Samples per forward/backward on one data-parallel rank (divisibility is checked with the layout)."""
     log_interval: int = attrs.field(default=10, validator=positive)
     """Steps between metric log lines."""
-    grad_clip: float | None = attrs.field(default=1.0, validator=optional(v.gt(0.0)))
+    grad_clip: float | None = attrs.field(default=1.0, validator=optional(finite_positive))
     """Clip the global gradient norm to this value; ``null`` disables clipping."""
     max_consecutive_nonfinite: int = attrs.field(default=3, validator=positive)
     """Skip steps with a non-finite loss or gradient norm; abort after this many in a row."""

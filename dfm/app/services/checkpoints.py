@@ -21,18 +21,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dfm.adapters.checkpoint import checkpoint_dir, read_meta
+from dfm.adapters.checkpoint import read_meta
 from dfm.adapters.diffusers import CONFIG_NAME, export_wan_distributed, load_wan_diffusers
 from dfm.adapters.local import resolve_device
 from dfm.adapters.torch_dist import DistEnv
 from dfm.app import bootstrap
 from dfm.app.config import TrainConfig, config_from_yaml, config_to_yaml
+from dfm.app.logging import get_logger
+from dfm.app.services.resume import restore_first, select_path
 from dfm.domain.networks.attention import AttentionKernel, SDPAAttention
 from dfm.domain.networks.wan import WanTransformer
 from dfm.domain.specs import WanSpec
 from dfm.ports.checkpoint import CheckpointError
 from dfm.ports.runtime import ParallelRuntime
 
+log = get_logger("dfm.checkpoints")
 EXPORTED_CONFIG = "dfm_config.yaml"
 """The training config an exported diffusers directory carries beside its weights (codecs, sampling)."""
 EMA_PREFIX = "module."
@@ -75,14 +78,23 @@ def load_for_inference(where: Path | str, *, use_ema: bool = True) -> tuple[Trai
     where = Path(where)
     if is_exported_dir(where):
         return load_exported(where)
-    directory = checkpoint_dir(_checkpoint_root(where))
+    selection = select_path(where, bootstrap.checkpoint_store_at, option="--checkpoint")
+    found = restore_first(selection, lambda info: _load_model(info.path, use_ema=use_ema))
+    assert found is not None  # select_path never gives an empty selection
+    info, (cfg, model, which) = found
+    log.info("loaded checkpoint", path=str(info.path), step=info.step, weights=which)
+    return cfg, model
+
+
+def _load_model(directory: Path, *, use_ema: bool) -> tuple[TrainConfig, nn.Module, str]:
+    """The config, the network holding the chosen weights, and which weights (``"ema"`` or ``"model"``)."""
     cfg = _config_of(directory, read_meta(directory))
     local = attrs.evolve(cfg, runtime="local")  # plain DCP reads any runtime's model entries
     runtime = bootstrap.build_runtime(local)
     runtime.build(cfg.model, bootstrap.optimizer_settings(cfg))
-    _, weights = _restore_weights(runtime, local, directory, use_ema=use_ema)
+    which, weights = _restore_weights(runtime, local, directory, use_ema=use_ema)
     runtime.load_initial_weights(weights)  # the chosen weights into the model (and the EMA restarted at them)
-    return cfg, runtime.inference_model(use_ema=use_ema)
+    return cfg, runtime.inference_model(use_ema=use_ema), which
 
 
 def is_exported_dir(where: Path) -> bool:
@@ -187,7 +199,20 @@ def export_checkpoint(
             checkpoint whose layout does not fit the processes launched.
         ValueError: ``out`` already holds WAN files and ``overwrite`` is false.
     """
-    directory = checkpoint_dir(_checkpoint_root(Path(where)))
+    selection = select_path(Path(where), bootstrap.checkpoint_store_at, option="--checkpoint")
+    found = restore_first(selection, lambda info: _export(info.path, out, use_ema, dtype, max_shard_bytes, overwrite))
+    assert found is not None  # select_path never gives an empty selection
+    return found[1]
+
+
+def _export(
+    directory: Path,
+    out: Path | str,
+    use_ema: bool,
+    dtype: torch.dtype | None,
+    max_shard_bytes: int | None,
+    overwrite: bool,
+) -> ExportResult:
     meta = read_meta(directory)
     cfg = _config_of(directory, meta)
     if not isinstance(cfg.model, WanSpec):
@@ -274,12 +299,3 @@ def _write_exported_config(cfg: TrainConfig, path: Path, directory: Path, which:
 
 def _config_of(directory: Path, meta: Mapping[str, Any]) -> TrainConfig:
     return config_from_yaml(meta["config"], source=f"{directory} meta.json")
-
-
-def _checkpoint_root(where: Path) -> Path:
-    where = Path(where)
-    if not where.exists():
-        raise CheckpointError(f"{where} does not exist (expected a run directory or a checkpoint directory)")
-    if (where / "checkpoints").is_dir():
-        return where / "checkpoints"
-    return where

@@ -8,23 +8,64 @@ paths = generate(GenerateRequest(checkpoint="runs/demo", prompts=["a red circle 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
 import torch
 from tqdm import tqdm
 
+from dfm.adapters.checkpoint import read_meta
 from dfm.adapters.video import Mp4Writer, contact_sheet, save_png, to_uint8_frames
 from dfm.app import bootstrap
 from dfm.app.config import CodecsConfig, ConfigError, TrainConfig, config_from_yaml
+from dfm.app.config.sample import EDM_SAMPLERS, FLOW_SAMPLERS
 from dfm.app.logging import get_logger
-from dfm.app.services.checkpoints import load_for_inference
+from dfm.app.services.checkpoints import EXPORTED_CONFIG, is_exported_dir, load_for_inference
+from dfm.app.services.paths import check_output_file
 from dfm.domain.sampling import sample_latents
+from dfm.domain.specs import LatentSpec, ModelSpec
+from dfm.ports.checkpoint import CheckpointError
 from dfm.ports.codecs import LatentCodec, TextEncoder
 from dfm.ports.tracking import VideoWriter
 
 log = get_logger("dfm.generate")
+
+MAX_SEED = 2**63 - 1
+"""Largest ``seed``."""
+
+
+Validator = Callable[[object, "attrs.Attribute[object]", object], None]
+
+
+def _int_option(option: str, low: int, high: int | None = None) -> Validator:
+    """A validator refusing anything but ``None`` or an int in ``[low, high]``, naming the CLI ``option``."""
+
+    def check(_inst: object, _attr: attrs.Attribute[object], value: object) -> None:
+        if value is None:
+            return
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+        if not ok:
+            wanted = f">= {low}" if high is None else f"from {low} to {high}"
+            raise ValueError(f"{option} must be an integer {wanted}, got {value!r}")
+
+    return check
+
+
+def _number_option(option: str, *, positive: bool, note: str = "") -> Validator:
+    """A validator refusing anything but ``None`` or a finite number ``> 0`` (``positive``) or ``>= 0``,
+    naming the CLI ``option``; nan and inf are refused (comparisons alone would let nan through)."""
+
+    def check(_inst: object, _attr: attrs.Attribute[object], value: object) -> None:
+        if value is None:
+            return
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or not (value > 0 if positive else value >= 0):
+            shown = f"{value:g}" if isinstance(value, float) else repr(value)
+            raise ValueError(f"{option} must be a finite number {'>' if positive else '>='} 0{note}, got {shown}")
+
+    return check
 
 
 @attrs.frozen(kw_only=True)
@@ -42,21 +83,23 @@ class GenerateRequest:
     """Text for the unconditional pass (default: the null text used in training)."""
     sampler: str | None = None
     """``unipc`` | ``flow_euler`` | ``edm_euler`` | ``edm_heun``."""
-    steps: int | None = None
+    steps: int | None = attrs.field(default=None, validator=_int_option("--steps", 1))
     """Sampling steps."""
-    guidance: float | None = None
-    """Classifier-free guidance scale (1 = no guidance)."""
-    shift: float | None = None
-    """Flow shift at sampling time."""
-    seed: int = 0
-    """Seed of the initial noise (the same seed gives the same video)."""
-    frames: int | None = None
-    """Frames of the video."""
-    height: int | None = None
-    """Height in pixels."""
-    width: int | None = None
-    """Width in pixels."""
-    fps: float | None = None
+    guidance: float | None = attrs.field(
+        default=None, validator=_number_option("--guidance", positive=False, note=" (1 = no guidance)")
+    )
+    """Classifier-free guidance scale (1 = no guidance, 0 = the unconditional pass only)."""
+    shift: float | None = attrs.field(default=None, validator=_number_option("--shift", positive=True))
+    """Flow shift at sampling time (flow-matching models only)."""
+    seed: int = attrs.field(default=0, validator=_int_option("--seed", 0, MAX_SEED))
+    """Seed of the initial noise (the same seed gives the same video); prompt ``i`` uses ``seed + i``."""
+    frames: int | None = attrs.field(default=None, validator=_int_option("--frames", 1))
+    """Frames of the video; the model's VAE stride and patch size decide which counts fit."""
+    height: int | None = attrs.field(default=None, validator=_int_option("--height", 1))
+    """Height in pixels; a multiple of the VAE's spatial stride times the model's patch height."""
+    width: int | None = attrs.field(default=None, validator=_int_option("--width", 1))
+    """Width in pixels; a multiple of the VAE's spatial stride times the model's patch width."""
+    fps: float | None = attrs.field(default=None, validator=_number_option("--fps", positive=True))
     """Frame rate of the mp4 (default: the data's)."""
     use_ema: bool = True
     """Sample with the EMA weights when the checkpoint has them (an exported directory holds one set)."""
@@ -82,21 +125,156 @@ def output_paths(out: Path, n: int) -> list[Path]:
 
 
 def generate(request: GenerateRequest, *, writer: VideoWriter | None = None) -> list[Path]:
-    """Generate one video per prompt; returns the mp4 paths (the contact sheet is ``out`` with ``.png``)."""
+    """Generate one video per prompt; returns the mp4 paths (the contact sheet is ``out`` with ``.png``).
+
+    Mistakes are found before the weights load: the output paths must be writable, and the request must fit
+    the checkpoint's recorded config and codecs (sampler, ``shift``, the video size; see :func:`sampling_plan`).
+
+    Raises:
+        ValueError: A request that does not fit the checkpoint, an unwritable ``out``, missing codecs.
+        CheckpointError: No checkpoint at ``request.checkpoint``, or one that fails verification.
+    """
+    paths = output_paths(request.out, len(request.prompts))
+    sheet_path = request.out.with_suffix(".png")
+    for path in (*paths, sheet_path):
+        check_output_file(path, option="--out")
+    recorded = recorded_config(request.checkpoint)
+    codecs = None
+    if recorded is not None:  # check the request against the recorded config before the weights load
+        recorded = with_codecs(recorded, request)
+        check_process(request, recorded)
+        codecs = _codecs(recorded, request.checkpoint)
+        sampling_plan(request, recorded, codecs[0].latent_spec)
     cfg, model = load_for_inference(request.checkpoint, use_ema=request.use_ema)
     cfg = with_codecs(cfg, request)
-    codec, text_encoder = _codecs(cfg, request.checkpoint)
+    if codecs is None or cfg != recorded:  # the loaded checkpoint's own config decides (checked again)
+        codecs = _codecs(cfg, request.checkpoint)
+    codec, text_encoder = codecs
+    plan = sampling_plan(request, cfg, codec.latent_spec)
     device = next(model.parameters()).device
     videos = [
-        _one_video(request, cfg, model, codec, text_encoder, prompt, device, i)
+        _one_video(request, plan, cfg, model, codec, text_encoder, prompt, device, i)
         for i, prompt in enumerate(request.prompts)
     ]
     writer = writer or Mp4Writer()
-    fps = request.fps or cfg.data.fps
-    paths = [writer.write(v, p, fps) for v, p in zip(videos, output_paths(request.out, len(videos)), strict=True)]
-    sheet = save_png(contact_sheet(videos, captions=list(request.prompts)), request.out.with_suffix(".png"))
+    paths = [writer.write(v, p, plan.fps) for v, p in zip(videos, paths, strict=True)]
+    sheet = save_png(contact_sheet(videos, captions=list(request.prompts)), sheet_path)
     log.info("generated", videos=[str(p) for p in paths], contact_sheet=str(sheet))
     return paths
+
+
+def recorded_config(where: Path) -> TrainConfig | None:
+    """The training config recorded with the checkpoint ``where`` names, read without loading its weights.
+
+    ``None`` when it cannot be read here (a missing or broken checkpoint): loading it then says what is wrong.
+    """
+    try:
+        if is_exported_dir(where):
+            path = where / EXPORTED_CONFIG
+            return config_from_yaml(path.read_text(), source=str(path)) if path.is_file() else None
+        root = where / "checkpoints" if (where / "checkpoints").is_dir() else where
+        return config_from_yaml(read_meta(root)["config"], source=f"{where} meta.json")
+    except (CheckpointError, ConfigError, OSError, KeyError, TypeError):
+        return None
+
+
+@attrs.frozen(kw_only=True)
+class SamplingPlan:
+    """A request's sampling values, the checkpoint's ``sample`` (and ``data.fps``) defaults filled in."""
+
+    sampler: str
+    """The sampler, one that fits the model's diffusion process."""
+    steps: int
+    """Solver steps."""
+    guidance: float
+    """Classifier-free guidance scale."""
+    shift: float | None
+    """Flow shift (``None``: the process's own)."""
+    frames: int
+    """Frames of each video."""
+    height: int
+    """Height in pixels."""
+    width: int
+    """Width in pixels."""
+    fps: float
+    """Frame rate of the mp4 files."""
+
+
+def check_process(request: GenerateRequest, cfg: TrainConfig) -> str:
+    """The sampler (``--sampler`` or ``sample.sampler``), checked, with ``--shift``, against the diffusion process.
+
+    Raises:
+        ValueError: A sampler of the other process, or ``shift`` for an EDM model (its Karras schedule has none).
+    """
+    kind = cfg.diffusion.kind
+    sampler = request.sampler or cfg.sample.sampler
+    allowed = FLOW_SAMPLERS if kind == "flow" else EDM_SAMPLERS
+    what = "a flow-matching" if kind == "flow" else "an EDM"
+    if sampler not in allowed:
+        raise ValueError(
+            f"--sampler {sampler} does not fit {what} model (diffusion.kind={kind}); use {' or '.join(allowed)}"
+        )
+    if request.shift is not None and kind != "flow":
+        raise ValueError(
+            f"--shift applies to flow-matching models only (diffusion.kind=flow); {request.checkpoint} holds an EDM "
+            "model (diffusion.kind=edm), whose Karras noise schedule has no shift: drop --shift"
+        )
+    return sampler
+
+
+def sampling_plan(request: GenerateRequest, cfg: TrainConfig, latent: LatentSpec) -> SamplingPlan:
+    """The request's values with the defaults of ``cfg.sample`` filled in, checked against the model.
+
+    Raises:
+        ValueError: A sampler of the other diffusion process, ``shift`` for an EDM model, or a video size that
+            the codec's strides and the model's patch size cannot take (naming the option, the valid sizes and
+            the nearest ones).
+    """
+    s = cfg.sample
+    sampler = check_process(request, cfg)
+    frames = _fitting("frames", request.frames, s.frames, *_frame_grid(latent, cfg.model))
+    height = _fitting("height", request.height, s.height, *_pixel_grid(latent, cfg.model, 1))
+    width = _fitting("width", request.width, s.width, *_pixel_grid(latent, cfg.model, 2))
+    return SamplingPlan(
+        sampler=sampler,
+        steps=s.steps if request.steps is None else request.steps,
+        guidance=s.guidance if request.guidance is None else request.guidance,
+        shift=s.shift if request.shift is None else request.shift,
+        frames=frames,
+        height=height,
+        width=width,
+        fps=cfg.data.fps if request.fps is None else request.fps,
+    )
+
+
+def _frame_grid(latent: LatentSpec, model: ModelSpec) -> tuple[int, int, str]:
+    """``(first, step, why)`` of the frame counts that fit: the causal VAE makes ``1 + (F - 1) / stride`` latent
+    frames, and the model patches ``patch_size[0]`` of them together."""
+    stride, patch = latent.temporal_stride, model.patch_size[0]
+    why = f"VAE temporal stride {stride}: 1 + a multiple of {stride} frames"
+    if patch > 1:
+        why += f", in groups of {patch} latent frames (model patch {patch})"
+    return 1 + stride * (patch - 1), stride * patch, why
+
+
+def _pixel_grid(latent: LatentSpec, model: ModelSpec, axis: int) -> tuple[int, int, str]:
+    """``(first, step, why)`` of the heights (``axis`` 1) or widths (2) that fit: multiples of stride x patch."""
+    stride, patch = latent.spatial_stride, model.patch_size[axis]
+    step = stride * patch
+    return step, step, f"VAE spatial stride {stride} x model patch {patch}"
+
+
+def _fitting(name: str, asked: int | None, default: int, first: int, step: int, why: str) -> int:
+    """``asked`` (or ``default``) when it is ``first + k * step``; else a ``ValueError`` with the nearest sizes."""
+    value = default if asked is None else asked
+    if value >= first and (value - first) % step == 0:
+        return value
+    below = first + (value - first) // step * step if value > first else None
+    nearest = f"{below} or {below + step}" if below is not None else str(first)
+    source = f"--{name} {value}" if asked is not None else f"sample.{name}={value} (the checkpoint's default)"
+    grid = ", ".join(str(first + k * step) for k in range(3))
+    fix = f"pass --{name} {nearest}" if asked is None else f"nearest: {nearest}"
+    raise ValueError(f"{source} does not fit this model: {name} must be one of {grid}, ... ({why}); {fix}")
 
 
 def with_codecs(cfg: TrainConfig, request: GenerateRequest) -> TrainConfig:
@@ -145,6 +323,7 @@ def _embed(text_encoder: TextEncoder, prompts: Sequence[str], cfg: TrainConfig, 
 @torch.no_grad()
 def _one_video(
     request: GenerateRequest,
+    plan: SamplingPlan,
     cfg: TrainConfig,
     model: torch.nn.Module,
     codec: LatentCodec,
@@ -153,27 +332,25 @@ def _one_video(
     device: torch.device,
     index: int,
 ) -> torch.Tensor:
-    s = cfg.sample
-    frames, height, width = request.frames or s.frames, request.height or s.height, request.width or s.width
-    shape = codec.latent_spec.latent_shape(frames, height, width)
+    shape = codec.latent_spec.latent_shape(plan.frames, plan.height, plan.width)
     generator = torch.Generator().manual_seed(request.seed + index)
     noise = torch.randn((1, *shape), generator=generator).to(device)
     text, mask = _embed(text_encoder, [prompt], cfg, device)
     null = _embed(text_encoder, [request.negative_prompt], cfg, device) if request.negative_prompt else (None, None)
-    steps = request.steps or s.steps
-    with tqdm(total=steps, desc=f"sampling {index + 1}/{len(request.prompts)}", disable=not request.progress) as bar:
+    desc = f"sampling {index + 1}/{len(request.prompts)}"
+    with tqdm(total=plan.steps, desc=desc, disable=not request.progress) as bar:
         latents = sample_latents(
             model,
             cfg.diffusion,
             noise,
-            sampler=request.sampler or s.sampler,
-            steps=steps,
-            guidance=s.guidance if request.guidance is None else request.guidance,
+            sampler=plan.sampler,
+            steps=plan.steps,
+            guidance=plan.guidance,
             text=text,
             text_mask=mask,
             null_text=null[0],
             null_text_mask=null[1],
-            shift=request.shift if request.shift is not None else s.shift,
+            shift=plan.shift,
             generator=generator,
             callback=lambda i, n, x: bar.update(1),
         )

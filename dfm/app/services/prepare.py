@@ -37,6 +37,7 @@ from dfm.adapters.energon.writer import (
 )
 from dfm.adapters.video.clips import ClipError, ClipOptions, is_media_file, load_clip
 from dfm.app.logging import get_logger
+from dfm.app.services.paths import check_output_dir
 from dfm.ports.codecs import LatentCodec, TextEncoder
 from dfm.ports.samples import FORMAT_VERSION, LATENTS, META, TENSORS, TEXT, SampleMeta
 
@@ -367,8 +368,10 @@ def prepare(
     Raises:
         PrepareError: No inputs, a missing caption file, a bucket the VAE cannot encode, or (``strict``)
             the first input that cannot be prepared.
+        ValueError: ``out`` is an existing file or cannot be written.
     """
     ranks = ranks or Ranks()
+    check_output_dir(request.out, option="--out")
     check_request(request, vae)
     files = list_inputs(request.input)
     if not files:

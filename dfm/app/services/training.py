@@ -9,7 +9,9 @@ result = train(resolve_config("default", None, ["train.max_steps=20", "run.dir=r
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -17,23 +19,31 @@ from typing import Any
 
 import attrs
 import torch
+import yaml
 
 from dfm.adapters.torch_dist import all_gather_json
+from dfm.adapters.tracking import write_text_atomic
 from dfm.app import bootstrap
-from dfm.app.config import TrainConfig, config_to_yaml
+from dfm.app.config import ConfigError, TrainConfig, config_to_yaml
 from dfm.app.logging import bind_step, configure_logging, get_logger
-from dfm.app.services.resume import resolve_resume
+from dfm.app.services.resume import restore_first, select
+from dfm.app.services.run_dir import RunDirError, RunDirLock, disk_full_error
 from dfm.app.services.signals import StopRequest
 from dfm.domain.batch import Batch
 from dfm.domain.objective import batch_loss
 from dfm.domain.rng import SampleRNG
 from dfm.domain.specs import num_tokens, training_flops
-from dfm.ports.checkpoint import CheckpointInfo, CheckpointStore
+from dfm.ports.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore
 from dfm.ports.data import DataSource
 from dfm.ports.runtime import ParallelRuntime, StepResult
 from dfm.ports.tracking import MetricsSink
 
 log = get_logger("dfm.train")
+
+MUST_MATCH_ON_RESUME = ("seed", "train.global_batch_size")
+"""Settings a resumed run must share with its checkpoint (they fix the data order and the noise streams)."""
+_NOT_SETTINGS = ("checkpoint.resume",)
+"""Keys that say where to resume from, not how to train: never reported as changed."""
 
 
 class TrainingError(RuntimeError):
@@ -65,6 +75,7 @@ class _Run:
     skipped: int = 0
     consecutive_nonfinite: int = 0
     last_checkpoint: CheckpointInfo | None = None
+    before_streak: CheckpointInfo | None = None
     batches: Iterator[Batch] | None = None
 
 
@@ -79,11 +90,35 @@ def train(
     """Train ``cfg``; any port may be injected (e.g. the in-memory adapters), the rest come from bootstrap.
 
     With an injected ``store`` and ``sink`` nothing is written to disk (``config.yaml`` included).
+    Otherwise global rank 0 first takes the lock on ``run.dir`` (:class:`~dfm.app.services.run_dir.RunDirLock`)
+    and holds it until the run ends.
 
     Raises:
         TrainingError: after ``train.max_consecutive_nonfinite`` non-finite steps in a row.
+        ConfigError: settings that cannot work together, or that differ from the checkpoint's where a
+            resumed run must keep them (``seed``, ``train.global_batch_size``).
         CheckpointError: a checkpoint to resume from is unusable (before any training step).
+        RunDirError: ``run.dir`` is a file, not writable, in use by another run, or its disk is full.
     """
+    bootstrap.check_training_config(cfg)
+    writes_run_dir = store is None or sink is None
+    lock = RunDirLock(cfg.run.dir) if writes_run_dir and int(os.environ.get("RANK", "0")) == 0 else None
+    if lock is not None:
+        lock.acquire()  # before anything is built or written
+    try:
+        return _train(cfg, runtime, data, store, sink)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(
+    cfg: TrainConfig,
+    runtime: ParallelRuntime | None,
+    data: DataSource | None,
+    store: CheckpointStore | None,
+    sink: MetricsSink | None,
+) -> TrainResult:
     owns_runtime = runtime is None
     runtime = runtime or bootstrap.build_runtime(cfg)
     configure_logging(
@@ -92,21 +127,22 @@ def train(
     codec, text = bootstrap.build_codecs(cfg)
     bootstrap.check_model_fits_data(cfg.model, bootstrap.latent_shape(cfg, codec))
     data = data or bootstrap.build_data_source(cfg, runtime.topology, codec, text)
-    writes_run_dir = store is None
+    writes_config = store is None
     store = store or bootstrap.build_checkpoint_store(cfg)
     runtime.build(cfg.model, bootstrap.optimizer_settings(cfg))
     run = _Run(cfg=cfg, runtime=runtime, data=data, store=store, sink=None)  # type: ignore[arg-type]
-    resume_from = resolve_resume(cfg.checkpoint.resume, store)
-    if resume_from is not None:
-        _restore(run, resume_from)
-    elif cfg.checkpoint.init_from is not None:
+    selection = select(cfg.checkpoint.resume, store, lambda root: bootstrap.checkpoint_store_at(root, cfg.runtime))
+    restored = restore_first(selection, lambda info: _restore(run, info)) if selection is not None else None
+    if restored is None and cfg.checkpoint.init_from is not None:
         runtime.load_initial_weights(bootstrap.initial_weights(cfg) or {})
         log.info("initialised", weights=cfg.checkpoint.init_from)
     owns_sink = sink is None
-    run.sink = sink or bootstrap.build_metrics_sink(cfg, resume_step=run.step, is_main=runtime.topology.is_main)
-    if writes_run_dir:
-        _write_config(cfg, runtime)
+    metrics_path = Path(cfg.run.dir) / "metrics.jsonl"
+    with _disk_errors(metrics_path):
+        run.sink = sink or bootstrap.build_metrics_sink(cfg, resume_step=run.step, is_main=runtime.topology.is_main)
     try:
+        if writes_config:
+            _write_config(cfg, runtime)
         return _loop(run)
     finally:
         if owns_sink:  # an injected sink belongs to the caller
@@ -116,11 +152,22 @@ def train(
         bind_step(None)
 
 
+@contextlib.contextmanager
+def _disk_errors(path: Path, *, kept: bool = True) -> Iterator[None]:
+    """Turn an ``OSError`` while writing ``path`` into a :class:`RunDirError` (out of space, not writable)."""
+    try:
+        yield
+    except OSError as exc:
+        raise disk_full_error(path, exc, kept=kept) or RunDirError(
+            f"cannot write {path} ({exc.strerror or exc})"
+        ) from None
+
+
 def _write_config(cfg: TrainConfig, runtime: ParallelRuntime) -> None:
     if runtime.topology.is_main:
-        run_dir = Path(cfg.run.dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        path = Path(cfg.run.dir) / "config.yaml"
+        with _disk_errors(path):
+            write_text_atomic(path, config_to_yaml(cfg))
 
 
 def _loop(run: _Run) -> TrainResult:
@@ -178,6 +225,8 @@ def _count_nonfinite(run: _Run, result: StepResult) -> None:
         return
     run.skipped += 1
     run.consecutive_nonfinite += 1
+    if run.consecutive_nonfinite == 1:
+        run.before_streak = run.last_checkpoint
     log.warning(
         "non-finite step skipped",
         step=run.step,
@@ -187,12 +236,21 @@ def _count_nonfinite(run: _Run, result: StepResult) -> None:
     )
     limit = run.cfg.train.max_consecutive_nonfinite
     if run.consecutive_nonfinite >= limit:
-        where = run.last_checkpoint.path if run.last_checkpoint else "none written yet"
+        first = run.step - run.consecutive_nonfinite + 1
         raise TrainingError(
             f"{limit} consecutive steps had a non-finite loss or gradient (last at step {run.step}); stopping. "
-            f"The last good checkpoint is intact: {where}. Lower optim.lr, check the data, or raise "
-            "train.max_consecutive_nonfinite."
+            f"{_good_checkpoint(run.before_streak, first)} Lower optim.lr (a resumed run uses the new value), "
+            "check the data, or raise train.max_consecutive_nonfinite."
         )
+
+
+def _good_checkpoint(info: CheckpointInfo | None, first_bad: int) -> str:
+    """Where to go back to after a non-finite streak that began at step ``first_bad``."""
+    if info is None:
+        return f"No checkpoint was written before step {first_bad}."
+    if not Path(info.path).exists():
+        return f"The last checkpoint before step {first_bad}, {info.path}, was removed by checkpoint.keep_last."
+    return f"The last checkpoint before step {first_bad} is intact: {info.path} (--resume {info.path} goes back to it)."
 
 
 def _state(run: _Run) -> dict[str, Any]:
@@ -231,23 +289,90 @@ def _save(run: _Run) -> None:
 def _restore(run: _Run, info: CheckpointInfo) -> None:
     state = _state(run)
     meta = run.store.load(info, state)
-    run.runtime.load_state_dict(state["runtime"])
+    _compare_settings(run.cfg, meta, info)
+    try:
+        run.runtime.load_state_dict(state["runtime"])
+    except ValueError as exc:
+        raise CheckpointError(f"{info.path}: {exc}") from None
     torch.set_rng_state(state["rng"]["torch"])
-    run.data.load_state_dict(meta["data"])
+    try:
+        run.data.load_state_dict(meta["data"])
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{info.path}: {exc}; resume with the data settings the checkpoint was written with, or start a "
+            "new run in another run.dir"
+        ) from None
     run.step = int(meta["step"])
     run.skipped = int(meta.get("skipped_steps", 0))
     run.last_checkpoint = info
     log.info("resumed", step=run.step, checkpoint=str(info.path))
 
 
-def _log_metrics(run: _Run, metrics: Mapping[str, float]) -> None:
-    run.sink.log(run.step, metrics)
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": leaf}`` of a nested mapping (lists are leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _compare_settings(cfg: TrainConfig, meta: Mapping[str, Any], info: CheckpointInfo) -> None:
+    """Refuse a resume that changed a :data:`MUST_MATCH_ON_RESUME` setting; log every other changed setting.
+
+    A changed setting is used from now on (``optim.lr``, betas, epsilon, weight decay and the schedule
+    included: the checkpoint gives the optimizer's moments and the schedule's position only).
+
+    Raises:
+        ConfigError: Naming each setting that must match and the checkpoint's value of it.
+    """
+    saved = meta.get("config")
+    try:
+        old = yaml.safe_load(saved) if isinstance(saved, str) else None
+    except yaml.YAMLError:
+        old = None
+    if not isinstance(old, Mapping):
+        return
+    before, now = _flat(old), _flat(yaml.safe_load(config_to_yaml(cfg)))
+    missing = object()
+    changed = {
+        key: (before.get(key, missing), now.get(key, missing))
+        for key in sorted(before.keys() | now.keys())
+        if key not in _NOT_SETTINGS and before.get(key, missing) != now.get(key, missing)
+    }
+    problems = [
+        f"{key}: is {changed[key][1]!r}, but the checkpoint {info.path} was trained with {changed[key][0]!r}; "
+        f"resuming requires the same value (set {key}={changed[key][0]}), or start a new run in another run.dir"
+        for key in MUST_MATCH_ON_RESUME
+        if key in changed
+    ]
+    if problems:
+        raise ConfigError(problems)
+    for key, (was, new) in changed.items():
+        log.info(
+            "setting changed since the checkpoint; the new value is used",
+            key=key,
+            old=None if was is missing else was,
+            new=None if new is missing else new,
+        )
+
+
+def _log_metrics(run: _Run, metrics: Mapping[str, float | None]) -> None:
+    with _disk_errors(Path(run.cfg.run.dir) / "metrics.jsonl", kept=False):
+        run.sink.log(run.step, metrics)  # type: ignore[arg-type]
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
     log.info("step", **shown)
 
 
 class _Meter:
-    """Throughput and means over one log interval."""
+    """Throughput and means over one log interval.
+
+    ``loss``, ``grad_norm`` and the objective's metrics are means over the interval's steps where they
+    were finite, ``None`` where none was (every step of the interval skipped); ``skipped`` counts the
+    skipped steps. Every record has every key.
+    """
 
     def __init__(self, cfg: TrainConfig, runtime: ParallelRuntime) -> None:
         codec, _ = bootstrap.build_codecs(cfg)
@@ -260,7 +385,9 @@ class _Meter:
         self._reset()
 
     def _reset(self) -> None:
-        self.t0, self.steps, self.skipped, self.sums, self.last = time.perf_counter(), 0, 0, {}, None
+        self.t0, self.steps, self.skipped, self.last = time.perf_counter(), 0, 0, None
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
 
     def add(self, result: StepResult) -> None:
         self.steps += 1
@@ -268,13 +395,18 @@ class _Meter:
         self.last = result
         values = {"loss": result.loss, "grad_norm": result.grad_norm, **result.metrics}
         for k, v in values.items():
+            self.sums.setdefault(k, 0.0)
+            self.counts.setdefault(k, 0)
             if math.isfinite(v):
-                self.sums[k] = self.sums.get(k, 0.0) + v
+                self.sums[k] += v
+                self.counts[k] += 1
 
-    def flush(self, step: int) -> dict[str, float]:
+    def flush(self, step: int) -> dict[str, float | None]:
         dt = max(time.perf_counter() - self.t0, 1e-9)
         samples_per_s = self.steps * self.batch / dt
-        out = {k: v / self.steps for k, v in self.sums.items()}
+        out: dict[str, float | None] = {
+            k: (total / self.counts[k] if self.counts[k] else None) for k, total in self.sums.items()
+        }
         out.update(
             lr=self.last.lr if self.last else 0.0,
             samples_per_s=samples_per_s,

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
+from support.mounts import tmpfs
 
 from dfm.adapters.checkpoint import DCPCheckpointStore, read_meta
 from dfm.adapters.checkpoint import _layout as layout
@@ -24,10 +25,14 @@ from dfm.ports.checkpoint import CheckpointError, CheckpointInfo, CheckpointStor
 
 
 class Unpicklable:
-    """A state value whose serialisation fails mid-save."""
+    """A state value a checkpoint cannot hold (neither a tensor nor plain data)."""
 
     def __reduce__(self) -> Any:
         raise RuntimeError("cannot serialise this on purpose")
+
+
+DATA = "tensors/shard-00001-model-00001-of-00001.safetensors"
+"""The tensors a single process writes (layout version 2)."""
 
 
 def model_state(seed: int = 0) -> dict[str, Any]:
@@ -107,10 +112,10 @@ def test_layout_manifest_and_pointer(store: DCPCheckpointStore) -> None:
     store.save(5, model_state(), {"k": 1})
     directory = store.root / "step_0000005"
     manifest = json.loads((directory / "manifest.json").read_text())
-    assert manifest["format"] == "dfm-dcp-checkpoint" and manifest["version"] == 1 and manifest["step"] == 5
+    assert manifest["format"] == "dfm-dcp-checkpoint" and manifest["version"] == 2 and manifest["step"] == 5
     listed = {entry["path"]: entry for entry in manifest["files"]}
-    on_disk = {p.name for p in directory.iterdir()} - {"manifest.json"}
-    assert set(listed) == on_disk >= {".metadata", "__0_0.distcp", "meta.json"}
+    on_disk = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(listed) == on_disk == {DATA, "state.json", "meta.json"}  # no pickle: no .metadata, no .distcp
     for name, entry in listed.items():
         assert entry["size"] == (directory / name).stat().st_size
         assert entry["sha256"] == layout.file_sha256(directory / name)
@@ -159,12 +164,12 @@ def test_bad_meta_and_top_level_keys_fail_before_writing(store: DCPCheckpointSto
 
 
 def test_failure_mid_save_keeps_previous_checkpoint(store: DCPCheckpointStore) -> None:
-    """A value whose serialisation raises while DCP writes: temp dir removed, step 1 still latest."""
+    """A value a checkpoint cannot hold: refused before writing, step 1 still latest."""
     store.save(1, {"w": torch.ones(2)}, {"at": 1})
     with pytest.raises(CheckpointError) as caught:
-        store.save(2, {"w": torch.ones(2), "bad": Unpicklable()}, {"at": 2})
+        store.save(2, {"w": torch.ones(2), "nested": {"bad": Unpicklable()}}, {"at": 2})
     assert str(caught.value).startswith(f"could not save checkpoint step 2 to {store.root / 'step_0000002'}: ")
-    assert "cannot serialise this on purpose" in str(caught.value)
+    assert "checkpoint state entry nested.bad is a Unpicklable" in str(caught.value)
     assert str(caught.value).endswith("the previous checkpoint step_0000001 is intact")
     assert tmp_entries(store.root) == []
     assert [info.step for info in store.list()] == [1]
@@ -188,7 +193,7 @@ if __name__ == "__main__":
 def _wait_for_partial_write(root: Path, proc: subprocess.Popen[bytes], deadline: float) -> Path:
     """The data file of the killed save's temp dir, once it holds more than 8 MB."""
     while time.monotonic() < deadline and proc.poll() is None:
-        for data in root.glob(".tmp-step_0000002-*/__0_0.distcp"):
+        for data in root.glob(f".tmp-step_0000002-*/{DATA}"):
             try:
                 if data.stat().st_size > 8 * 2**20:
                     return data
@@ -213,7 +218,7 @@ def test_sigkill_mid_write_keeps_previous_checkpoint(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    assert data.parent.exists() and not (root / "step_0000002").exists()
+    assert data.parent.parent.exists() and not (root / "step_0000002").exists()
 
     restarted = DCPCheckpointStore(root)  # a new process's store: the killed temp dir is stale to it
     assert restarted.latest() == CheckpointInfo(step=1, path=root / "step_0000001")
@@ -236,14 +241,14 @@ def _corrupt(path: Path, *, truncate: bool) -> None:
 
 def test_truncated_file_is_named_before_loading(store: DCPCheckpointStore) -> None:
     info = store.save(100, {"w": torch.ones(64)}, {})
-    data = info.path / "__0_0.distcp"
+    data = info.path / DATA
     size = data.stat().st_size
     _corrupt(data, truncate=True)
     target = {"w": torch.zeros(64)}
     with pytest.raises(CheckpointError) as caught:
         store.load(info, target)
     assert str(caught.value) == (
-        f"checkpoint {info.path} is corrupted: __0_0.distcp has {size - 10} bytes, the manifest says {size}"
+        f"checkpoint {info.path} is corrupted: {DATA} has {size - 10} bytes, the manifest says {size}"
     )
     assert target["w"].sum() == 0
 
@@ -251,9 +256,9 @@ def test_truncated_file_is_named_before_loading(store: DCPCheckpointStore) -> No
 def test_flipped_byte_is_caught_by_hash_not_by_size(tmp_path: Path) -> None:
     store = DCPCheckpointStore(tmp_path / "ckpt")
     info = store.save(1, {"w": torch.ones(64)}, {})
-    _corrupt(info.path / "__0_0.distcp", truncate=False)
+    _corrupt(info.path / DATA, truncate=False)
     target = {"w": torch.zeros(64)}
-    with pytest.raises(CheckpointError, match=r"is corrupted: __0_0\.distcp has sha256 .* the manifest says"):
+    with pytest.raises(CheckpointError, match=r"is corrupted: tensors/shard-00001-\S+ has sha256 .* the manifest says"):
         store.load(info, target)
     assert target["w"].sum() == 0
     assert store.latest() == info  # latest() checks sizes only (cheap); load checks hashes
@@ -273,8 +278,8 @@ def test_missing_manifest_is_incomplete(store: DCPCheckpointStore) -> None:
 
 def test_missing_file_and_bad_json(store: DCPCheckpointStore) -> None:
     info = store.save(1, {"w": torch.ones(2)}, {})
-    (info.path / ".metadata").unlink()
-    with pytest.raises(CheckpointError, match=r"\.metadata is missing \(the manifest lists it\)"):
+    (info.path / "state.json").unlink()
+    with pytest.raises(CheckpointError, match=r"state\.json is missing \(the manifest lists it\)"):
         store.load(info, {"w": torch.zeros(2)})
     (info.path / "manifest.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"manifest\.json cannot be read"):
@@ -294,7 +299,7 @@ def test_stale_latest_pointer_falls_back(store: DCPCheckpointStore) -> None:
     (store.root / "latest").write_text("step_0000001\n")  # a valid pointer wins over a newer step
     assert store.latest() is not None and store.latest().step == 1  # type: ignore[union-attr]
     (store.root / "latest").write_text("step_0000002\n")
-    _corrupt(second.path / "__0_0.distcp", truncate=True)
+    _corrupt(second.path / DATA, truncate=True)
     assert store.latest() is not None and store.latest().step == 1  # type: ignore[union-attr]
 
 
@@ -341,7 +346,7 @@ def test_oserror_while_publishing_is_reported(store: DCPCheckpointStore, monkeyp
     def broken(path: Path) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(layout, "fsync_dir", broken)
+    monkeypatch.setattr(layout, "fsync", broken)
     with pytest.raises(CheckpointError) as caught:
         store.save(1, {"w": torch.ones(2)}, {})
     assert str(caught.value).startswith(f"could not write checkpoint step 1 to {store.root / 'step_0000001'}: ")
@@ -352,15 +357,8 @@ def test_oserror_while_publishing_is_reported(store: DCPCheckpointStore, monkeyp
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Any:
     """A real 2 MiB tmpfs mounted under tmp_path (skips where mounting is not permitted)."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "small", "size=2m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
 
 
 def test_enospc_on_a_real_full_filesystem(small_fs: Path) -> None:
@@ -426,10 +424,11 @@ def main():
     out["bias"] = target["shared"]["bias"].tolist()
     out["latest"] = store.latest().step
     out["listed"] = [info.step for info in store.list()]
-    out["files"] = sorted(p.name for p in (root / "step_0000003").iterdir())
+    step_dir = root / "step_0000003"
+    out["files"] = sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file())
     dist.barrier()
     if rank == 0:  # same size, one byte changed in the file rank 1 wrote and hashes
-        path = root / "step_0000003" / "__1_0.distcp"
+        path = root / "step_0000003" / "tensors" / "shard-00002-model-00001-of-00001.safetensors"
         blob = bytearray(path.read_bytes())
         blob[len(blob) // 2] ^= 0xFF
         path.write_bytes(blob)
@@ -473,9 +472,11 @@ def test_two_ranks_save_and_load_collectively(tmp_path: Path) -> None:
         assert result["meta"] == {"step": 3} and result["latest"] == 3 and result["listed"] == [2, 3]
         assert result["values"] == {"rank0.w": [30.0] * 4, "rank1.w": [31.0] * 4}
         assert result["bias"] == [3.0, 4.0, 5.0]
-        assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.json", "manifest.json"} <= set(result["files"])
+        shards = {f"tensors/shard-0000{r + 1}-model-00001-of-00001.safetensors" for r in range(2)}
+        assert set(result["files"]) == shards | {"state.json", "meta.json", "manifest.json"}
         assert "could not save checkpoint step 4" in result["failed_save"]
+        assert "oops is a Unpicklable" in result["failed_save"]
         assert result["failed_save"].endswith("the previous checkpoint step_0000003 is intact")
-        assert "__1_0.distcp has sha256" in result["corrupt_load"]
+        assert "tensors/shard-00002-model-00001-of-00001.safetensors has sha256" in result["corrupt_load"]
     assert "rank 1 failed" in results[0]["corrupt_load"]  # rank 1 found it; rank 0 raised with it
     assert tmp_entries(root) == []

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from structlog.testing import capture_logs
 from support.shards import FakeSample, make_samples, write_prepared
 
 from dfm.adapters.energon import BadSampleError, EnergonSource
+from dfm.adapters.energon.source import worker_message
 from dfm.domain.batch import Batch
 from dfm.ports.data import DataSource
 from dfm.ports.samples import META, TENSORS
@@ -155,18 +158,70 @@ def with_bad(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[FakeS
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_bad_samples_are_skipped_and_counted(with_bad: tuple[Path, list[FakeSample]], num_workers: int) -> None:
+def test_bad_samples_are_skipped_and_counted_once(with_bad: tuple[Path, list[FakeSample]], num_workers: int) -> None:
     path, samples = with_bad
     good = {s.meta.caption for s in samples if s.key not in ("000005", "000010")}
     src = source(path, num_workers=num_workers, shuffle_buffer=1)
-    seen: set[str] = set()
-    it = iter(src)
-    for _ in range(40):
-        seen |= set(next(it).captions or ())
-        if seen == good and src.skipped >= 2:
-            break
+    with capture_logs() as logs:
+        seen = {c for b in take(src, 28) for c in (b.captions or ())}  # 4 passes over the 14 good samples
     assert seen == good  # the bad ones never appear
-    assert src.skipped >= 2 and src.state_dict()["skipped"] == src.skipped
+    # each bad sample counts once, however often energon's endless repetition meets it again
+    assert src.skipped == 2 and src.state_dict()["skipped"] == 2
+    assert len(src.state_dict()["bad_samples"]) == 2
+    warned = [log for log in logs if log["event"] == "bad sample skipped"]
+    assert len(warned) == 2 and {w["sample"] for w in warned} == set(src.state_dict()["bad_samples"])
+    assert all(w["sample"].startswith(("shard_00000.tar[", "shard_00001.tar[")) for w in warned)
+
+
+@pytest.fixture(scope="module")
+def truncated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[FakeSample]]:
+    """Four shards of 4 samples; the first (also the one the text width is read from) cut after 1 KiB."""
+    samples = make_samples(16, latent_shapes=(SHAPE_A,), text_dim=TEXT_DIM, max_text_len=6)
+    path = write_prepared(tmp_path_factory.mktemp("truncated"), samples, samples_per_shard=4)
+    shard = path / "shard_00000.tar"
+    shard.write_bytes(shard.read_bytes()[:1024])
+    return path, samples
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_truncated_shard_is_skipped_and_counted(truncated: tuple[Path, list[FakeSample]], num_workers: int) -> None:
+    path, samples = truncated
+    src = source(path, num_workers=num_workers, shuffle_buffer=1)
+    with capture_logs() as logs:
+        seen = {c for b in take(src, 18) for c in (b.captions or ())}  # 3 passes over the 12 readable samples
+    assert seen == {s.meta.caption for s in samples[4:]}
+    assert src.skipped == 4 and all(b.startswith("shard_00000.tar[") for b in src.bad_samples)
+    warned = [log for log in logs if log["event"] == "bad sample skipped"]
+    assert len(warned) == 4
+    assert all("of shard_00000.tar cannot be read" in w["reason"] for w in warned)
+    assert all("the shard is truncated or corrupt" in w["reason"] for w in warned)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_truncated_shard_raises_naming_it_when_strict(
+    truncated: tuple[Path, list[FakeSample]], num_workers: int
+) -> None:
+    path, _ = truncated
+    it = iter(source(path, strict=True, shuffle_buffer=1, num_workers=num_workers))
+    with pytest.raises(BadSampleError) as caught, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(20):
+            next(it)
+    message = str(caught.value)
+    assert re.fullmatch(
+        r"the sample at byte \d+ of shard_00000\.tar cannot be read \(ReadError: .*\); the shard is truncated or "
+        r"corrupt: prepare it again with `python -m dfm\.app\.prepare`",
+        message,
+    ), message  # the message alone, also from a loader worker process (no traceback text)
+
+
+def test_worker_message_unwraps_torch_loader_errors() -> None:
+    wrapped = (
+        "Caught BadSampleError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\ndfm.ports.samples.BadSampleError: shard_00001.tar: bad\n'
+    )
+    assert worker_message(wrapped, BadSampleError) == "shard_00001.tar: bad"
+    assert worker_message("plain", BadSampleError) == "plain"
 
 
 def test_the_skip_count_survives_resumption_exactly(with_bad: tuple[Path, list[FakeSample]]) -> None:
@@ -179,7 +234,8 @@ def test_the_skip_count_survives_resumption_exactly(with_bad: tuple[Path, list[F
     resumed = source(path, num_workers=2)
     resumed.load_state_dict(state)
     take(resumed, 7)
-    assert resumed.skipped == straight.skipped >= 2
+    assert resumed.skipped == straight.skipped == 2
+    assert resumed.bad_samples == straight.bad_samples
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
@@ -208,3 +264,10 @@ def test_order_is_a_function_of_the_seed(two_shapes: tuple[Path, list[FakeSample
     path, _ = two_shapes
     orders = [[b.captions for b in take(source(path, seed=s), 8)] for s in (3, 3, 4)]
     assert orders[0] == orders[1] != orders[2]
+
+
+def test_shuffle_buffer_zero_means_no_buffer(one_shape: tuple[Path, list[FakeSample]]) -> None:
+    """``data.shuffle_buffer=0`` (the config allows it) reads like a buffer of 1 (it was a ``data.path`` error)."""
+    path, _ = one_shape
+    orders = [[b.captions for b in take(source(path, shuffle_buffer=size), 4)] for size in (0, 1)]
+    assert orders[0] == orders[1]

@@ -17,6 +17,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
 from support.distributed import load_worker, pose_as_rank, run_ranks
+from support.tolerances import assert_adam_trained_alike
 
 from dfm.adapters.checkpoint import DCPCheckpointStore
 from dfm.adapters.local import LocalRuntime
@@ -39,10 +40,6 @@ worker = load_worker(WORKER, "fsdp2_worker_shared")
 
 def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
-
-
-def tensor_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 def whole(runtime: LocalRuntime) -> dict[str, torch.Tensor]:
@@ -74,8 +71,9 @@ def reference() -> dict[str, Any]:
     runtime = local_runtime()
     init = {k: v.detach().clone() for k, v in runtime.state_dict()["model"].items()}
     runtime.load_initial_weights(worker.start_weights())
+    start = whole(runtime)  # the EMA restarts from the loaded weights
     steps = local_steps(runtime, range(worker.STEPS))
-    return {"init": init, "final": whole(runtime), **steps}
+    return {"init": init, "start": start, "final": whole(runtime), **steps}
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +92,8 @@ def launches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.mark.parametrize("layout", [name for names in PAIRS.values() for name in names])
 def test_layout_reproduces_the_local_runtime(layout: str, launches: dict[str, Any], reference: dict[str, Any]) -> None:
-    """The seed's weights exactly; each step's loss and gradient norm within 1e-5; the final weights and EMA."""
+    """The seed's weights exactly; each step's loss and gradient norm within 1e-5; the final weights and EMA as
+    far as AdamW lets two kernels agree (``support.tolerances``: a per-element bound holds on one CPU only)."""
     out: Path = launches["out"]
     got = launches[layout]
     sizes = worker.LAYOUTS[layout]
@@ -110,10 +109,11 @@ def test_layout_reproduces_the_local_runtime(layout: str, launches: dict[str, An
     world = 2 if layout in PAIRS[2] else 4
     for rank in launches[f"ranks{world}"]:
         assert rank[layout]["loss"] == got["loss"], "ranks disagree on the reduced loss"
-    final = load_file(str(out / f"{layout}.final.safetensors"))
-    assert final.keys() == reference["final"].keys()
-    worst = max(tensor_rel(final[k], reference["final"][k]) for k in final)
-    assert worst <= 1e-4, worst
+    final, want, start = load_file(str(out / f"{layout}.final.safetensors")), reference["final"], reference["start"]
+    assert final.keys() == want.keys()
+    for part in (lambda k: not k.startswith("ema."), lambda k: k.startswith("ema.")):  # weights, then their EMA
+        keys = [k for k in want if part(k)]
+        assert_adam_trained_alike({k: final[k] for k in keys}, {k: want[k] for k in keys}, {k: start[k] for k in keys})
 
 
 def test_checkpoint_loads_at_other_layouts_and_locally(launches: dict[str, Any], reference: dict[str, Any]) -> None:
@@ -147,8 +147,8 @@ def test_resume_continues_exactly(launches: dict[str, Any], reference: dict[str,
     again = load_file(str(out / "resumed_shard.safetensors"))
     assert all(torch.equal(again[k], final[k]) for k in final)
     assert rel(resumed["tensor"]["loss"][0], reference["loss"][2]) <= RTOL
-    moved = load_file(str(out / "resumed_tensor.safetensors"))
-    assert max(tensor_rel(moved[k], final[k]) for k in final) <= 1e-4
+    moved, saved = load_file(str(out / "resumed_tensor.safetensors")), load_file(str(out / "saved.safetensors"))
+    assert_adam_trained_alike(moved, final, saved)  # one AdamW step from the checkpoint at another layout
 
 
 def test_layout_errors_name_the_config_keys(launches: dict[str, Any]) -> None:

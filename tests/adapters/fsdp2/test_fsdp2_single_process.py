@@ -6,13 +6,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
+from support.distributed import load_worker
+from support.tolerances import assert_adam_trained_alike
+from torch.distributed.tensor import DTensor
 
+from dfm.adapters.fsdp2 import FSDP2Runtime
+from dfm.adapters.local import LocalRuntime, lr_factor
 from dfm.adapters.torch_dist import destroy
 from dfm.adapters.tracking import read_metrics
 from dfm.app.bootstrap import build_runtime
 from dfm.app.config import ConfigError, resolve_config
 from dfm.app.train import main as train_main
+from dfm.ports.runtime import OptimizerSettings
+
+worker = load_worker(Path(__file__).resolve().parent / "fsdp2_worker.py", "fsdp2_worker_shared")
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
@@ -53,3 +62,47 @@ def test_layout_that_needs_more_processes_is_a_config_error(group_of_one: None) 
     with pytest.raises(ConfigError, match=r"cannot infer parallel.data_shard: the world size 1 is not divisible by"):
         build_runtime(cfg, device="cpu")
     assert not dist.is_initialized()
+
+
+FIRST = OptimizerSettings(lr=1e-2, weight_decay=0.01, schedule="cosine", warmup_steps=1, total_steps=6)
+RETUNED = OptimizerSettings(
+    lr=3e-2, betas=(0.5, 0.9), eps=1e-6, weight_decay=0.1, schedule="cosine", warmup_steps=1, total_steps=6
+)
+"""What a user changes in ``optim.*`` before resuming the :data:`FIRST` run."""
+
+
+def _steps(runtime: LocalRuntime | FSDP2Runtime, steps: range) -> list[float]:
+    micro = worker.micro_batches
+    return [runtime.train_step(micro(worker.batch(k), 0, 4, 2), worker.loss_fn(k), 4).lr for k in steps]
+
+
+def _whole(state: dict) -> dict[str, torch.Tensor]:
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in state.items()}
+
+
+def test_resume_with_changed_optimizer_settings_matches_the_local_runtime(group_of_one: None) -> None:
+    """The fsdp2 runtime takes lr, betas, eps and weight decay from its settings and the moments from the state."""
+    options = {"device": "cpu", "precision": "fp32", "seed": 0}
+    runs: dict[str, dict] = {}
+    for name, kind in (("local", LocalRuntime), ("fsdp2", FSDP2Runtime)):
+        first = kind(**options)
+        first.build(worker.SPEC, FIRST)
+        first.load_initial_weights(worker.start_weights())
+        _steps(first, range(2))
+        saved = first.state_dict()
+        second = kind(**options)
+        second.build(worker.SPEC, RETUNED)
+        second.load_state_dict(saved)
+        moments = {n: _whole(s) for n, s in second.state_dict()["optimizer"]["state"].items()}
+        assert all(
+            torch.equal(moments[n][k], v) for n, s in saved["optimizer"]["state"].items() for k, v in _whole(s).items()
+        )
+        groups = second._optimizer.param_groups
+        assert {(g["betas"], g["eps"]) for g in groups} == {(RETUNED.betas, RETUNED.eps)}
+        assert sorted(g["weight_decay"] for g in groups) == [0.0, RETUNED.weight_decay]
+        runs[name] = {"lr": _steps(second, range(2, 4)), "weights": _whole(second.state_dict()["model"])}
+        second.close()
+        first.close()
+    assert runs["fsdp2"]["lr"] == runs["local"]["lr"] == [RETUNED.lr * lr_factor(k, RETUNED) for k in (2, 3)]
+    start = worker.start_weights()  # the same 4 AdamW updates, as far as float reassociation lets them agree
+    assert_adam_trained_alike(runs["fsdp2"]["weights"], runs["local"]["weights"], start)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
+from structlog.testing import capture_logs
 from support.shards import FakeSample, make_samples, write_prepared
 
 from dfm.adapters.hf_datasets import BadSampleError, HFDatasetSource, webdataset_to_hf
@@ -163,15 +165,17 @@ def test_all_ranks_state_form_picks_its_own(two_shapes: tuple[Path, list[FakeSam
         source(path, rank=1, world=2).load_state_dict(combined["ranks"][0])
 
 
-def test_bad_rows_are_skipped_and_counted(with_bad: tuple[Path, list[FakeSample]]) -> None:
+def test_bad_rows_are_skipped_and_counted_once(with_bad: tuple[Path, list[FakeSample]]) -> None:
     path, samples = with_bad
     good = {s.meta.caption for s in samples if s.key not in BAD_KEYS}
     src = source(path)
     seen = {c for b in take(src, 7) for c in (b.captions or ())}  # 14 good rows: all of epoch 0
     assert seen == good
     assert 1 <= src.skipped <= 2
-    take(src, 9)  # past the end of epoch 0 and through epoch 1
-    assert src.skipped >= 2 and src.state_dict()["skipped"] == src.skipped
+    with capture_logs() as logs:
+        take(src, 30)  # epochs 1 to 4 meet the two bad rows again: each still counts once
+    assert src.skipped == 2 and src.state_dict()["skipped"] == 2 and len(src.state_dict()["bad_rows"]) == 2
+    assert len([log for log in logs if log["event"] == "bad sample skipped"]) <= 1  # only a row not met before
     straight = source(path)
     take(straight, 12)
     half = source(path)
@@ -185,6 +189,45 @@ def test_bad_rows_are_skipped_and_counted(with_bad: tuple[Path, list[FakeSample]
 def test_bad_row_raises_when_strict(with_bad: tuple[Path, list[FakeSample]]) -> None:
     with pytest.raises(BadSampleError, match=r"not valid safetensors data|not valid JSON"):
         take(source(with_bad[0], strict=True), 8)
+
+
+def truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+@pytest.fixture
+def two_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A ``save_to_disk`` dataset and a parquet directory, each of two files (rows 0-7, 8-15)."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    samples = make_samples(16, latent_shapes=(SHAPE_A,), text_dim=TEXT_DIM, max_text_len=6)
+    arrow = converted(tmp_path / "arrow", samples)
+    table = datasets.load_from_disk(str(arrow))
+    parquet = tmp_path / "parquet"
+    parquet.mkdir()
+    table.select(range(8)).to_parquet(str(parquet / "part-0.parquet"))
+    table.select(range(8, 16)).to_parquet(str(parquet / "part-1.parquet"))
+    saved = tmp_path / "saved"
+    table.save_to_disk(str(saved), num_shards=2)
+    return saved, parquet
+
+
+@pytest.mark.parametrize("kind", ["saved", "parquet"])
+def test_an_unreadable_file_is_skipped_with_a_warning_or_raises_when_strict(
+    two_files: tuple[Path, Path], kind: str
+) -> None:
+    path = two_files[0] if kind == "saved" else two_files[1]
+    bad = sorted(path.glob("*.arrow" if kind == "saved" else "*.parquet"))[1]
+    truncate(bad)
+    with pytest.raises(
+        BadSampleError, match=rf"^{re.escape(str(bad))} cannot be read \(.+\); the file is truncated or corrupt"
+    ):
+        source(path, strict=True)
+    with capture_logs() as logs:
+        src = source(path)
+    assert src.unreadable_files == [str(bad)] and src.num_rows == 8
+    assert [log["file"] for log in logs if log["event"] == "unreadable file skipped"] == [str(bad)]
+    seen = {c for b in take(src, 8) for c in (b.captions or ())}
+    assert seen == {f"sample {i}" for i in range(8)}  # the rows of the readable file, none other
 
 
 def test_reads_parquet_files(one_shape: tuple[Path, list[FakeSample]], tmp_path: Path, monkeypatch) -> None:

@@ -300,6 +300,45 @@ def test_resume_through_torch_distributed_checkpoint(tmp_path: object) -> None:
     assert_states_equal(b.state_dict(), a.state_dict())
 
 
+RETUNED = OptimizerSettings(
+    lr=4e-3, betas=(0.5, 0.9), eps=1e-6, weight_decay=0.1, schedule="cosine", warmup_steps=1, total_steps=6,
+    min_lr_ratio=0.1,
+)  # fmt: skip
+"""Every hyper-parameter of :data:`RESUME` changed, as a user changes ``optim.*`` before resuming."""
+
+
+def test_resume_with_changed_settings_uses_them_and_keeps_the_moments() -> None:
+    """The checkpoint gives the moments, step counters and schedule position; the config gives lr, betas, eps, wd."""
+    a = built(settings=RESUME)
+    train(a, range(2))
+    saved = a.state_dict()
+    b = built(settings=RETUNED, seed=7)
+    b.load_state_dict(saved)
+    moments = {n: {k: v.clone() for k, v in s.items()} for n, s in b.state_dict()["optimizer"]["state"].items()}
+    assert_states_equal(moments, saved["optimizer"]["state"])  # the moments and step counters are the run's
+    lr = RETUNED.lr * lr_factor(2, RETUNED)
+    groups = b._optimizer.param_groups
+    assert [g["lr"] for g in groups] == [lr, lr] and b._scheduler.get_last_lr() == [lr, lr]
+    assert {(g["betas"], g["eps"]) for g in groups} == {(RETUNED.betas, RETUNED.eps)}
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, RETUNED.weight_decay]
+    before = params(b)
+    (result,) = train(b, range(2, 3))
+    assert result.lr == lr
+    b1, b2 = RETUNED.betas
+    model = b.inference_model(use_ema=False)
+    for group in groups:  # AdamW step 3 by hand, with the new settings and the saved moments
+        for p in group["params"]:
+            name = next(n for n, q in model.named_parameters() if q is p)
+            g, m, v = p.grad, moments[name]["exp_avg"], moments[name]["exp_avg_sq"]
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+            denom = (v.sqrt() / math.sqrt(1 - b2**3)) + RETUNED.eps
+            expected = before[name] * (1 - lr * group["weight_decay"]) - lr / (1 - b1**3) * m / denom
+            # rounding of terms as large as the step (about lr) where the weight and its step cancel: 1.3 ulp seen
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-6 * lr)
+    (following,) = train(b, range(3, 4))
+    assert following.lr == RETUNED.lr * lr_factor(3, RETUNED)  # the schedule goes on with the new settings
+
+
 def test_load_state_dict_rejects_a_mismatched_model() -> None:
     state = built().state_dict()
     other = built(WanSpec(**{**TINY, "num_layers": 1}, in_channels=4, out_channels=4))
@@ -353,6 +392,12 @@ def test_invalid_options_are_value_errors(options: dict, match: str) -> None:
 def test_invalid_settings_and_batches_are_value_errors() -> None:
     with pytest.raises(ValueError, match="min_lr_ratio"):
         built(settings=OptimizerSettings(lr=1e-3, min_lr_ratio=2.0))
+    with pytest.raises(ValueError) as non_finite:  # API users get the checks the config makes
+        built(settings=OptimizerSettings(lr=math.inf, eps=math.nan, weight_decay=math.inf))
+    assert str(non_finite.value) == (
+        "invalid optimizer settings: lr must be a finite number > 0, got inf; eps must be a finite number > 0, "
+        "got nan; weight_decay must be a finite number >= 0, got inf"
+    )
     runtime = built()
     with pytest.raises(ValueError, match="global_batch_size is 8"):
         runtime.train_step(split(make_batch(4), [2, 2]), flow_loss(0), 8)

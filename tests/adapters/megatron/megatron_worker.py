@@ -9,6 +9,11 @@ rebuilt per case):
 - ``resume``: 2 steps at ``tensor=2`` and a dist checkpoint (``OUT/ckpt``); that checkpoint loaded at
   ``tensor=2`` (exact resume) and at ``tensor=1`` (data=2), each then taking step 3; rank 0 writes the
   weights right after each load to ``OUT/<name>.loaded.safetensors``.
+- ``legacy``: a layout-version-1 checkpoint (``dist_checkpointing.save``'s own pickle-era format) saved at
+  ``tensor=2`` and loaded at ``tensor=1``; crafted copies of it refused (see :func:`legacy`).
+- ``retune`` (after ``resume``): that checkpoint loaded at ``tensor=2`` by a runtime built with
+  :data:`RETUNED` (other lr, betas, eps, weight decay), then steps 3 and 4; rank 0 writes the weights
+  after them to ``OUT/retuned.safetensors``.
 
 Batches, spec, settings and the loss are the fsdp2 tests' (loaded from ``fsdp2_worker.py``), so the
 parent compares with the same local-runtime reference.
@@ -36,6 +41,8 @@ _spec.loader.exec_module(shared)
 SPEC = attrs.evolve(shared.SPEC, num_layers=4)
 """The fsdp2 tests' tiny WAN with 4 layers (two per pipeline stage, one per virtual stage of 2 x 2)."""
 OPTIONS = dict(shared.OPTIONS)
+RETUNED = attrs.evolve(shared.SETTINGS, lr=3e-2, betas=(0.5, 0.9), eps=1e-6, weight_decay=0.1)
+"""The optimizer settings a user changes before resuming the ``resume`` case's run."""
 LAYOUTS: dict[str, dict[str, int]] = {
     "data": {},
     "tensor": {"tensor": 2},
@@ -131,6 +138,86 @@ def resume(out: Path) -> dict[str, Any]:
     return result
 
 
+def retune(out: Path) -> dict[str, Any]:
+    from dfm.adapters.checkpoint import DCPCheckpointStore
+    from dfm.adapters.megatron import DistCheckpointIO, MegatronRuntime
+
+    store = DCPCheckpointStore(out / "ckpt", io=DistCheckpointIO())
+    runtime = MegatronRuntime(tensor=2, **OPTIONS)
+    runtime.build(SPEC, RETUNED)
+    state = {"runtime": runtime.state_dict(), "rng": {"torch": torch.get_rng_state()}}
+    store.load(store.latest(), state)
+    runtime.load_state_dict(state["runtime"])
+    groups = runtime._optimizer.param_groups
+    result: dict[str, Any] = {"betas_eps": sorted({(*g["betas"], g["eps"]) for g in groups})}
+    result |= train(runtime, range(2, 4))
+    weights = whole_weights(runtime)
+    if dist.get_rank() == 0:
+        save_file(weights, str(out / "retuned.safetensors"))
+    runtime.close()
+    return result
+
+
+def legacy(out: Path) -> dict[str, Any]:
+    """A checkpoint of layout version 1 (megatron's pickle-based ``torch_dist`` format, as dfm wrote it before)
+    loads at another layout; crafted copies of it (``.metadata``, ``common.pt``) are refused and run nothing."""
+    import json
+    import multiprocessing
+    import shutil
+
+    from megatron.core import dist_checkpointing
+    from support.checkpoints import Payload, payload_pickle, rewrite_manifest
+
+    from dfm.adapters.checkpoint import DCPCheckpointStore
+    from dfm.adapters.megatron import DistCheckpointIO
+
+    root = out / "legacy"
+    directory = root / "step_0000002"
+    first = runtime_for({"tensor": 2})
+    first.load_initial_weights(start_weights())
+    train(first, range(2))
+    directory.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save({"runtime": first.state_dict(), "rng": {"torch": torch.get_rng_state()}}, str(directory))
+    for child in multiprocessing.active_children():  # megatron's async writer leaves a spawn Manager running
+        child.terminate()
+        child.join()
+    saved = whole_weights(first)
+    first.close()
+    marker = out / "pwned"
+    if dist.get_rank() == 0:
+        document = {"format": "dfm-dcp-checkpoint", "version": 1, "step": 2, "meta": {"step": 2}}
+        (directory / "meta.json").write_text(json.dumps(document))
+        rewrite_manifest(directory, version=1)
+        for name, crafted in ((".metadata", payload_pickle(marker)), ("common.pt", None)):
+            copy = out / f"crafted-{name.strip('.').replace('.', '-')}" / "step_0000002"
+            shutil.copytree(directory, copy)
+            if crafted is None:
+                torch.save({"runtime": {"scheduler": {"step": Payload(marker)}}}, copy / name)
+            else:
+                (copy / name).write_bytes(crafted)
+            rewrite_manifest(copy)
+    dist.barrier()
+    runtime = runtime_for({})
+    state = {"runtime": runtime.state_dict(), "rng": {"torch": torch.get_rng_state()}}
+    result: dict[str, Any] = {"meta": DCPCheckpointStore(root, io=DistCheckpointIO()).load(root, state)}
+    runtime.load_state_dict(state["runtime"])
+    loaded = whole_weights(runtime)
+    result["same_weights"] = all(torch.equal(loaded[k], v) for k, v in saved.items())
+    for name in ("metadata", "common-pt"):
+        crafted_root = out / f"crafted-{name}"
+        try:
+            DCPCheckpointStore(crafted_root, io=DistCheckpointIO()).load(crafted_root, state)
+            result[name] = None
+        except Exception as exc:
+            result[name] = f"{type(exc).__name__}: {exc}"
+    runtime.close()
+    result["marker"] = marker.exists()
+    return result
+
+
+CASES = {"resume": resume, "retune": retune, "legacy": legacy}
+
+
 def main(argv: list[str]) -> dict[str, Any]:
     out, cases = Path(argv[0]), argv[1:]
     if shared.DEVICE == "cpu":
@@ -142,7 +229,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     init_process_group(shared.DEVICE, min_world_size=2)
     result: dict[str, Any] = {}
     for case in cases:
-        result[case] = resume(out) if case == "resume" else parity(case)
+        result[case] = CASES[case](out) if case in CASES else parity(case)
     from dfm.adapters.torch_dist import destroy
 
     destroy()

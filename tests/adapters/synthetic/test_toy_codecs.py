@@ -69,7 +69,8 @@ GOLDEN_RED_DIM8 = [0.291136, -0.458286, 0.248174, -0.31976, 0.001747, -0.051856,
 def test_golden_values() -> None:
     """Pins the algorithm: hashed word vector plus 0.5 x the unit sinusoidal position (position 0: [0, 1] * 4 / 2)."""
     word, _ = HashTextEncoder(dim=8, position_scale=0.0).encode(["red"], 1)
-    torch.testing.assert_close(word[0, 0], torch.tensor(GOLDEN_RED_DIM8), rtol=0, atol=1e-6)
+    # 6 decimals (+-5e-7, 4.5e-7 here) plus float32 rounding, which the CPU's kernels may do differently
+    torch.testing.assert_close(word[0, 0], torch.tensor(GOLDEN_RED_DIM8), rtol=0, atol=2e-6)
     emb, _ = HashTextEncoder(dim=8).encode(["red"], 1)
     position0 = torch.tensor([0.0, 0.25] * 4)
     torch.testing.assert_close(emb[0, 0] - word[0, 0], position0, rtol=0, atol=1e-6)

@@ -98,12 +98,14 @@ def test_ulysses_attention_equals_full_sdpa(ranks: tuple[int, list[dict[str, Any
     length = out.shape[2] // 2
     for result in results:
         got = result[case]
-        torch.testing.assert_close(torch.tensor(got["out"]), out, rtol=0, atol=1e-6)
+        # The heads' split changes the SDPA kernel's blocking, so float32 sums round differently: 7e-7 was seen
+        # against values of order 1. A misrouted head or sequence chunk is off by order 1.
+        torch.testing.assert_close(torch.tensor(got["out"]), out, rtol=1e-5, atol=1e-5)
         chunk = slice(result["cp_rank"] * length, (result["cp_rank"] + 1) * length)
         for name, grad, full in zip("qkv", got["grads"], grads, strict=True):
             expected = torch.zeros_like(full)
             expected[:, :, chunk] = full[:, :, chunk]
-            torch.testing.assert_close(torch.tensor(grad), expected, rtol=0, atol=1e-6, msg=f"d{name}")
+            torch.testing.assert_close(torch.tensor(grad), expected, rtol=1e-5, atol=1e-5, msg=f"d{name}")
 
 
 def test_gather_sequence_backward_keeps_this_ranks_slice(ranks: tuple[int, list[dict[str, Any]]]) -> None:

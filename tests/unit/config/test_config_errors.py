@@ -137,3 +137,21 @@ def test_top_level_must_be_a_mapping() -> None:
 def test_unknown_recipe_lists_known_names_with_a_suggestion() -> None:
     with pytest.raises(ValueError, match=r"unknown recipe 'wan_tiny'; did you mean 'wan_tiny_t2v'\? \(known recipes: "):
         resolve_config("wan_tiny", None, [])
+
+
+def test_optimizer_floats_must_be_finite_and_in_range() -> None:
+    """``optim.lr=inf`` used to pass ``> 0`` and reach the optimizer; every optim float is checked."""
+    nan, inf = float("nan"), float("inf")
+    data = {
+        "optim": {"lr": inf, "betas": [nan, 0.5], "weight_decay": inf, "eps": 0.0, "min_lr_ratio": nan},
+        "train": {"grad_clip": inf},
+    }
+    assert problems(data) == [
+        "train.grad_clip: must be a finite number, got inf",
+        "optim.lr: must be a finite number, got inf",
+        "optim.betas: must be two floats in [0, 1), got [nan, 0.5]",
+        "optim.weight_decay: must be a finite number, got inf",
+        "optim.eps: must be > 0.0, got 0.0",
+        "optim.min_lr_ratio: must be a finite number, got nan",
+    ]
+    assert problems({"optim": {"lr": -nan}}) == ["optim.lr: must be a finite number, got nan"]

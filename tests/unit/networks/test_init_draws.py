@@ -52,7 +52,10 @@ class _NoInPlaceDraw(nn.Parameter):
 
 @pytest.mark.parametrize("kind", ["wan", "dit"])
 def test_plain_parameters_keep_their_exact_draws(kind: str) -> None:
-    assert _stats(_build(kind)) == pytest.approx(GOLDEN[kind], rel=1e-12, abs=1e-12)
+    # torch's vectorised normal_ (AVX2/AVX-512 Box-Muller) and its scalar one (ATEN_CPU_CAPABILITY=default, a CPU
+    # without AVX2) round the same draws differently: the sums move by up to 1e-8 of themselves. Other draws move
+    # them by more: one element's sign by 5e-4, two elements of one tensor swapped by 5e-7 at least.
+    assert _stats(_build(kind)) == pytest.approx(GOLDEN[kind], rel=1e-7, abs=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["wan", "dit"])
