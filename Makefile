@@ -23,9 +23,11 @@ test: venv
 test-avx2: venv
 	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 bash scripts/run_tests.sh $(PYTEST_ARGS)
 
-## make test-scalar: the same suite on torch's unvectorised kernels (as on a CPU without AVX2), which round differently again
+## make test-scalar: the suite on unvectorised kernels (as on a CPU without AVX2), which round differently again; without
+## the slow tests (the default recipe's training test takes ~15 minutes there, over pytest's 600 s timeout)
 test-scalar: venv
-	ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41 bash scripts/run_tests.sh $(PYTEST_ARGS)
+	ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41 \
+	  bash scripts/run_tests.sh -m "not slow" $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check dfm tests examples
