@@ -48,7 +48,8 @@ from dfm.ports.runtime import LossFn, ParallelRuntime
 def bench_train(cfg: TrainConfig, *, warmup: int = 2, steps: int = 6, profile: Path | None = None) -> dict[str, Any]:
     """Time ``steps`` training steps of ``cfg`` after ``warmup`` untimed ones; the figures (see module doc)."""
     runtime = bootstrap.build_runtime(cfg)
-    runtime.build(cfg.model, bootstrap.optimizer_settings(cfg))
+    runtime.build_network(cfg.model)
+    runtime.attach_optimizer(bootstrap.optimizer_settings(cfg))
     codec, text = bootstrap.build_codecs(cfg)
     data = iter(bootstrap.build_data_source(cfg, runtime.topology, codec, text))
     n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * runtime.topology.dp_size)

@@ -15,7 +15,9 @@ EXAMPLES = """\
       --steps 30 --guidance 4 --seed 7 --out out/two.mp4
   python -m dfm.app.generate --checkpoint exported/demo --prompt "a red circle moving left slowly" --out out/red.mp4
   python -m dfm.app.generate --checkpoint runs/wan --vae models/Wan2.1-T2V-1.3B-Diffusers \
-      --text-encoder models/Wan2.1-T2V-1.3B-Diffusers --prompt "a cat surfing at sunset" --out out/cat.mp4"""
+      --text-encoder models/Wan2.1-T2V-1.3B-Diffusers --prompt "a cat surfing at sunset" --out out/cat.mp4
+  torchrun --nproc-per-node 4 -m dfm.app.generate --checkpoint runs/wan --prompt "a cat surfing at sunset" \\
+      --out out/cat.mp4    # 4 GPUs: CFG parallel 2 x context parallel 2"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +71,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory replacing the checkpoint's codecs.tokenizer")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights even when EMA weights exist")
     p.add_argument("--out", required=True, help="output .mp4 (several prompts: OUT_00.mp4, OUT_01.mp4, ...)")
+    p.add_argument(
+        "--cache",
+        default=None,
+        metavar="METHOD:THRESHOLD",
+        help="step caching: at steps whose input barely changed, reuse the transformer blocks' residual instead of "
+        "running them; first_block:T (First-Block Cache) or teacache:T (TeaCache), larger T is faster and further "
+        "from the uncached video, e.g. first_block:0.05 (default: off)",
+    )
+    parallel = p.add_argument_group(
+        "multi-process generation (torchrun --nproc-per-node N)",
+        "Every rank samples the same noise and shares each forward; rank 0 decodes and writes. Left out: CFG "
+        "parallel when guidance runs both passes (--guidance not 0 or 1) and N is even, the rest context parallel.",
+    )
+    parallel.add_argument(
+        "--cfg-parallel",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the conditional and unconditional passes of guidance on two ranks (default: automatic)",
+    )
+    parallel.add_argument(
+        "--context-parallel",
+        type=int,
+        default=None,
+        metavar="C",
+        help="ranks that split each video's tokens (Ulysses attention); must divide the attention heads and the "
+        "video tokens (default: the processes CFG parallelism leaves)",
+    )
     return p
 
 
@@ -98,10 +127,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             vae=args.vae,
             text_encoder=args.text_encoder,
             tokenizer=args.tokenizer,
+            cache=args.cache,
+            cfg_parallel=args.cfg_parallel,
+            context_parallel=args.context_parallel,
         )
         paths = generate(request)
     except ValueError as exc:  # bad request values, a sampler that does not fit the model: the user's to fix
         raise UserError(str(exc)) from None
+    if not paths:  # a torchrun rank other than 0: rank 0 wrote (and names) the files
+        return 0
     for path in paths:
         print(path)
     print(request.out.with_suffix(".png"))

@@ -72,7 +72,8 @@ class DiffusionProcess(Protocol):
         text: torch.Tensor,
         text_mask: torch.Tensor | None,
     ) -> TrainingTerms:
-        """The network's prediction, the regression target and the per-sample weight."""
+        """The network's prediction, the regression target and the per-sample weight; the network is given
+        ``text_mask`` only where the process masks the text's padding (``mask_text_padding``)."""
         ...
 
 
@@ -209,7 +210,9 @@ def _packed_terms(
 
     each(record)
     assert len(calls) == len(x0), "a diffusion process must call its network exactly once per batch"
-    mask = None if text_mask is None else torch.cat([c[3] for c in calls])
+    masks = [c[3] for c in calls]  # None when there is no mask or the process leaves the padding unmasked
+    assert all(m is None for m in masks) or all(m is not None for m in masks), "a text mask for some samples only"
+    mask = None if masks[0] is None else torch.cat(masks)
     outputs = iter(
         network([c[0][0] for c in calls], torch.cat([c[1] for c in calls]), torch.cat([c[2] for c in calls]), mask)
     )

@@ -82,18 +82,60 @@ class StepResult:
     """Other means over the global batch (sigma_mean, mse, ...)."""
 
 
+WeightsReader = Callable[[dict[str, Any]], object]
+"""Fills a nested state in place from a checkpoint of the runtime's :meth:`ParallelRuntime.state_dict` layout
+(e.g. ``lambda state: store.load(directory, {"runtime": state})``); keys it lacks are left alone."""
+
+
 @runtime_checkable
 class ParallelRuntime(Protocol):
-    """Builds the parallel model and optimizer, and runs optimizer steps over micro-batches."""
+    """Builds the parallel network, attaches its optimizer, runs optimizer steps; reads and loads weights.
+
+    The steps are separate (DESIGN.md rule 9): :meth:`build_network` makes the network alone (for
+    training, or uninitialised in an inference dtype), :meth:`attach_optimizer` adds what only training
+    needs, and :meth:`weights` / :meth:`load_weights` / :meth:`restore_weights` move one set of weights
+    without touching optimizer state. Sampling and export build the network alone.
+    """
 
     topology: Topology
 
-    def build(self, spec: ModelSpec, optimizer: OptimizerSettings) -> nn.Module:
-        """Build the (parallelized) network, its optimizer, schedule and EMA; returns the model."""
+    def build_network(self, spec: ModelSpec, *, inference_dtype: torch.dtype | None = None) -> nn.Module:
+        """Build the network of ``spec``, parallelized for this runtime, on its device; returns it.
+
+        ``inference_dtype=None``: the network to train, its weights initialised from the runtime's seed
+        (float32 unless the runtime trains in another dtype), in train mode. A dtype: the network to
+        sample or export with, allocated in that dtype and not initialised (fill it with :meth:`load_weights`
+        or :meth:`restore_weights`), in eval mode without gradients or activation checkpointing; it takes no
+        optimizer. Collective under a parallel runtime.
+        """
         ...
 
-    def load_initial_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Start a fresh run from whole weights (e.g. imported diffusers weights); strict; before any step."""
+    def attach_optimizer(self, settings: OptimizerSettings) -> None:
+        """Attach AdamW, its learning-rate schedule and (when configured) the EMA to the training network."""
+        ...
+
+    def weights(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
+        """This rank's weights by parameter name, aliasing the live tensors (sharded under a parallel runtime).
+
+        The EMA's when one is attached and ``use_ema``; else the network's.
+        """
+        ...
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Load whole weights (e.g. imported diffusers weights) into the network; strict; cast to its dtype.
+
+        With an optimizer attached: only before the first step, and the EMA restarts at these weights.
+        """
+        ...
+
+    def restore_weights(self, read: WeightsReader, *, use_ema: bool = True) -> Literal["ema", "model"]:
+        """Load one set of a checkpoint's weights into the network, without reading any optimizer state.
+
+        ``read`` gets the entries of :meth:`state_dict`'s layout that hold the EMA weights (when this
+        runtime keeps an EMA and ``use_ema``) or the model weights, aliasing the network's own tensors,
+        and fills them in place. Returns which. As :meth:`load_weights` once an optimizer is attached.
+        Collective under a parallel runtime.
+        """
         ...
 
     def train_step(self, micro_batches: Sequence[Batch], loss_fn: LossFn, global_batch_size: int) -> StepResult:
@@ -109,7 +151,7 @@ class ParallelRuntime(Protocol):
         ...
 
     def inference_model(self, use_ema: bool = True) -> nn.Module:
-        """The model to sample with (the EMA weights when kept and asked for)."""
+        """The model to sample with (the EMA's network when one is attached and asked for), in eval mode."""
         ...
 
     def max_memory_gib(self) -> float:

@@ -36,7 +36,8 @@ def as_v1(run_dir: Path, out: Path, *, crafted: dict[tuple[str, ...], Any] | Non
     """``out``: a run directory holding ``run_dir``'s newest checkpoint rewritten in layout version 1."""
     cfg = tiny(run_dir)
     runtime = bootstrap.build_runtime(cfg)
-    runtime.build(cfg.model, bootstrap.optimizer_settings(cfg))
+    runtime.build_network(cfg.model)
+    runtime.attach_optimizer(bootstrap.optimizer_settings(cfg))
     state = {"runtime": runtime.state_dict(), "rng": {"torch": torch.get_rng_state()}}
     store = DCPCheckpointStore(run_dir / "checkpoints")
     info = store.latest()

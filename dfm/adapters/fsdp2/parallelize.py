@@ -82,7 +82,12 @@ def meta_network(spec: ModelSpec, attention_backend: str) -> nn.Module:
 
 
 def build_sharded_network(
-    spec: ModelSpec, mesh: DeviceMesh, device: torch.device, options: ShardingOptions, seed: int | None
+    spec: ModelSpec,
+    mesh: DeviceMesh,
+    device: torch.device,
+    options: ShardingOptions,
+    seed: int | None,
+    dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """The network of ``spec`` parallelized over ``mesh`` (from ``torch_dist.build_mesh``) on ``device``.
 
@@ -95,11 +100,12 @@ def build_sharded_network(
         options: Precision, checkpointing, compile and attention settings.
         seed: Initialise the weights from this seed (the local runtime's weights for the same seed);
             ``None`` leaves them uninitialised (to be loaded or copied).
+        dtype: The dtype the shards are allocated in (float32 to train; an inference dtype to sample).
 
     Raises:
         ValueError: If the plan does not fit the network or the mesh (see :func:`apply_tensor_parallel`).
     """
-    model = meta_network(spec, options.attention_backend)
+    model = meta_network(spec, options.attention_backend).to(dtype)
     plan = model.parallel_plan
     if mesh["tp"].size() > 1:
         apply_tensor_parallel(model, plan, mesh["tp"])

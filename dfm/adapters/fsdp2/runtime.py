@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from dfm.adapters.fsdp2 import state as fsdp_state
+from dfm.adapters.fsdp2.ema import PREFIX as EMA_PREFIX
 from dfm.adapters.fsdp2.ema import ShardedEMA
 from dfm.adapters.fsdp2.grads import clip_grads, set_gradient_sync, total_grad_norm
 from dfm.adapters.fsdp2.parallelize import ShardingOptions, build_sharded_network
@@ -38,7 +39,7 @@ from dfm.adapters.torch_dist.schedule import (
 )
 from dfm.domain.batch import Batch
 from dfm.domain.specs import ModelSpec
-from dfm.ports.runtime import LossFn, OptimizerSettings, StepResult
+from dfm.ports.runtime import LossFn, OptimizerSettings, StepResult, WeightsReader
 
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -136,33 +137,68 @@ class FSDP2Runtime:
         self._optimizer: torch.optim.AdamW | None = None
         self._scheduler: LambdaLR | None = None
         self._ema: ShardedEMA | None = None
+        self._spec: ModelSpec | None = None
+        self._inference = False
 
     # Building --------------------------------------------------------------------------------------
 
-    def build(self, spec: ModelSpec, optimizer: OptimizerSettings) -> nn.Module:
-        """Build the sharded network (initialised from the seed), AdamW, the LR schedule and the EMA.
+    def build_network(self, spec: ModelSpec, *, inference_dtype: torch.dtype | None = None) -> nn.Module:
+        """Build the sharded network alone (no optimizer state, no EMA). Collective.
 
-        Collective. Returns the training model (its ``forward`` runs the context-parallel stages).
+        Args:
+            spec: The architecture.
+            inference_dtype: ``None``: the network to train, float32 weights initialised from the seed, with
+                the configured mixed precision, activation checkpointing and compile. A dtype: the network to
+                sample or export with, its shards allocated in that dtype and not initialised (load them next),
+                computing in that dtype, in eval mode without gradients. Building again replaces the network
+                and drops an attached optimizer and EMA.
+
+        Returns:
+            The network (its ``forward`` runs the context-parallel stages).
 
         Raises:
-            ValueError: For invalid optimizer settings, an unknown architecture, or a parallel layout the
+            ValueError: For an unknown architecture, a non-floating ``inference_dtype``, or a parallel layout the
                 model's heads, hidden or feed-forward sizes do not divide (naming the ``parallel.*`` keys).
         """
-        check_optimizer_settings(optimizer)
+        self._optimizer, self._scheduler, self._ema = None, None, None  # building again starts over
         self.check_model(spec)
-        model = build_sharded_network(spec, self.mesh, self.device, self.options, seed=self.seed)
-        model.train()
-        self._optimizer = build_adamw(model, optimizer, fused=self.device.type == "cuda")
-        self._scheduler = build_scheduler(self._optimizer, optimizer)
+        if inference_dtype is None:
+            model = build_sharded_network(spec, self.mesh, self.device, self.options, seed=self.seed).train()
+        else:
+            if not inference_dtype.is_floating_point:
+                raise ValueError(
+                    f"the inference dtype must be a floating type such as torch.bfloat16, got {inference_dtype}"
+                )
+            compute = None if inference_dtype == torch.float32 else inference_dtype
+            options = ShardingOptions(param_dtype=compute, attention_backend=self.options.attention_backend)
+            model = build_sharded_network(spec, self.mesh, self.device, options, seed=None, dtype=inference_dtype)
+            model.requires_grad_(False).eval()
+        self._model, self._spec, self._inference = model, spec, inference_dtype is not None
+        return model
+
+    def attach_optimizer(self, settings: OptimizerSettings) -> None:
+        """Attach AdamW, the LR schedule and (with ``ema_decay``) a sharded EMA started at the weights. Collective.
+
+        Raises:
+            ValueError: For invalid optimizer settings.
+            RuntimeError: Before :meth:`build_network`, for a network built for inference, or a second time.
+        """
+        model = self._require_model()
+        if self._inference:
+            raise RuntimeError("a network built with an inference_dtype takes no optimizer; build one to train")
+        if self._optimizer is not None:
+            raise RuntimeError("FSDP2Runtime.attach_optimizer was already called")
+        check_optimizer_settings(settings)
+        self._optimizer = build_adamw(model, settings, fused=self.device.type == "cuda")
+        self._scheduler = build_scheduler(self._optimizer, settings)
         if self.ema_decay is not None:
+            assert self._spec is not None
             plain = ShardingOptions(
                 param_dtype=self.options.param_dtype, attention_backend=self.options.attention_backend
             )
-            average = build_sharded_network(spec, self.mesh, self.device, plain, seed=None)
+            average = build_sharded_network(self._spec, self.mesh, self.device, plain, seed=None)
             self._ema = ShardedEMA(average, self.ema_decay)
             self._ema.reset(model)
-        self._model = model
-        return model
 
     def check_model(self, spec: ModelSpec) -> None:
         """Check that the model's heads, hidden and feed-forward sizes divide by the layout.
@@ -175,21 +211,55 @@ class FSDP2Runtime:
             self.topology.world_size, **self._parallel, heads=spec.num_attention_heads, hidden=hidden, ffn=ffn
         )
 
-    def load_initial_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Start from whole weights held by every rank (imported diffusers weights, say); strict. Collective.
+    # Weights ---------------------------------------------------------------------------------------
 
-        Each rank keeps its shards of them. Only before the first step; the EMA restarts at these weights.
+    def weights(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
+        """``{name: DTensor}`` of the EMA (when attached and ``use_ema``) or the network, aliasing its shards."""
+        return fsdp_state.model_state(self._inference_network(use_ema))
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Load whole weights held by every rank (imported diffusers weights, say); strict. Collective.
+
+        Each rank keeps its shards of them, cast to the network's dtype. With an optimizer attached only
+        before the first step, and the EMA restarts at these weights.
 
         Raises:
             ValueError: Naming the missing and unexpected keys and the shape mismatches, if any.
-            RuntimeError: Before :meth:`build`, or once a step was taken (resume with :meth:`load_state_dict`).
+            RuntimeError: Before :meth:`build_network`, or once a step was taken (resume with :meth:`load_state_dict`).
         """
-        model, _, scheduler = self._parts()
-        if scheduler.last_epoch > 0:
-            raise RuntimeError("load_initial_weights is for a fresh run; resume a run with load_state_dict")
-        fsdp_state.load_full_weights(model, state_dict)
+        model = self._require_model()
+        self._check_fresh()
+        fsdp_state.load_full_weights(model, weights)
         if self._ema is not None:
             self._ema.reset(model)
+
+    def restore_weights(self, read: WeightsReader, *, use_ema: bool = True) -> Literal["ema", "model"]:
+        """Load a checkpoint's EMA weights (when ``ema_decay`` is set and ``use_ema``) or model weights. Collective.
+
+        ``read`` fills ``{"ema": {"module.<name>": DTensor}}`` or ``{"model": {"<name>": DTensor}}`` (the layout of
+        :meth:`state_dict`), whose tensors are this rank's shards of the network: a DCP store reshards any
+        runtime's checkpoint into them. No optimizer state is read.
+
+        Raises:
+            RuntimeError: Before :meth:`build_network`, or once a step was taken.
+        """
+        model = self._require_model()
+        self._check_fresh()
+        which: Literal["ema", "model"] = "ema" if use_ema and self.ema_decay is not None else "model"
+        prefix = EMA_PREFIX if which == "ema" else ""
+        own = fsdp_state.model_state(model)
+        state: dict[str, Any] = {which: {prefix + name: tensor for name, tensor in own.items()}}
+        read(state)
+        loaded = {name.removeprefix(prefix): tensor for name, tensor in state[which].items()}
+        if any(tensor is not own[name] for name, tensor in loaded.items()):  # a reader that returned new tensors
+            fsdp_state.load_weights(model, loaded)
+        if self._ema is not None:
+            self._ema.reset(model)
+        return which
+
+    def _check_fresh(self) -> None:
+        if self._scheduler is not None and self._scheduler.last_epoch > 0:
+            raise RuntimeError("weights load before the first train_step; to resume a run use load_state_dict")
 
     # Training --------------------------------------------------------------------------------------
 
@@ -301,14 +371,15 @@ class FSDP2Runtime:
     # Inference and reporting -----------------------------------------------------------------------
 
     def inference_model(self, use_ema: bool = True) -> nn.Module:
-        """The EMA network when kept and ``use_ema``, else the training model; in eval mode.
+        """The EMA's network when attached and ``use_ema``, else the network; in eval mode.
 
         Its forward is collective (every rank of the mesh calls it with the same inputs).
         """
+        return self._inference_network(use_ema).eval()
+
+    def _inference_network(self, use_ema: bool) -> nn.Module:
         model = self._require_model()
-        if use_ema and self._ema is not None:
-            return self._ema.module.eval()
-        return model.eval()
+        return self._ema.module if (use_ema and self._ema is not None) else model
 
     def max_memory_gib(self) -> float:
         """This rank's peak: CUDA memory allocated on its device, else the process's resident set, in GiB."""
@@ -321,10 +392,11 @@ class FSDP2Runtime:
 
     def _parts(self) -> tuple[nn.Module, torch.optim.AdamW, LambdaLR]:
         model = self._require_model()
-        assert self._optimizer is not None and self._scheduler is not None
+        if self._optimizer is None or self._scheduler is None:
+            raise RuntimeError("FSDP2Runtime.attach_optimizer(settings) must be called first")
         return model, self._optimizer, self._scheduler
 
     def _require_model(self) -> nn.Module:
         if self._model is None:
-            raise RuntimeError("FSDP2Runtime.build(spec, optimizer) must be called first")
+            raise RuntimeError("FSDP2Runtime.build_network(spec) must be called first")
         return self._model

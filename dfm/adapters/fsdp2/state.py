@@ -54,6 +54,16 @@ def load_full_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> 
     set_model_state_dict(model, dict(weights), options=StateDictOptions(full_state_dict=True))
 
 
+def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Load sharded weights of :func:`model_state`'s layout (``DTensor`` s, any placement) into ``model``; strict.
+
+    Raises:
+        ValueError: Naming the missing and unexpected keys and the shape mismatches, if any.
+    """
+    check_compatible(model_state(model), weights, "checkpointed weights")
+    set_model_state_dict(model, dict(weights))
+
+
 def load(model: nn.Module, optimizer: torch.optim.Optimizer, weights: Mapping[str, Any], saved: Mapping) -> None:
     """Restore model weights and optimizer state from :func:`model_state` / :func:`optimizer_state` layouts.
 

@@ -5,13 +5,20 @@ live here; the helpers every runtime shares (LR schedule, AdamW parameter groups
 checkpointing, state checks) live in :mod:`dfm.adapters.torch_dist` and are re-exported for convenience.
 """
 
-from dfm.adapters.local.ema import build_ema, reset_ema
-from dfm.adapters.local.runtime import LocalRuntime, build_network, resolve_device, resolve_precision
+from dfm.adapters.local.ema import EMA_PREFIX, build_ema, reset_ema
+from dfm.adapters.local.runtime import (
+    LocalRuntime,
+    build_network,
+    empty_network,
+    resolve_device,
+    resolve_precision,
+)
 from dfm.adapters.torch_dist.checkpointing import apply_activation_checkpointing, checkpoint_module, is_checkpointed
 from dfm.adapters.torch_dist.optim import NO_DECAY_SUFFIXES, build_adamw, decays, param_groups
 from dfm.adapters.torch_dist.schedule import build_scheduler, check_optimizer_settings, lr_factor
 
 __all__ = [
+    "EMA_PREFIX",
     "NO_DECAY_SUFFIXES",
     "LocalRuntime",
     "apply_activation_checkpointing",
@@ -22,6 +29,7 @@ __all__ = [
     "check_optimizer_settings",
     "checkpoint_module",
     "decays",
+    "empty_network",
     "is_checkpointed",
     "lr_factor",
     "param_groups",

@@ -11,6 +11,9 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+EMA_PREFIX = "module."
+"""``AveragedModel``'s prefix of the averaged network's names in its state (``module.<name>``, ``n_averaged``)."""
+
 
 def build_ema(model: nn.Module, decay: float) -> AveragedModel:
     """A frozen copy of ``model`` (same device) averaged with decay ``decay``, starting at ``model``'s weights.

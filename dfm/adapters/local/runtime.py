@@ -3,7 +3,8 @@
 It is the numerical reference every parallel runtime must reproduce: gradients are accumulated over
 micro-batches as ``sum(per_sample) / global_batch_size``, so any micro-batch split of a global batch
 gives the gradient of the whole batch; weights and AdamW state stay in fp32 and bf16 enters only
-through ``torch.autocast``.
+through ``torch.autocast``. A network built to sample with (``inference_dtype``) is allocated once, on the
+device and in that dtype, and filled from a checkpoint's or exported weights; it never gets optimizer state.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel
 
-from dfm.adapters.local.ema import build_ema, reset_ema
+from dfm.adapters.local.ema import EMA_PREFIX, build_ema, reset_ema
 from dfm.adapters.local.state import load_model_and_optimizer_state, model_and_optimizer_state
 from dfm.adapters.torch_dist.checkpointing import apply_activation_checkpointing
 from dfm.adapters.torch_dist.devices import batch_to_device
@@ -36,7 +37,7 @@ from dfm.domain.batch import Batch
 from dfm.domain.networks.attention import SDPAAttention
 from dfm.domain.networks.registry import network_class
 from dfm.domain.specs import ModelSpec
-from dfm.ports.runtime import LossFn, OptimizerSettings, StepResult, Topology
+from dfm.ports.runtime import LossFn, OptimizerSettings, StepResult, Topology, WeightsReader
 
 Precision = Literal["auto", "fp32", "bf16"]
 ActivationCheckpointing = Literal["off", "full"]
@@ -89,8 +90,23 @@ def build_network(spec: ModelSpec, attention: SDPAAttention, generator: torch.Ge
     return network_class(spec)(spec, attention=attention, generator=generator)
 
 
+def empty_network(spec: ModelSpec, attention: SDPAAttention, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The network of ``spec`` allocated on ``device`` in ``dtype`` and not initialised; eval mode, no gradients.
+
+    It is built on the meta device, so the weights are allocated once, where and as they will be used.
+
+    Raises:
+        ValueError: For a spec of another architecture, or a ``dtype`` that is not a floating type.
+    """
+    if not dtype.is_floating_point:
+        raise ValueError(f"the inference dtype must be a floating type such as torch.bfloat16, got {dtype}")
+    with torch.device("meta"):
+        model = network_class(spec)(spec, attention=attention, generator=None).to(dtype)
+    return model.to_empty(device=device).requires_grad_(False).eval()
+
+
 class LocalRuntime:
-    """One process, one device: builds the network, AdamW, the LR schedule and an optional EMA.
+    """One process, one device: the network, then (to train) AdamW, the LR schedule and an optional EMA.
 
     Args:
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
@@ -133,52 +149,108 @@ class LocalRuntime:
         self._optimizer: torch.optim.AdamW | None = None
         self._scheduler: LambdaLR | None = None
         self._ema: AveragedModel | None = None
+        self._inference = False
 
     # Building --------------------------------------------------------------------------------------
 
-    def build(self, spec: ModelSpec, optimizer: OptimizerSettings) -> nn.Module:
-        """Build the network on the device with its AdamW, LR schedule, EMA and activation checkpointing.
+    def build_network(self, spec: ModelSpec, *, inference_dtype: torch.dtype | None = None) -> nn.Module:
+        """Build the network of ``spec`` on :attr:`device`, alone (no optimizer state, no EMA).
 
         Args:
             spec: The architecture (``WanSpec`` or ``DiTSpec``).
-            optimizer: AdamW and schedule settings.
+            inference_dtype: ``None``: the network to train, fp32 weights drawn from the seed, in train mode.
+                A dtype: the network to sample with, built on the meta device and allocated on :attr:`device`
+                in that dtype without initialising it (load its weights next), in eval mode, no gradients.
+                Building again replaces the network and drops an attached optimizer and EMA.
 
         Returns:
-            The training model (fp32 weights on :attr:`device`).
+            The network.
 
         Raises:
-            ValueError: For invalid optimizer settings or an unknown architecture.
+            ValueError: For an unknown architecture or a non-floating ``inference_dtype``.
         """
-        check_optimizer_settings(optimizer)
-        generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        model = build_network(spec, self.attention, generator).to(self.device)
-        model.train()
-        self._optimizer = build_adamw(model, optimizer, fused=self._fused)
-        self._scheduler = build_scheduler(self._optimizer, optimizer)
+        self._optimizer, self._scheduler, self._ema = None, None, None  # building again starts over
+        if inference_dtype is None:
+            generator = torch.Generator(device="cpu").manual_seed(self.seed)
+            model = build_network(spec, self.attention, generator).to(self.device).train()
+        else:
+            model = empty_network(spec, self.attention, self.device, inference_dtype)
+        self._model, self._inference = model, inference_dtype is not None
+        return model
+
+    def attach_optimizer(self, settings: OptimizerSettings) -> None:
+        """Attach AdamW, the LR schedule and the EMA (when ``ema_decay`` is set), and apply activation checkpointing.
+
+        Raises:
+            ValueError: For invalid optimizer settings.
+            RuntimeError: Before :meth:`build_network`, for a network built for inference, or a second time.
+        """
+        model = self._require_model()
+        if self._inference:
+            raise RuntimeError("a network built with an inference_dtype takes no optimizer; build one to train")
+        if self._optimizer is not None:
+            raise RuntimeError("LocalRuntime.attach_optimizer was already called")
+        check_optimizer_settings(settings)
+        self._optimizer = build_adamw(model, settings, fused=self._fused)
+        self._scheduler = build_scheduler(self._optimizer, settings)
         self._ema = None if self.ema_decay is None else build_ema(model, self.ema_decay)
         if self.activation_checkpointing == "full":
             apply_activation_checkpointing(model, model.parallel_plan.blocks, self.checkpoint_every)
-        self._model = model
-        return model
 
-    def load_initial_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Start from given weights (e.g. imported diffusers weights for finetuning); strict.
+    # Weights ---------------------------------------------------------------------------------------
 
-        Call after :meth:`build` and before the first step; the EMA restarts at these weights.
+    def weights(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` of the EMA's network (when attached and ``use_ema``) or the network, aliasing them."""
+        return self._inference_network(use_ema).state_dict()
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Load whole weights (e.g. imported diffusers weights) into the network; strict; cast to its dtype.
+
+        With an optimizer attached this must come before the first step, and the EMA restarts at these weights.
 
         Raises:
             ValueError: Naming the missing and unexpected keys and the shape mismatches, if any.
-            RuntimeError: If called before :meth:`build` or after a step was taken.
+            RuntimeError: Before :meth:`build_network`, or after a step was taken.
         """
         model = self._require_model()
-        if self._scheduler is not None and self._scheduler.last_epoch > 0:
-            raise RuntimeError(
-                "load_initial_weights must come before the first train_step; to resume use load_state_dict"
-            )
-        check_compatible(model.state_dict(), state_dict, "initial weights")
-        model.load_state_dict(dict(state_dict), strict=True)
+        self._check_fresh()
+        check_compatible(model.state_dict(), weights, "initial weights")
+        model.load_state_dict(dict(weights), strict=True)
         if self._ema is not None:
             reset_ema(self._ema, model)
+
+    def restore_weights(self, read: WeightsReader, *, use_ema: bool = True) -> Literal["ema", "model"]:
+        """Load a checkpoint's EMA weights (when ``ema_decay`` is set and ``use_ema``) or model weights.
+
+        ``read`` fills ``{"ema": {"module.<name>": tensor}}`` or ``{"model": {"<name>": tensor}}`` (this runtime's
+        :meth:`state_dict` layout), whose tensors are the network's own; nothing else is read. Any runtime's
+        DCP checkpoint fits: the store reshards and casts into these tensors.
+
+        Returns:
+            ``"ema"`` or ``"model"``.
+
+        Raises:
+            RuntimeError: Before :meth:`build_network`, or after a step was taken.
+        """
+        model = self._require_model()
+        self._check_fresh()
+        which: Literal["ema", "model"] = "ema" if use_ema and self.ema_decay is not None else "model"
+        prefix = EMA_PREFIX if which == "ema" else ""
+        own = model.state_dict()
+        state: dict[str, Any] = {which: {prefix + name: tensor for name, tensor in own.items()}}
+        read(state)
+        loaded = {name.removeprefix(prefix): tensor for name, tensor in state[which].items()}
+        changed = {name: tensor for name, tensor in loaded.items() if tensor is not own[name]}
+        if changed:  # a reader that returns new tensors instead of filling the given ones
+            check_compatible(own, loaded, "checkpointed weights")
+            model.load_state_dict(loaded, strict=True)
+        if self._ema is not None:
+            reset_ema(self._ema, model)
+        return which
+
+    def _check_fresh(self) -> None:
+        if self._scheduler is not None and self._scheduler.last_epoch > 0:
+            raise RuntimeError("weights load before the first train_step; to resume a run use load_state_dict")
 
     # Training --------------------------------------------------------------------------------------
 
@@ -201,8 +273,7 @@ class LocalRuntime:
         Raises:
             ValueError: If the micro-batches are empty or their sizes do not add up to ``global_batch_size``.
         """
-        model, optimizer, scheduler = self._require_model(), self._optimizer, self._scheduler
-        assert optimizer is not None and scheduler is not None
+        model, optimizer, scheduler = self._training_parts()
         _check_batch_sizes(micro_batches, global_batch_size)
         model.train()
         optimizer.zero_grad(set_to_none=True)
@@ -265,8 +336,7 @@ class LocalRuntime:
         ``torch.distributed.checkpoint.load`` into this dict followed by :meth:`load_state_dict` restores
         a run. The EMA entry is ``AveragedModel.state_dict()`` (``n_averaged`` and ``module.<name>``).
         """
-        model, optimizer, scheduler = self._require_model(), self._optimizer, self._scheduler
-        assert optimizer is not None and scheduler is not None
+        model, optimizer, scheduler = self._training_parts()
         model_state, optimizer_state = model_and_optimizer_state(model, optimizer)
         state: dict[str, Any] = {
             "model": model_state,
@@ -286,8 +356,7 @@ class LocalRuntime:
         Raises:
             ValueError: If an entry is missing or does not match the model.
         """
-        model, optimizer, scheduler = self._require_model(), self._optimizer, self._scheduler
-        assert optimizer is not None and scheduler is not None
+        model, optimizer, scheduler = self._training_parts()
         missing = [k for k in ("model", "optimizer", "scheduler") if k not in state]
         if missing:
             raise ValueError(f"runtime state lacks {missing} (has {sorted(state)}); is it a dfm training checkpoint?")
@@ -304,10 +373,12 @@ class LocalRuntime:
     # Inference and reporting -----------------------------------------------------------------------
 
     def inference_model(self, use_ema: bool = True) -> nn.Module:
-        """The EMA weights' network when kept and ``use_ema``, else the training model; in eval mode."""
+        """The EMA's network when attached and ``use_ema``, else the network; in eval mode."""
+        return self._inference_network(use_ema).eval()
+
+    def _inference_network(self, use_ema: bool) -> nn.Module:
         model = self._require_model()
-        chosen = self._ema.module if (use_ema and self._ema is not None) else model
-        return chosen.eval()
+        return self._ema.module if (use_ema and self._ema is not None) else model
 
     def max_memory_gib(self) -> float:
         """Peak CUDA memory allocated on the device, or the process's peak RSS on the CPU, in GiB."""
@@ -325,8 +396,14 @@ class LocalRuntime:
 
     def _require_model(self) -> nn.Module:
         if self._model is None:
-            raise RuntimeError("LocalRuntime.build(spec, optimizer) must be called first")
+            raise RuntimeError("LocalRuntime.build_network(spec) must be called first")
         return self._model
+
+    def _training_parts(self) -> tuple[nn.Module, torch.optim.AdamW, LambdaLR]:
+        model = self._require_model()
+        if self._optimizer is None or self._scheduler is None:
+            raise RuntimeError("LocalRuntime.attach_optimizer(settings) must be called first")
+        return model, self._optimizer, self._scheduler
 
 
 def _check_options(grad_clip: float | None, ema_decay: float | None, checkpointing: str, every: int) -> None:

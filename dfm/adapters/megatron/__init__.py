@@ -3,7 +3,8 @@
 - :mod:`.engine`: sizes, ``initialize_model_parallel``, topology;
 - :mod:`.model` / :mod:`.stage` / :mod:`.init`: the network as megatron model chunks, initialised with
   the one-process weights;
-- :mod:`.runtime`: :class:`MegatronRuntime` (megatron DDP, distributed optimizer, schedules);
+- :mod:`.runtime`: :class:`MegatronRuntime` (the chunks, schedules, weights and state);
+- :mod:`.optimizer`: what training attaches (megatron DDP, its distributed optimizer);
 - :mod:`.state` / :mod:`.checkpoint_io`: sharded checkpoints with ``dist_checkpointing``.
 """
 

@@ -204,7 +204,7 @@ class DistCheckpointIO:
             str(directory),
             sharded_strategy=_ReaderLoad(safetensors_reader),
             common_strategy=_NoCommon(),
-            strict="raise_all",
+            strict="raise_unexpected",
         )
 
     def load_legacy(self, state: dict[str, Any], directory: Path) -> None:
@@ -214,6 +214,6 @@ class DistCheckpointIO:
             str(directory),
             sharded_strategy=_ReaderLoad(RefusingFileSystemReader),
             common_strategy=_RefusingCommon(),
-            strict="raise_all",
+            strict="raise_unexpected",
         )
         _fill(state, loaded)

@@ -16,40 +16,32 @@ import math
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
+import attrs
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
-from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
-from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import nn
 
 from dfm.adapters.megatron import state as mstate
 from dfm.adapters.megatron.engine import initialize, megatron_sizes, megatron_topology, teardown
 from dfm.adapters.megatron.model import Options, build_chunks, transformer_config
+from dfm.adapters.megatron.optimizer import build_optimizer, load_optimizer, sum_sequence_parallel_grads, wrap_ddp
 from dfm.adapters.megatron.stage import Chunk
 from dfm.adapters.torch_dist.devices import batch_to_device, check_rank_share, device_type, peak_memory_gib
-from dfm.adapters.torch_dist.optim import decays, own_group_settings
 from dfm.adapters.torch_dist.process_group import DEFAULT_TIMEOUT, DistEnv, destroy
 from dfm.adapters.torch_dist.schedule import check_optimizer_settings, lr_factor
 from dfm.domain.batch import Batch
 from dfm.domain.specs import ModelSpec
-from dfm.ports.runtime import LossFn, OptimizerSettings, StepResult
+from dfm.ports.runtime import LossFn, OptimizerSettings, StepResult, WeightsReader
 
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 """The distributed optimizer's checkpoint format that loads at any tensor/pipeline/data layout."""
-
-
-def _no_decay_overrides() -> dict[Any, Any]:
-    """Megatron parameter groups with the other runtimes' weight-decay rule (``torch_dist.optim.decays``)."""
-    plain = ParamWithNamePredicate(name="dfm_no_decay", fn=lambda param, name: not decays(name, param))
-    return {ParamKey(with_name_predicate=plain): ParamGroupOverride(wd_mult=0.0)}
 
 
 class MegatronRuntime:
@@ -138,6 +130,8 @@ class MegatronRuntime:
             use_distributed_optimizer=distributed_optimizer,
         )
         self._chunks: list[Chunk] = []
+        self._config: Any = None
+        self._inference = False
         self._ddp: list[DistributedDataParallel] = []
         self._optimizer: Any = None
         self._settings: OptimizerSettings | None = None
@@ -163,62 +157,138 @@ class MegatronRuntime:
             layers=spec.num_layers,
         )
 
-    def build(self, spec: ModelSpec, optimizer: OptimizerSettings) -> nn.Module:
-        """Build this rank's model chunks (initialised from the seed), megatron DDP and optimizer. Collective.
+    def build_network(self, spec: ModelSpec, *, inference_dtype: torch.dtype | None = None) -> nn.Module:
+        """Build this rank's model chunks alone (no DDP buffers, optimizer or EMA). Collective.
 
-        Returns the first chunk wrapped in megatron's DDP.
+        Args:
+            spec: The architecture.
+            inference_dtype: ``None``: the chunks to train, in the precision's dtype, initialised from the seed.
+                A dtype: chunks in that dtype, not initialised (load their weights next), without activation
+                checkpointing, in eval mode without gradients (weights to read or export; this runtime does
+                not sample in-process, see :meth:`inference_model`). Building again replaces the chunks and
+                drops an attached DDP, optimizer and EMA.
+
+        Returns:
+            The first chunk.
+
+        Raises:
+            ValueError: For sizes the model does not divide, or a non-floating ``inference_dtype``.
         """
-        check_optimizer_settings(optimizer)
+        self._ddp, self._optimizer, self._ema, self._step = [], None, None, 0  # building again starts over
         self.check_model(spec)
-        config = transformer_config(spec, self.sizes, self.options, self.device)
-        self._chunks = build_chunks(spec, self.sizes, config, self.device, self.options, self.seed)
+        options = self.options
+        if inference_dtype is not None:
+            if not inference_dtype.is_floating_point:
+                raise ValueError(
+                    f"the inference dtype must be a floating type such as torch.bfloat16, got {inference_dtype}"
+                )
+            options = attrs.evolve(options, dtype=inference_dtype, activation_checkpointing="off")
+        self._config = transformer_config(spec, self.sizes, options, self.device)
+        seed = self.seed if inference_dtype is None else None
+        self._chunks = build_chunks(spec, self.sizes, self._config, self.device, options, seed)
         self._blocks = type(self._chunks[0].network).parallel_plan.blocks
-        self._ddp = [
-            DistributedDataParallel(config, self.ddp_config, chunk, disable_bucketing=i > 0)
-            for i, chunk in enumerate(self._chunks)
-        ]
-        _set_sync_functions(config, self._ddp, self.ddp_config)
-        opt_config = OptimizerConfig(
-            optimizer="adam",
-            lr=optimizer.lr,
-            weight_decay=optimizer.weight_decay,
-            adam_beta1=optimizer.betas[0],
-            adam_beta2=optimizer.betas[1],
-            adam_eps=optimizer.eps,
-            clip_grad=self.grad_clip or 0.0,
-            bf16=self.options.dtype == torch.bfloat16,
-            params_dtype=self.options.dtype,
-            use_distributed_optimizer=self.ddp_config.use_distributed_optimizer,
+        self._inference = inference_dtype is not None
+        for chunk in self._chunks if self._inference else []:
+            chunk.requires_grad_(False).eval()
+        return self._chunks[0]
+
+    def attach_optimizer(self, settings: OptimizerSettings) -> None:
+        """Wrap the chunks in megatron's DDP and attach its optimizer and (with ``ema_decay``) the EMA. Collective.
+
+        Raises:
+            ValueError: For invalid optimizer settings.
+            RuntimeError: Before :meth:`build_network`, for chunks built for inference, or a second time.
+        """
+        self._require_built()
+        if self._inference:
+            raise RuntimeError("a network built with an inference_dtype takes no optimizer; build one to train")
+        if self._optimizer is not None:
+            raise RuntimeError("MegatronRuntime.attach_optimizer was already called")
+        check_optimizer_settings(settings)
+        self._ddp = wrap_ddp(self._chunks, self._config, self.ddp_config)
+        self._optimizer = build_optimizer(
+            self._ddp,
+            settings,
+            grad_clip=self.grad_clip,
+            dtype=self.options.dtype,
+            distributed=self.ddp_config.use_distributed_optimizer,
         )
-        self._optimizer = get_megatron_optimizer(opt_config, self._ddp, config_overrides=_no_decay_overrides())
-        self._settings = optimizer
+        self._settings = settings
         self._step = 0
-        _materialize_state(self._optimizer)
         if self.ema_decay is not None:
             self._reset_ema()
-        return self._ddp[0]
 
-    def load_initial_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Start from whole weights (imported diffusers weights, say); strict; each rank keeps its part.
+    # Weights ---------------------------------------------------------------------------------------
+
+    def weights(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
+        """This rank's weights by global name (tensor-parallel slices, this stage's blocks), aliasing them.
+
+        The float32 EMA copies when attached and ``use_ema``.
+        """
+        self._require_built()
+        if use_ema and self._ema is not None:
+            return dict(self._ema)
+        return {name: param.detach() for name, param in mstate.named_parameters(self._chunks, self._blocks)}
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Load whole weights (imported diffusers weights, say); strict; each rank keeps its part, cast to its dtype.
+
+        With an optimizer attached only before the first step; the EMA restarts at these weights.
 
         Raises:
             ValueError: Naming missing keys and shape mismatches.
-            RuntimeError: Before :meth:`build`, or once a step was taken.
+            RuntimeError: Before :meth:`build_network`, or once a step was taken.
         """
         self._require_built()
-        if self._step > 0:
-            raise RuntimeError("load_initial_weights is for a fresh run; resume a run with load_state_dict")
+        self._check_fresh()
         params = dict(mstate.named_parameters(self._chunks, self._blocks))
-        missing = sorted(set(params) - set(state_dict))
+        missing = sorted(set(params) - set(weights))
         if missing:
             raise ValueError(f"initial weights miss {len(missing)} parameters, e.g. {missing[:5]}")
         with torch.no_grad():
             for name, param in params.items():
-                value = mstate.local_part(state_dict[name], param)
+                value = mstate.local_part(weights[name], param)
                 if value.shape != param.shape:
                     raise ValueError(f"{name}: initial weight of shape {tuple(value.shape)} does not fit")
                 param.copy_(value)
-        self._optimizer.reload_model_params()
+        self._weights_changed()
+
+    def restore_weights(self, read: WeightsReader, *, use_ema: bool = True) -> Literal["ema", "model"]:
+        """Load a checkpoint's EMA weights (when ``ema_decay`` is set and ``use_ema``) or model weights. Collective.
+
+        ``read`` fills ``{"ema": {"module.<name>": ShardedTensor}}`` or ``{"model": {"<name>": ShardedTensor}}``
+        (the layout of :meth:`state_dict`, keyed ``runtime.ema.module.<name>`` / ``runtime.model.<name>``),
+        laid out over this rank's parameters; no optimizer state is read.
+
+        Raises:
+            RuntimeError: Before :meth:`build_network`, or once a step was taken.
+        """
+        self._require_built()
+        self._check_fresh()
+        which: Literal["ema", "model"] = "ema" if use_ema and self.ema_decay is not None else "model"
+        state: dict[str, Any] = {
+            which: mstate.ema_weights_state(self._chunks, self._blocks)
+            if which == "ema"
+            else mstate.model_state(self._chunks, self._blocks)
+        }
+        read(state)
+        prefix = "module." if which == "ema" else ""
+        with torch.no_grad():
+            for name, param in mstate.named_parameters(self._chunks, self._blocks):
+                loaded = state[which][prefix + name]
+                if loaded is not param:
+                    param.copy_(loaded)
+        self._weights_changed()
+        return which
+
+    def _check_fresh(self) -> None:
+        if self._step > 0:
+            raise RuntimeError("weights load before the first train_step; to resume a run use load_state_dict")
+
+    def _weights_changed(self) -> None:
+        """The optimizer's main copies and the EMA restart at the network's weights (when attached)."""
+        if self._optimizer is not None:
+            self._optimizer.reload_model_params()
         if self._ema is not None:
             self._reset_ema()
 
@@ -230,7 +300,7 @@ class MegatronRuntime:
         Raises:
             ValueError: If the micro-batches are empty or do not hold this rank's share of the batch.
         """
-        self._require_built()
+        self._require_optimizer()
         check_rank_share(micro_batches, global_batch_size, self.topology.dp_size)
         settings = self._settings
         assert settings is not None
@@ -257,7 +327,7 @@ class MegatronRuntime:
         for model in self._ddp:
             model.finish_grad_sync()
         if self.options.sequence_parallel:
-            _sum_sequence_parallel_grads(self._ddp)
+            sum_sequence_parallel_grads(self._ddp)
         names, sums = self._reduce(totals)
         found_inf = self._optimizer.prepare_grads()
         norm = float(self._optimizer.get_grad_norm() or 0.0)
@@ -341,7 +411,7 @@ class MegatronRuntime:
 
     def state_dict(self) -> dict[str, Any]:
         """``{"model", "optimizer", "scheduler"[, "ema"]}`` as megatron sharded state (see :mod:`.state`)."""
-        self._require_built()
+        self._require_optimizer()
         if self.ddp_config.overlap_param_gather:  # the weights of the last step are gathered in the next forward
             for model in self._ddp:
                 model.start_param_sync(force_sync=True)
@@ -361,7 +431,7 @@ class MegatronRuntime:
         Raises:
             ValueError: If an entry is missing.
         """
-        self._require_built()
+        self._require_optimizer()
         missing = [k for k in ("model", "optimizer", "scheduler") if k not in state]
         if missing:
             raise ValueError(f"runtime state lacks {missing}")
@@ -370,7 +440,7 @@ class MegatronRuntime:
                 loaded = state["model"][name]
                 if loaded is not param:
                     param.copy_(loaded)
-        _load_optimizer(self._optimizer, state["optimizer"])
+        load_optimizer(self._optimizer, state["optimizer"])
         self._step = int(state["scheduler"]["step"])
         if self._ema is not None and "ema" in state:
             self._n_averaged = mstate.load_ema(self._ema, state["ema"])
@@ -398,7 +468,12 @@ class MegatronRuntime:
 
     def _require_built(self) -> None:
         if not self._chunks:
-            raise RuntimeError("MegatronRuntime.build(spec, optimizer) must be called first")
+            raise RuntimeError("MegatronRuntime.build_network(spec) must be called first")
+
+    def _require_optimizer(self) -> None:
+        self._require_built()
+        if self._optimizer is None:
+            raise RuntimeError("MegatronRuntime.attach_optimizer(settings) must be called first")
 
 
 def _not_last(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -409,87 +484,3 @@ def _not_last(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[st
 def _last(loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """The last stage's loss function: the micro-batch's share of the global mean, as is (no averaging)."""
     return loss, torch.tensor(1), {}
-
-
-def _set_sync_functions(config: Any, models: list[DistributedDataParallel], ddp: DistributedDataParallelConfig) -> None:
-    """Let megatron's schedules drive the overlapped communication, as Megatron-LM's training loop does.
-
-    With ``overlap_grad_reduce`` the gradient reduction may only start in the last micro-batch
-    (``no_sync`` around the others, ``start_grad_sync`` per chunk); with ``overlap_param_gather`` the
-    updated weights are all-gathered chunk by chunk ahead of the next forward pass.
-    """
-
-    def per_chunk(functions: list[Any]) -> Any:
-        return functions[0] if len(functions) == 1 else functions
-
-    if ddp.overlap_grad_reduce:
-        config.no_sync_func = per_chunk([m.no_sync for m in models])
-        config.grad_sync_func = per_chunk([m.start_grad_sync for m in models])
-    if ddp.overlap_param_gather:
-        config.param_sync_func = per_chunk([m.start_param_sync for m in models])
-
-
-@torch.no_grad()
-def _sum_sequence_parallel_grads(models: list[DistributedDataParallel]) -> None:
-    """Sum over the tensor-parallel group the gradients of parameters that saw only this rank's tokens.
-
-    What megatron's ``finalize_model_grads`` does for parameters marked ``sequence_parallel`` (the rest of
-    that function is about language-model embeddings and token-count scaling, which do not apply).
-    """
-    grads = [p.main_grad for model in models for p in model.parameters() if getattr(p, "sequence_parallel", False)]
-    if grads:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=mpu.get_tensor_model_parallel_group())
-        for grad, summed in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-            grad.copy_(summed.view_as(grad))
-
-
-@torch.no_grad()
-def _materialize_state(optimizer: Any) -> None:
-    """Create AdamW's state (zero moments, step 0) now, as a checkpoint load needs it before any step.
-
-    Megatron's ``init_state_fn`` makes the moments; the step counter (which megatron's distributed
-    optimizer reads from the torch optimizer when neither Apex nor TE is installed) starts at 0.
-    """
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        torch_optimizer = inner.optimizer
-        inner.init_state_fn(torch_optimizer, inner.config)
-        for state in torch_optimizer.state.values():
-            state.setdefault("step", torch.tensor(0.0))
-
-
-def _load_optimizer(optimizer: Any, state: Any) -> None:
-    """``optimizer.load_state_dict(state)``, with AdamW's step counters handled outside megatron.
-
-    The checkpoint supplies the moments and step counters; the parameter groups' settings (betas,
-    epsilon, ...) stay those this runtime was built with, i.e. the current config's, as in the other
-    runtimes (:func:`dfm.adapters.torch_dist.optim.own_group_settings`; the learning rate and weight
-    decay are set from the config at every step anyway).
-
-    Without Apex or Transformer Engine, megatron 0.16's distributed optimizer gives every parameter's
-    state the same ``step`` tensor (AdamW would then count each step once per parameter) and then fails
-    to copy the ``fully_reshardable`` tensors into a state that has a ``step`` (``KeyError: 'step'``). So
-    the counters are taken out while megatron loads and put back afterwards, one tensor per parameter.
-    """
-    inners = [inner.optimizer for inner in getattr(optimizer, "chained_optimizers", [optimizer])]
-    steps: list[torch.Tensor] = []
-
-    def take_steps(load: Any, torch_optimizer: torch.optim.Optimizer) -> Any:
-        def loader(state_dict: Any) -> None:
-            load(state_dict)
-            steps.extend(s.pop("step") for s in torch_optimizer.state.values() if "step" in s)
-
-        return loader
-
-    for torch_optimizer in inners:
-        torch_optimizer.load_state_dict = take_steps(torch_optimizer.load_state_dict, torch_optimizer)
-    try:
-        with own_group_settings(inners):
-            optimizer.load_state_dict(state)
-    finally:
-        for torch_optimizer in inners:
-            del torch_optimizer.load_state_dict  # the class's method again
-    value = float(steps[0]) if steps else 0.0
-    for torch_optimizer in inners:
-        for param_state in torch_optimizer.state.values():
-            param_state["step"] = torch.tensor(value)

@@ -3,6 +3,8 @@
 - :mod:`.process_group`: the launcher's environment and the default process group;
 - :mod:`.mesh`: the ``dp_replicate x dp_shard x cp x tp`` device mesh, its sizes and the topology;
 - :mod:`.sequence`: context parallelism (sequence sharding, gathering, Ulysses attention);
+- :mod:`.staged`: the root network's forward as stages, context parallel over the video tokens (training, sampling);
+- :mod:`.parallel_sampling`: multi-process generation (CFG parallel x context parallel);
 - :mod:`.schedule`, :mod:`.optim`, :mod:`.checkpointing`, :mod:`.state`: the LR schedule, AdamW and its
   parameter groups, activation checkpointing that keeps parameter names, and state checks.
 """

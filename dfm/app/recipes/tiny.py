@@ -30,7 +30,10 @@ DIT_TINY_RGB = attrs.evolve(DIT_TINY, in_channels=3, out_channels=3)
 
 
 def _tiny(name: str, spec: ModelSpec, diffusion: FlowMatching | EDM, sampler: SamplerName) -> TrainConfig:
-    """4 fp32 steps of batch 2 (micro-batch 1) on synthetic 5 x 16 x 16 videos; checkpoints every 2 steps."""
+    """4 fp32 steps of batch 2 (micro-batch 1) on synthetic 5 x 16 x 16 videos; checkpoints every 2 steps.
+
+    Trained from scratch, so the text's padding stays masked (the default ``mask_text_padding``).
+    """
     return TrainConfig(
         run=RunConfig(dir=f"runs/{name}"),
         runtime="local",

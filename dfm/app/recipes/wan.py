@@ -4,9 +4,15 @@ All train on 81 frames x 480 x 832 clips with 512 text tokens in bf16, sample wi
 guidance 5.0, the preset's shift), and read ``mock`` data so that they run (and benchmark) as they
 are: train on real data with ``data.source=energon data.path=DIR``. Learning rates: 1e-4 for
 pretraining (cosine to 10 % after 1000 warmup steps), 1e-5 for finetuning (constant after 100).
+
+Text conditioning is WAN 2.1's: captions zero-padded to 512 UMT5 tokens and attended whole, padding
+included (``diffusion.mask_text_padding: false``), as the released weights were trained and as diffusers'
+WanPipeline samples them; finetuning those weights with the padding masked would change what they see.
 """
 
 from __future__ import annotations
+
+import attrs
 
 from dfm.app.config import (
     CheckpointConfig,
@@ -31,12 +37,13 @@ _FINETUNE_OPTIM = OptimConfig(lr=1e-5, weight_decay=0.01, schedule="constant", w
 def _wan_t2v(
     name: str, spec: WanSpec, flow: FlowMatching, optim: OptimConfig, *, max_steps: int, global_batch_size: int
 ) -> TrainConfig:
-    """A WAN text-to-video config at 81 x 480 x 832 on FSDP2 with full activation checkpointing."""
+    """A WAN text-to-video config at 81 x 480 x 832 on FSDP2 with full activation checkpointing; the text's
+    zero padding is attended, not masked (WAN 2.1's conditioning)."""
     return TrainConfig(
         run=RunConfig(dir=f"runs/{name}"),
         runtime="fsdp2",
         model=spec,
-        diffusion=flow,
+        diffusion=attrs.evolve(flow, mask_text_padding=False),
         train=TrainingConfig(
             max_steps=max_steps,
             global_batch_size=global_batch_size,

@@ -1,5 +1,9 @@
 """Trained models out of checkpoints, and checkpoints out to diffusers.
 
+Both build the network alone (DESIGN.md rule 9): allocated once, on its device and in the dtype asked
+for, and filled with one set of a checkpoint's weights (the EMA's or the raw ones); no optimizer state
+or EMA copy is ever allocated, so a model samples or exports in about its own weights' memory.
+
 - :func:`load_for_inference`: the training config and the model of a run directory, a checkpoint
   directory, or a diffusers directory that :func:`export_checkpoint` wrote (for generation).
 - :func:`export_checkpoint`: a checkpoint's WAN weights (EMA or raw) as a diffusers
@@ -38,8 +42,6 @@ from dfm.ports.runtime import ParallelRuntime
 log = get_logger("dfm.checkpoints")
 EXPORTED_CONFIG = "dfm_config.yaml"
 """The training config an exported diffusers directory carries beside its weights (codecs, sampling)."""
-EMA_PREFIX = "module."
-"""Prefix of the averaged network's names in a runtime's ``"ema"`` state (``AveragedModel``'s layout)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -61,40 +63,55 @@ class ExportResult:
 # Loading ---------------------------------------------------------------------------------------
 
 
-def load_for_inference(where: Path | str, *, use_ema: bool = True) -> tuple[TrainConfig, nn.Module]:
-    """The training config and the model (EMA weights if kept and asked for) of a checkpoint.
+def load_for_inference(
+    where: Path | str,
+    *,
+    use_ema: bool = True,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[TrainConfig, nn.Module]:
+    """The training config and the model (EMA weights if kept and asked for) of a checkpoint, in eval mode.
 
     ``where`` is a run directory (its newest checkpoint), a checkpoint directory, or a diffusers
     directory written by :func:`export_checkpoint` (``config.json`` + weights + ``dfm_config.yaml``;
     it holds one set of weights, chosen at export, so ``use_ema`` does not apply). A checkpoint loads
     into one process with the ``local`` runtime whatever runtime and layout trained it: the checkpoint's
-    DCP metadata records global shapes, so FSDP2 / tensor-parallel shards load into the full model.
+    DCP metadata records global shapes, so FSDP2 / tensor-parallel / megatron shards load into the full
+    model. The network is built alone on ``device`` in ``dtype`` and the chosen weights are read straight
+    into it (cast on the way); no optimizer state or EMA copy is allocated.
+
+    Args:
+        where: A run directory, a checkpoint directory or an exported diffusers directory.
+        use_ema: Load the EMA weights when the checkpoint keeps them (else the raw training weights).
+        dtype: The weights' dtype (``None``: float32; ``torch.bfloat16`` halves the memory).
+        device: Where the weights live (``None``: the current CUDA device if any, else the CPU).
 
     Raises:
         CheckpointError: no checkpoint at ``where``, one that fails verification, or an exported
             directory without its ``dfm_config.yaml``.
-        ValueError: an exported directory whose weights do not fit its configs.
+        ValueError: an exported directory whose weights do not fit its configs, or an unknown device.
     """
     where = Path(where)
     if is_exported_dir(where):
-        return load_exported(where)
+        return load_exported(where, dtype=dtype, device=device)
     selection = select_path(where, bootstrap.checkpoint_store_at, option="--checkpoint")
-    found = restore_first(selection, lambda info: _load_model(info.path, use_ema=use_ema))
+    found = restore_first(selection, lambda info: _load_model(info.path, use_ema=use_ema, dtype=dtype, device=device))
     assert found is not None  # select_path never gives an empty selection
     info, (cfg, model, which) = found
     log.info("loaded checkpoint", path=str(info.path), step=info.step, weights=which)
     return cfg, model
 
 
-def _load_model(directory: Path, *, use_ema: bool) -> tuple[TrainConfig, nn.Module, str]:
+def _load_model(
+    directory: Path, *, use_ema: bool, dtype: torch.dtype | None, device: torch.device | str | None
+) -> tuple[TrainConfig, nn.Module, str]:
     """The config, the network holding the chosen weights, and which weights (``"ema"`` or ``"model"``)."""
     cfg = _config_of(directory, read_meta(directory))
     local = attrs.evolve(cfg, runtime="local")  # plain DCP reads any runtime's model entries
-    runtime = bootstrap.build_runtime(local)
-    runtime.build(cfg.model, bootstrap.optimizer_settings(cfg))
-    which, weights = _restore_weights(runtime, local, directory, use_ema=use_ema)
-    runtime.load_initial_weights(weights)  # the chosen weights into the model (and the EMA restarted at them)
-    return cfg, runtime.inference_model(use_ema=use_ema), which
+    runtime = bootstrap.build_runtime(local, device="auto" if device is None else str(device))
+    model = runtime.build_network(cfg.model, inference_dtype=dtype or torch.float32)
+    which = _restore_weights(runtime, local, directory, use_ema=use_ema)
+    return cfg, model, which
 
 
 def is_exported_dir(where: Path) -> bool:
@@ -102,15 +119,22 @@ def is_exported_dir(where: Path) -> bool:
     return where.is_dir() and ((where / CONFIG_NAME).is_file() or any(where.glob("diffusion_pytorch_model*")))
 
 
-def load_exported(where: Path, *, attention: AttentionKernel | None = None) -> tuple[TrainConfig, WanTransformer]:
-    """The config and network of a diffusers directory with a ``dfm_config.yaml`` (fp32 weights, eval mode).
+def load_exported(
+    where: Path,
+    *,
+    attention: AttentionKernel | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[TrainConfig, WanTransformer]:
+    """The config and network of a diffusers directory with a ``dfm_config.yaml``, in eval mode.
 
-    The network is built from ``config.json`` (it must equal ``model`` in ``dfm_config.yaml``) on the
-    device the ``local`` runtime would pick, with the config's attention backend.
+    The network is built from ``config.json`` (it must equal ``model`` in ``dfm_config.yaml``) on the meta
+    device, with the config's attention backend, and takes the file's tensors moved to ``device`` and cast
+    to ``dtype`` one at a time (``None``: float32 on the device the ``local`` runtime would pick).
 
     Raises:
         CheckpointError: ``dfm_config.yaml`` is missing.
-        ValueError: A bad diffusers directory, or weights that do not fit the configs.
+        ValueError: A bad diffusers directory, weights that do not fit the configs, or an unknown device.
     """
     config_path = where / EXPORTED_CONFIG
     if not config_path.is_file():
@@ -120,15 +144,19 @@ def load_exported(where: Path, *, attention: AttentionKernel | None = None) -> t
             f"write one with `python -m dfm.app.train --recipe NAME --dry-run > {config_path}`)"
         )
     cfg = config_from_yaml(config_path.read_text(), source=str(config_path))
+    target = resolve_device("auto" if device is None else str(device))
     spec, state = load_wan_diffusers(where)
     if cfg.model != spec:
         raise ValueError(
             f"{where}: {CONFIG_NAME} and the model section of {EXPORTED_CONFIG} describe different networks "
             f"({spec} vs {cfg.model})"
         )
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    weight_dtype = dtype or torch.float32
+    for name in list(state):  # one tensor at a time: the file's copy of it is freed as it moves
+        value = state[name]
+        state[name] = value.to(target, weight_dtype) if value.is_floating_point() else value.to(target)
     model = build_wan(spec, state, source=where, attention=attention or SDPAAttention(cfg.train.attention_backend))
-    return cfg, model.to(resolve_device("auto")).eval()
+    return cfg, model.requires_grad_(False).eval()
 
 
 def build_wan(
@@ -226,10 +254,10 @@ def _export(
     built = cfg if world > 1 else attrs.evolve(cfg, runtime="local")
     runtime = bootstrap.build_runtime(built)
     try:
-        runtime.build(cfg.model, bootstrap.optimizer_settings(cfg))
-        which, weights = _restore_weights(runtime, built, directory, use_ema=use_ema)
+        runtime.build_network(cfg.model, inference_dtype=dtype or torch.float32)  # no optimizer state
+        which = _restore_weights(runtime, built, directory, use_ema=use_ema)
         out = export_wan_distributed(
-            weights, cfg.model, out, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite
+            runtime.weights(), cfg.model, out, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite
         )
         if runtime.topology.is_main:
             _write_exported_config(cfg, out / EXPORTED_CONFIG, directory, which)
@@ -268,22 +296,11 @@ def _check_launch(cfg: TrainConfig, directory: Path, world: int) -> None:
         )
 
 
-def _restore_weights(
-    runtime: ParallelRuntime, cfg: TrainConfig, directory: Path, *, use_ema: bool
-) -> tuple[str, dict[str, Any]]:
-    """Restore only the EMA (when kept and asked for) or the raw weights from ``directory``. Collective.
-
-    Returns ``("ema" | "model", {parameter name: tensor})``; the tensors alias the runtime's own (sharded
-    ``DTensor`` under a parallel runtime) and EMA names lose ``AveragedModel``'s ``module.`` prefix.
-    """
-    entries = runtime.state_dict()
-    which = "ema" if use_ema and "ema" in entries else "model"
-    state = {"runtime": {which: entries[which]}}  # the optimizer state is not read
-    bootstrap.build_checkpoint_store(cfg).load(directory, state)
-    loaded = state["runtime"][which]
-    if which == "ema":
-        loaded = {k.removeprefix(EMA_PREFIX): v for k, v in loaded.items() if k != "n_averaged"}
-    return which, dict(loaded)
+def _restore_weights(runtime: ParallelRuntime, cfg: TrainConfig, directory: Path, *, use_ema: bool) -> str:
+    """Read only the EMA (when kept and asked for) or the raw weights of ``directory`` into the runtime's
+    network; returns ``"ema"`` or ``"model"``. Collective. The runtime knows where its state keeps them."""
+    store = bootstrap.build_checkpoint_store(cfg)
+    return runtime.restore_weights(lambda state: store.load(directory, {"runtime": state}), use_ema=use_ema)
 
 
 def _write_exported_config(cfg: TrainConfig, path: Path, directory: Path, which: str) -> None:

@@ -17,6 +17,8 @@ import torch
 from tqdm import tqdm
 
 from dfm.adapters.checkpoint import read_meta
+from dfm.adapters.torch_dist import DistEnv
+from dfm.adapters.torch_dist.parallel_sampling import SamplingLayout, choose_layout, sampling_ranks, use_local_device
 from dfm.adapters.video import Mp4Writer, contact_sheet, save_png, to_uint8_frames
 from dfm.app import bootstrap
 from dfm.app.config import CodecsConfig, ConfigError, TrainConfig, config_from_yaml
@@ -24,6 +26,7 @@ from dfm.app.config.sample import EDM_SAMPLERS, FLOW_SAMPLERS
 from dfm.app.logging import get_logger
 from dfm.app.services.checkpoints import EXPORTED_CONFIG, is_exported_dir, load_for_inference
 from dfm.app.services.paths import check_output_file
+from dfm.domain.networks.step_cache import CACHE_METHODS, StepCache, StepCacheConfig, step_caching
 from dfm.domain.sampling import sample_latents
 from dfm.domain.specs import LatentSpec, ModelSpec
 from dfm.ports.checkpoint import CheckpointError
@@ -66,6 +69,36 @@ def _number_option(option: str, *, positive: bool, note: str = "") -> Validator:
             raise ValueError(f"{option} must be a finite number {'>' if positive else '>='} 0{note}, got {shown}")
 
     return check
+
+
+def cache_option(value: object) -> StepCacheConfig | None:
+    """``--cache`` as a step-cache config: ``METHOD:THRESHOLD`` (e.g. ``first_block:0.05``), ``off`` or ``None``
+    (every step runs every block); a :class:`StepCacheConfig` is kept.
+
+    Raises:
+        ValueError: Any other value, naming the option and the forms it takes.
+    """
+    if value is None or isinstance(value, StepCacheConfig):
+        return value
+    text = str(value).strip()
+    if text == "off":
+        return None
+    method, sep, threshold = text.partition(":")
+    if method not in CACHE_METHODS or not sep:
+        raise ValueError(
+            f"--cache must be METHOD:THRESHOLD with METHOD {' or '.join(CACHE_METHODS)} (e.g. first_block:0.05), "
+            f"or off; got {text!r}"
+        )
+    try:
+        number = float(threshold)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(
+            f"--cache {text}: the threshold must be a finite number >= 0 (0 = never reuse; larger = faster and "
+            f"further from the uncached result), got {threshold!r}"
+        )
+    return StepCacheConfig(method=method, threshold=number)
 
 
 @attrs.frozen(kw_only=True)
@@ -111,6 +144,17 @@ class GenerateRequest:
     """Tokenizer directory replacing the checkpoint's ``codecs.tokenizer``."""
     progress: bool = True
     """Show a progress bar over sampling steps."""
+    cache: StepCacheConfig | None = attrs.field(default=None, converter=cache_option)
+    """Step caching (``--cache METHOD:THRESHOLD``, a string or a config): reuse the transformer blocks' residual
+    at steps whose input barely changed (:mod:`dfm.domain.networks.step_cache`); ``None``: every step runs them."""
+    # Multi-process generation under torchrun (see parallel_layout) -------------------------------
+    cfg_parallel: bool | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(bool))
+    )
+    """Run the conditional and unconditional passes of guidance on two ranks (``None``: when guidance is on and
+    the process count is even)."""
+    context_parallel: int | None = attrs.field(default=None, validator=_int_option("--context-parallel", 1))
+    """Ranks that split each video's tokens (``None``: the processes CFG parallelism leaves)."""
 
     def __attrs_post_init__(self) -> None:
         if not self.prompts:
@@ -130,8 +174,13 @@ def generate(request: GenerateRequest, *, writer: VideoWriter | None = None) -> 
     Mistakes are found before the weights load: the output paths must be writable, and the request must fit
     the checkpoint's recorded config and codecs (sampler, ``shift``, the video size; see :func:`sampling_plan`).
 
+    Under ``torchrun`` every rank calls it with the same request: the ranks share each forward in the layout of
+    :func:`parallel_layout`, sample the same noise and reach the same latents; rank 0 decodes and writes them
+    (and returns the paths), the other ranks write nothing and return ``[]``.
+
     Raises:
-        ValueError: A request that does not fit the checkpoint, an unwritable ``out``, missing codecs.
+        ValueError: A request that does not fit the checkpoint, an unwritable ``out``, missing codecs, a parallel
+            layout the processes launched or the model cannot take.
         CheckpointError: No checkpoint at ``request.checkpoint``, or one that fails verification.
     """
     paths = output_paths(request.out, len(request.prompts))
@@ -144,7 +193,10 @@ def generate(request: GenerateRequest, *, writer: VideoWriter | None = None) -> 
         recorded = with_codecs(recorded, request)
         check_process(request, recorded)
         codecs = _codecs(recorded, request.checkpoint)
-        sampling_plan(request, recorded, codecs[0].latent_spec)
+        parallel_layout(
+            request, recorded, sampling_plan(request, recorded, codecs[0].latent_spec), codecs[0].latent_spec
+        )
+    use_local_device()  # under torchrun on GPUs: this rank's own GPU before the weights load
     cfg, model = load_for_inference(request.checkpoint, use_ema=request.use_ema)
     cfg = with_codecs(cfg, request)
     if codecs is None or cfg != recorded:  # the loaded checkpoint's own config decides (checked again)
@@ -152,15 +204,41 @@ def generate(request: GenerateRequest, *, writer: VideoWriter | None = None) -> 
     codec, text_encoder = codecs
     plan = sampling_plan(request, cfg, codec.latent_spec)
     device = next(model.parameters()).device
-    videos = [
-        _one_video(request, plan, cfg, model, codec, text_encoder, prompt, device, i)
-        for i, prompt in enumerate(request.prompts)
-    ]
+    layout = parallel_layout(request, cfg, plan, codec.latent_spec)
+    with (
+        sampling_ranks(model, layout, attention_backend=cfg.train.attention_backend) as ranks,
+        step_caching(model, request.cache, reduce=ranks.context_sum) as cache,
+    ):
+        asked = request if ranks.is_main else attrs.evolve(request, progress=False)
+        latents = [
+            _one_video(asked, plan, cfg, ranks.model, codec, text_encoder, prompt, device, i)
+            for i, prompt in enumerate(request.prompts)
+        ]
+    if not ranks.is_main:  # every rank holds the same latents: rank 0 decodes and writes
+        return []
+    _log_step_cache(cache)
+    videos = [to_uint8_frames(codec.decode(x.float().cpu())[0]) for x in latents]
     writer = writer or Mp4Writer()
     paths = [writer.write(v, p, plan.fps) for v, p in zip(videos, paths, strict=True)]
     sheet = save_png(contact_sheet(videos, captions=list(request.prompts)), sheet_path)
     log.info("generated", videos=[str(p) for p in paths], contact_sheet=str(sheet))
     return paths
+
+
+def _log_step_cache(cache: StepCache | None) -> None:
+    """One line per video: the network calls, and how many reused the cache (all rows, and rows of any call)."""
+    if cache is None:
+        return
+    for i, s in enumerate(cache.videos):
+        log.info(
+            "step cache",
+            video=i,
+            method=cache.config.method,
+            threshold=cache.config.threshold,
+            calls=s.calls,
+            calls_reused=s.skipped_calls,
+            rows_reused=f"{s.reused}/{s.rows}",
+        )
 
 
 def recorded_config(where: Path) -> TrainConfig | None:
@@ -354,8 +432,28 @@ def _one_video(
             generator=generator,
             callback=lambda i, n, x: bar.update(1),
         )
-    pixels = codec.decode(latents.float().cpu())
-    return to_uint8_frames(pixels[0])
+    return latents
+
+
+def parallel_layout(
+    request: GenerateRequest, cfg: TrainConfig, plan: SamplingPlan, latent: LatentSpec
+) -> SamplingLayout:
+    """How the processes ``torchrun`` launched share each forward (one process: no parallelism).
+
+    See :func:`dfm.adapters.torch_dist.parallel_sampling.choose_layout`: CFG parallel first when guidance runs
+    both passes and the process count is even, the rest context parallel over the video tokens.
+
+    Raises:
+        ValueError: A layout the processes, the guidance or the model cannot take (naming the options).
+    """
+    return choose_layout(
+        DistEnv.from_env().world_size,
+        guidance=plan.guidance,
+        spec=cfg.model,
+        latent_shape=latent.latent_shape(plan.frames, plan.height, plan.width),
+        cfg_parallel=request.cfg_parallel,
+        context=request.context_parallel,
+    )
 
 
 def config_of(checkpoint_meta: dict) -> TrainConfig:

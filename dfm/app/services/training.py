@@ -129,12 +129,13 @@ def _train(
     data = data or bootstrap.build_data_source(cfg, runtime.topology, codec, text)
     writes_config = store is None
     store = store or bootstrap.build_checkpoint_store(cfg)
-    runtime.build(cfg.model, bootstrap.optimizer_settings(cfg))
+    runtime.build_network(cfg.model)
+    runtime.attach_optimizer(bootstrap.optimizer_settings(cfg))
     run = _Run(cfg=cfg, runtime=runtime, data=data, store=store, sink=None)  # type: ignore[arg-type]
     selection = select(cfg.checkpoint.resume, store, lambda root: bootstrap.checkpoint_store_at(root, cfg.runtime))
     restored = restore_first(selection, lambda info: _restore(run, info)) if selection is not None else None
     if restored is None and cfg.checkpoint.init_from is not None:
-        runtime.load_initial_weights(bootstrap.initial_weights(cfg) or {})
+        runtime.load_weights(bootstrap.initial_weights(cfg) or {})
         log.info("initialised", weights=cfg.checkpoint.init_from)
     owns_sink = sink is None
     metrics_path = Path(cfg.run.dir) / "metrics.jsonl"

@@ -1,6 +1,12 @@
 """Diffusion processes: flow matching (SD3, WAN 2.1) and EDM (Karras et al., 2022), and CFG text dropout."""
 
-from dfm.domain.diffusion.conditioning import DenoiserNetwork, TrainingTerms, drop_text, per_sample_view
+from dfm.domain.diffusion.conditioning import (
+    DenoiserNetwork,
+    TrainingTerms,
+    drop_text,
+    network_text_mask,
+    per_sample_view,
+)
 from dfm.domain.diffusion.edm import EDM, Preconditioning
 from dfm.domain.diffusion.flow import (
     MODE_SCALE_MAX,
@@ -24,6 +30,7 @@ __all__ = [
     "interpolate",
     "mode_transform",
     "mode_transform_inverse",
+    "network_text_mask",
     "per_sample_view",
     "shift_sigma",
     "unshift_sigma",

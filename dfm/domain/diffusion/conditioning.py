@@ -23,8 +23,10 @@ class DenoiserNetwork(Protocol):
     ``network(x, timestep, text, text_mask) -> out`` with ``x`` and ``out`` of shape ``[B, C, F, H, W]``,
     ``timestep`` ``[B]``, ``text`` ``[B, S, D]`` and ``text_mask`` ``[B, S]`` bool (``True`` for real
     tokens) or ``None``. What ``timestep`` and ``out`` mean is the process's choice: under flow matching
-    (WAN 2.1) ``timestep = sigma * num_train_timesteps`` and ``out`` is the velocity ``eps - x0``; under
-    EDM (DiT) ``timestep = c_noise`` and ``out`` is the raw network output ``F``.
+    (WAN 2.1) ``timestep = sigma * num_train_timesteps`` (when sampling: the scheduler's time of each level)
+    and ``out`` is the velocity ``eps - x0``; under EDM (DiT) ``timestep = c_noise`` and ``out`` is the raw
+    network output ``F``. Whether ``text_mask`` is given at all is the process's ``mask_text_padding``
+    (see :func:`network_text_mask`).
     """
 
     def __call__(
@@ -60,6 +62,24 @@ def per_sample_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         ``values`` viewed as ``[B] + [1] * (like.ndim - 1)``.
     """
     return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def network_text_mask(text_mask: torch.Tensor | None, mask_text_padding: bool) -> torch.Tensor | None:
+    """The text mask a network is given: ``text_mask`` when padding is masked, else ``None``.
+
+    With ``mask_text_padding`` false the network attends to every one of the ``S`` text tokens, the
+    zero padding included, as WAN 2.1 was trained (UMT5 embeddings zero-padded to 512 tokens, no mask in
+    cross-attention) and as diffusers' ``WanPipeline`` samples it. Training and sampling both pass their
+    mask through here, so a model is sampled with the text conditioning it was trained with.
+
+    Args:
+        text_mask: ``[B, S]`` bool, ``True`` for real tokens, or ``None``.
+        mask_text_padding: The diffusion process's setting.
+
+    Returns:
+        ``text_mask`` or ``None``.
+    """
+    return text_mask if mask_text_padding else None
 
 
 def drop_text(

@@ -14,7 +14,7 @@ import attrs
 import torch
 from attrs import validators as v
 
-from dfm.domain.diffusion.conditioning import DenoiserNetwork, TrainingTerms, per_sample_view
+from dfm.domain.diffusion.conditioning import DenoiserNetwork, TrainingTerms, network_text_mask, per_sample_view
 from dfm.domain.rng import SampleRNG, Stream
 
 
@@ -55,6 +55,10 @@ class EDM:
     """Karras schedule exponent."""
     text_dropout: float = attrs.field(default=0.1, validator=[v.ge(0.0), v.le(1.0)])
     """Probability of replacing a sample's text by the null (zero) text, for classifier-free guidance."""
+    mask_text_padding: bool = True
+    """``true``: cross-attention ignores the text's padding tokens (the text mask is applied); ``false``: the
+    network attends to all ``data.text_len`` tokens, the padding being zeros. Training and sampling both
+    follow it."""
 
     def __attrs_post_init__(self) -> None:
         if self.sigma_min >= self.sigma_max:
@@ -101,13 +105,15 @@ class EDM:
             x: Noisy latents ``x0 + sigma n``, ``[B, C, F, H, W]``.
             sigma: Per-sample noise level ``[B]``.
             text: Text embeddings ``[B, S, D]``.
-            text_mask: Optional ``[B, S]`` bool mask.
+            text_mask: Optional ``[B, S]`` bool mask; the network gets it only when :attr:`mask_text_padding`
+                is set.
 
         Returns:
             The denoised estimate of ``x0``, in ``x``'s dtype.
         """
         c = self.preconditioning(sigma)
-        F_x = network(per_sample_view(c.c_in, x) * x, c.c_noise, text, text_mask)
+        mask = network_text_mask(text_mask, self.mask_text_padding)
+        F_x = network(per_sample_view(c.c_in, x) * x, c.c_noise, text, mask)
         return per_sample_view(c.c_skip, x) * x + per_sample_view(c.c_out, x) * F_x.to(x.dtype)
 
     def training_terms(

@@ -18,7 +18,7 @@ import attrs
 import torch
 from attrs import validators as v
 
-from dfm.domain.diffusion.conditioning import DenoiserNetwork, TrainingTerms, per_sample_view
+from dfm.domain.diffusion.conditioning import DenoiserNetwork, TrainingTerms, network_text_mask, per_sample_view
 from dfm.domain.rng import SampleRNG, Stream
 
 MODE_SCALE_MAX = 2.0 / (math.pi - 2.0)
@@ -110,7 +110,12 @@ class FlowMatching:
     text_dropout: float = attrs.field(default=0.1, validator=[v.ge(0.0), v.le(1.0)])
     """Probability of replacing a sample's text by the null (zero) text, for classifier-free guidance."""
     num_train_timesteps: int = attrs.field(default=1000, validator=v.gt(0))
-    """The network sees ``t = sigma * num_train_timesteps``."""
+    """``T``: in training the network sees ``t = sigma T``; a sampler gives it the time its diffusers scheduler
+    pairs with each level (UniPC: ``floor(sigma T)``, flow Euler: ``sigma T``)."""
+    mask_text_padding: bool = True
+    """``true``: cross-attention ignores the text's padding tokens (the text mask is applied); ``false``: the
+    network attends to all ``data.text_len`` tokens, the padding being zeros, as WAN 2.1 was trained and as
+    diffusers' WanPipeline samples it (the WAN recipes' setting). Training and sampling both follow it."""
 
     def __attrs_post_init__(self) -> None:
         if self.sigma_min > self.sigma_max:
@@ -153,7 +158,12 @@ class FlowMatching:
     # --- training terms --------------------------------------------------------------------------
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The network's time input ``t = sigma * num_train_timesteps`` (WAN 2.1)."""
+        """The network's training time input ``t = sigma * num_train_timesteps``, continuous (WAN 2.1).
+
+        Sampling with UniPC evaluates the network at integer times ``floor(sigma T)`` (as diffusers' and the
+        WAN 2.1 repository's schedulers do); training on the continuous ``t`` covers those too, as in
+        DiffSynth-Studio's WAN training (finetrainers truncates to integers instead).
+        """
         return sigma * self.num_train_timesteps
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -173,6 +183,8 @@ class FlowMatching:
     ) -> TrainingTerms:
         """Velocity regression: ``network(x_t, sigma T, text) ~ eps - x0`` with weight ``w(sigma)``.
 
+        ``text_mask`` reaches the network only when :attr:`mask_text_padding` is set.
+
         Args:
             network: The velocity network.
             x0: Clean latents ``[B, C, F, H, W]``, float32.
@@ -181,7 +193,8 @@ class FlowMatching:
             text: Text embeddings ``[B, S, D]`` (after dropout).
             text_mask: Optional ``[B, S]`` bool mask.
         """
-        prediction = network(interpolate(x0, eps, sigma), self.timestep(sigma), text, text_mask)
+        mask = network_text_mask(text_mask, self.mask_text_padding)
+        prediction = network(interpolate(x0, eps, sigma), self.timestep(sigma), text, mask)
         return TrainingTerms(prediction=prediction, target=velocity_target(x0, eps), weight=self.loss_weight(sigma))
 
     # --- analytic density of sigma ---------------------------------------------------------------

@@ -47,7 +47,7 @@ def guided(
         text_mask: Optional ``[B, S]`` bool mask, ``True`` for real tokens.
         null_text: The unconditional text ``[1 or B, S', D]`` (the null text the model was trained
             with under text dropout, or a negative prompt); required unless ``scale == 1``. A length
-            ``S' != S`` is padded with masked-out zeros.
+            ``S' != S`` is padded with masked-out zeros (attended where the process does not mask padding).
         null_text_mask: Optional ``[1 or B, S']`` mask of ``null_text``.
         scale: Guidance scale ``w``; WAN 2.1 uses 5.
 

@@ -87,11 +87,21 @@ def flow_sigmas(n: int, *, shift: float = 1.0, num_train_timesteps: int = 1000) 
 def flow_timesteps(n: int, *, shift: float = 1.0, num_train_timesteps: int = 1000) -> torch.Tensor:
     """The integer network times diffusers pairs with :func:`flow_sigmas`: ``floor(sigma_i T)``, int64 ``[n]``.
 
-    diffusers' WAN pipeline feeds the transformer these truncated times, not ``sigma_i T``; a denoiser
-    that must reproduce diffusers' WAN outputs bit for bit maps ``sigmas[i]`` to ``timesteps[i]``.
+    ``UniPCMultistepScheduler(use_flow_sigmas=True)`` (and the WAN 2.1 repository's own UniPC) computes
+    ``sigma_i T`` in float64 from the unrounded levels and casts it to int64, so WanPipeline feeds the
+    transformer these truncated times, not ``sigma_i T``: level ``sigmas[i]`` is sampled at ``timesteps[i]``.
     """
     sigmas = torch.tensor(_flow_sigmas64(n, shift, num_train_timesteps), dtype=torch.float64)
     return (sigmas * num_train_timesteps).to(torch.int64)
+
+
+def flow_euler_timesteps(n: int, *, shift: float = 1.0, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The network times diffusers pairs with :func:`flow_euler_sigmas`: ``sigma_i T`` in float32, ``[n]``.
+
+    ``FlowMatchEulerDiscreteScheduler`` keeps its levels in float32 and multiplies them by ``T`` there,
+    without rounding to an integer: level ``sigmas[i]`` is sampled at ``timesteps[i]``.
+    """
+    return flow_euler_sigmas(n, shift=shift, num_train_timesteps=num_train_timesteps)[:-1] * num_train_timesteps
 
 
 def flow_euler_sigmas(n: int, *, shift: float = 1.0, num_train_timesteps: int = 1000) -> torch.Tensor:

@@ -27,7 +27,8 @@ def runtime_state(seed: int = 0) -> dict[str, Any]:
     torch.manual_seed(seed)
     cfg = resolve_config("wan_tiny_t2v", None, ["train.ema_decay=0.9"])
     runtime = bootstrap.build_runtime(cfg)
-    runtime.build(cfg.model, bootstrap.optimizer_settings(cfg))
+    runtime.build_network(cfg.model)
+    runtime.attach_optimizer(bootstrap.optimizer_settings(cfg))
     return {"runtime": runtime.state_dict(), "rng": {"torch": torch.get_rng_state()}}
 
 

@@ -6,7 +6,8 @@
   ``OUT/<layout>.init.safetensors``), load :func:`start_weights`, train :data:`STEPS` steps; report the
   losses and gradient norms; rank 0 writes the final weights and EMA to ``OUT/<layout>.final.safetensors``.
 - ``resume``: 2 steps at ``shard`` and a checkpoint (``OUT/ckpt``); that checkpoint loaded at ``shard``
-  (exact resume) and at ``tensor`` (another layout), each then taking step 3.
+  (exact resume) and at ``tensor`` (another layout), each then taking step 3; then its EMA and raw weights
+  alone, read into networks built for inference at ``tensor`` (``OUT/weights_<which>_<dtype>.safetensors``).
 - ``errors``: the ``ValueError`` messages of a few layouts that cannot work;
 - ``export``: the training service trains ``wan_tiny_t2v`` for 2 steps at ``parallel.tensor=2``
   (``OUT/tp_run``), then these ranks export it through the app service: the EMA weights in float32
@@ -136,9 +137,10 @@ def train(runtime: FSDP2Runtime, steps: range) -> dict[str, list[float]]:
 
 def parity(out: Path, layout: str) -> dict[str, Any]:
     runtime = FSDP2Runtime(**LAYOUTS[layout], **OPTIONS, **CHECKPOINTED.get(layout, {}))
-    runtime.build(SPEC, SETTINGS)
+    runtime.build_network(SPEC)
+    runtime.attach_optimizer(SETTINGS)
     dump(runtime, out / f"{layout}.init.safetensors", ema=False)
-    runtime.load_initial_weights(start_weights())
+    runtime.load_weights(start_weights())
     result: dict[str, Any] = train(runtime, range(STEPS))
     dump(runtime, out / f"{layout}.final.safetensors")
     result["checkpointed"] = [is_checkpointed(block) for block in runtime.inference_model(use_ema=False).blocks]
@@ -153,22 +155,51 @@ def parity(out: Path, layout: str) -> dict[str, Any]:
 def resume(out: Path) -> dict[str, Any]:
     store = DCPCheckpointStore(out / "ckpt")
     first = FSDP2Runtime(**LAYOUTS["shard"], **OPTIONS)
-    first.build(SPEC, SETTINGS)
-    first.load_initial_weights(start_weights())
+    first.build_network(SPEC)
+    first.attach_optimizer(SETTINGS)
+    first.load_weights(start_weights())
     train(first, range(2))
     info = store.save(2, {"runtime": first.state_dict()}, {"step": 2})
     dump(first, out / "saved.safetensors")
     result: dict[str, Any] = {}
     for layout in ("shard", "tensor"):
         runtime = FSDP2Runtime(**LAYOUTS[layout], **OPTIONS)
-        runtime.build(SPEC, SETTINGS)
+        runtime.build_network(SPEC)
+        runtime.attach_optimizer(SETTINGS)
         state = {"runtime": runtime.state_dict()}
         store.load(info, state)
         runtime.load_state_dict(state["runtime"])
         dump(runtime, out / f"loaded_{layout}.safetensors")
         result[layout] = train(runtime, range(2, 3))
         dump(runtime, out / f"resumed_{layout}.safetensors")
+    result["weights_only"] = weights_only(out, info)
     return result
+
+
+def weights_only(out: Path, info: Any) -> dict[str, Any]:
+    """The checkpoint's EMA and raw weights read alone into networks built for inference at ``tensor`` (no
+    optimizer: ``torch.optim.Optimizer`` refuses to be built meanwhile); rank 0 writes them whole."""
+    store, found = DCPCheckpointStore(out / "ckpt"), {}
+    refused, torch.optim.Optimizer.__init__ = torch.optim.Optimizer.__init__, _refuse
+    try:
+        for use_ema, dtype in ((True, torch.float32), (False, torch.float32), (True, torch.bfloat16)):
+            runtime = FSDP2Runtime(**LAYOUTS["tensor"], **OPTIONS)
+            model = runtime.build_network(SPEC, inference_dtype=dtype)
+            which = runtime.restore_weights(lambda state: store.load(info, {"runtime": state}), use_ema=use_ema)
+            name = f"{which}_{str(dtype).removeprefix('torch.')}"
+            found[name] = sorted({str(p.dtype) for p in model.parameters()})
+            weights = full(runtime.weights())
+            if dist.get_rank() == 0:
+                save_file(
+                    {k: v.cpu().contiguous() for k, v in weights.items()}, str(out / f"weights_{name}.safetensors")
+                )
+    finally:
+        torch.optim.Optimizer.__init__ = refused
+    return found
+
+
+def _refuse(*args: object, **kwargs: object) -> None:
+    raise AssertionError("an optimizer was built to read weights")
 
 
 def export(out: Path) -> dict[str, Any]:
@@ -189,8 +220,8 @@ def errors() -> dict[str, str]:
     found = {}
     attempts = {
         "world": lambda: FSDP2Runtime(tensor=2, data_shard=2, **OPTIONS),
-        "heads": lambda: FSDP2Runtime(tensor=2, **OPTIONS).build(
-            WanSpec(num_attention_heads=3, attention_head_dim=8, ffn_dim=64, num_layers=1), SETTINGS
+        "heads": lambda: FSDP2Runtime(tensor=2, **OPTIONS).build_network(
+            WanSpec(num_attention_heads=3, attention_head_dim=8, ffn_dim=64, num_layers=1)
         ),
     }
     for name, attempt in attempts.items():
@@ -199,7 +230,8 @@ def errors() -> dict[str, str]:
         except ValueError as exc:
             found[name] = str(exc)
     runtime = FSDP2Runtime(context=2, **OPTIONS)
-    runtime.build(SPEC, SETTINGS)
+    runtime.build_network(SPEC)
+    runtime.attach_optimizer(SETTINGS)
     odd = Batch(latents=torch.randn(2, 4, 3, 2, 2), text=torch.randn(2, TEXT_LEN, 32), sample_index=torch.arange(2))
     try:
         runtime.train_step([odd], loss_fn(0), 2)
@@ -212,8 +244,9 @@ def mixed_precision() -> dict[str, Any]:
     """3 steps in bf16 with checkpointing (and compiled blocks on CUDA): losses, dtypes, peak memory."""
     options = OPTIONS | {"precision": "bf16", "activation_checkpointing": "full", "compile": True}
     runtime = FSDP2Runtime(**options)
-    runtime.build(SPEC, SETTINGS)
-    runtime.load_initial_weights(start_weights())
+    runtime.build_network(SPEC)
+    runtime.attach_optimizer(SETTINGS)
+    runtime.load_weights(start_weights())
     result: dict[str, Any] = train(runtime, range(STEPS))
     model = runtime.inference_model(use_ema=False)
     result["compiled"] = [block._compiled_call_impl is not None for block in model.blocks]

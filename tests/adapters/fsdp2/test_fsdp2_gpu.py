@@ -31,8 +31,9 @@ def cuda_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         patch.setenv("DFM_TEST_DEVICE", "cuda")
         ranks = run_ranks(WORKER, world, [str(tmp_path_factory.mktemp("fsdp2_cuda")), *cases], timeout=540)
     runtime = LocalRuntime(**worker.OPTIONS)
-    runtime.build(worker.SPEC, worker.SETTINGS)
-    runtime.load_initial_weights(worker.start_weights())
+    runtime.build_network(worker.SPEC)
+    runtime.attach_optimizer(worker.SETTINGS)
+    runtime.load_weights(worker.start_weights())
     losses = []
     for step in range(worker.STEPS):
         micro = worker.micro_batches(worker.batch(step), 0, worker.GLOBAL_BATCH, 1)

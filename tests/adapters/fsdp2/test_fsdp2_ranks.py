@@ -51,7 +51,8 @@ def whole(runtime: LocalRuntime) -> dict[str, torch.Tensor]:
 
 def local_runtime() -> LocalRuntime:
     runtime = LocalRuntime(**worker.OPTIONS)
-    runtime.build(worker.SPEC, worker.SETTINGS)
+    runtime.build_network(worker.SPEC)
+    runtime.attach_optimizer(worker.SETTINGS)
     return runtime
 
 
@@ -70,7 +71,7 @@ def local_steps(runtime: LocalRuntime, steps: range) -> dict[str, list[float]]:
 def reference() -> dict[str, Any]:
     runtime = local_runtime()
     init = {k: v.detach().clone() for k, v in runtime.state_dict()["model"].items()}
-    runtime.load_initial_weights(worker.start_weights())
+    runtime.load_weights(worker.start_weights())
     start = whole(runtime)  # the EMA restarts from the loaded weights
     steps = local_steps(runtime, range(worker.STEPS))
     return {"init": init, "start": start, "final": whole(runtime), **steps}
@@ -134,6 +135,29 @@ def test_checkpoint_loads_at_other_layouts_and_locally(launches: dict[str, Any],
     assert int(local.state_dict()["ema"]["n_averaged"]) == 3
     step3 = local_steps(local, range(2, 3))  # the local runtime continues the fsdp2 run
     assert rel(step3["loss"][0], reference["loss"][2]) <= RTOL
+
+
+def test_weights_alone_load_from_a_sharded_checkpoint(launches: dict[str, Any]) -> None:
+    """The checkpoint saved at data_shard=2 after 2 steps: its EMA and raw weights, read alone (no optimizer) into
+    networks built for inference at tensor=2 and into the local runtime, are the saved ones exactly (bf16: rounded)."""
+    out: Path = launches["out"]
+    saved = load_file(str(out / "saved.safetensors"))
+    ema = {k.removeprefix("ema.module."): v for k, v in saved.items() if k.startswith("ema.module.")}
+    model = {k: v for k, v in saved.items() if not k.startswith("ema.")}
+    assert ema.keys() == model.keys() and any(not torch.equal(ema[k], model[k]) for k in ema)
+    cases = {"ema_float32": ema, "model_float32": model, "ema_bfloat16": ema}
+    assert launches["resume"]["weights_only"] == {name: [f"torch.{name.partition('_')[2]}"] for name in cases}
+    for name, want in cases.items():
+        dtype = getattr(torch, name.partition("_")[2])
+        got = load_file(str(out / f"weights_{name}.safetensors"))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k].to(dtype)) for k in want), name
+    store = DCPCheckpointStore(out / "ckpt")
+    for use_ema, want in ((True, ema), (False, model)):
+        local = LocalRuntime(**worker.OPTIONS)
+        network = local.build_network(worker.SPEC, inference_dtype=torch.float32)
+        local.restore_weights(lambda state: store.load(out / "ckpt", {"runtime": state}), use_ema=use_ema)
+        got = network.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_resume_continues_exactly(launches: dict[str, Any], reference: dict[str, Any]) -> None:

@@ -86,12 +86,14 @@ def test_resume_with_changed_optimizer_settings_matches_the_local_runtime(group_
     runs: dict[str, dict] = {}
     for name, kind in (("local", LocalRuntime), ("fsdp2", FSDP2Runtime)):
         first = kind(**options)
-        first.build(worker.SPEC, FIRST)
-        first.load_initial_weights(worker.start_weights())
+        first.build_network(worker.SPEC)
+        first.attach_optimizer(FIRST)
+        first.load_weights(worker.start_weights())
         _steps(first, range(2))
         saved = first.state_dict()
         second = kind(**options)
-        second.build(worker.SPEC, RETUNED)
+        second.build_network(worker.SPEC)
+        second.attach_optimizer(RETUNED)
         second.load_state_dict(saved)
         moments = {n: _whole(s) for n, s in second.state_dict()["optimizer"]["state"].items()}
         assert all(
@@ -106,3 +108,35 @@ def test_resume_with_changed_optimizer_settings_matches_the_local_runtime(group_
     assert runs["fsdp2"]["lr"] == runs["local"]["lr"] == [RETUNED.lr * lr_factor(k, RETUNED) for k in (2, 3)]
     start = worker.start_weights()  # the same 4 AdamW updates, as far as float reassociation lets them agree
     assert_adam_trained_alike(runs["fsdp2"]["weights"], runs["local"]["weights"], start)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_network_built_for_inference_holds_loaded_weights_and_takes_no_optimizer(
+    group_of_one: None, dtype: torch.dtype
+) -> None:
+    """Sharded, in the inference dtype, uninitialised until loaded; samples like the local runtime's network."""
+    runtime = FSDP2Runtime(**worker.OPTIONS)
+    model = runtime.build_network(worker.SPEC, inference_dtype=dtype)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    start = worker.start_weights()
+    runtime.load_weights(start)
+    got = _whole(runtime.weights())
+    assert got.keys() == start.keys() and all(torch.equal(got[k], v.to(dtype)) for k, v in start.items())
+    local = LocalRuntime(device="cpu")
+    reference = local.build_network(worker.SPEC, inference_dtype=dtype)
+    local.load_weights(start)
+    b = worker.batch(0)
+    t = torch.full((b.size,), 500.0)
+    with torch.no_grad():
+        ours, theirs = (
+            runtime.inference_model()(b.latents, t, b.text),
+            reference(b.latents.to(dtype), t, b.text.to(dtype)),
+        )
+    assert ours.dtype == theirs.dtype == dtype
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) <= (1e-5 if dtype == torch.float32 else 2e-2)
+    with pytest.raises(RuntimeError, match="inference_dtype takes no optimizer"):
+        runtime.attach_optimizer(FIRST)
+    with pytest.raises(RuntimeError, match=r"attach_optimizer\(settings\) must be called first"):
+        runtime.state_dict()
+    runtime.close()

@@ -24,8 +24,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:Us
 def _trajectory(steps: int, noise: float = 0.0) -> list[dict[str, torch.Tensor]]:
     """Weights at the start and after each step; ``noise``: uniform, times each tensor's largest gradient."""
     runtime = LocalRuntime(**worker.OPTIONS)
-    runtime.build(worker.SPEC, worker.SETTINGS)
-    runtime.load_initial_weights(worker.start_weights())
+    runtime.build_network(worker.SPEC)
+    runtime.attach_optimizer(worker.SETTINGS)
+    runtime.load_weights(worker.start_weights())
     generator = torch.Generator().manual_seed(1)
 
     @torch.no_grad()

@@ -58,7 +58,8 @@ def flow_loss(step: int, process: object | None = None) -> LossFn:
 
 def built(spec: WanSpec | DiTSpec = WAN, settings: OptimizerSettings = ADAMW, **options: object) -> LocalRuntime:
     runtime = LocalRuntime(device="cpu", **options)
-    runtime.build(spec, settings)
+    runtime.build_network(spec)
+    runtime.attach_optimizer(settings)
     return runtime
 
 
@@ -348,18 +349,18 @@ def test_load_state_dict_rejects_a_mismatched_model() -> None:
         other.load_state_dict({"model": state["model"]})
 
 
-def test_load_initial_weights_is_strict_and_restarts_the_ema() -> None:
+def test_load_weights_is_strict_and_restarts_the_ema() -> None:
     source = built(seed=5).inference_model(use_ema=False).state_dict()
     runtime = built(ema_decay=0.99)
-    runtime.load_initial_weights(source)
+    runtime.load_weights(source)
     for name, value in params(runtime, use_ema=True).items():
         assert torch.equal(value, source[name])
     assert all(torch.equal(v, source[n]) for n, v in params(runtime).items())
     broken = {k: v for k, v in source.items() if k != "proj_out.weight"} | {"extra.weight": torch.zeros(1)}
     with pytest.raises(ValueError, match=r"missing keys \(1\): proj_out\.weight.*unexpected keys \(1\): extra\.weight"):
-        runtime.load_initial_weights(broken)
+        runtime.load_weights(broken)
     with pytest.raises(ValueError, match=r"shape mismatches \(1\): proj_out\.bias"):
-        runtime.load_initial_weights(source | {"proj_out.bias": torch.zeros(3)})
+        runtime.load_weights(source | {"proj_out.bias": torch.zeros(3)})
 
 
 # DiT, options, reporting ------------------------------------------------------------------------------
@@ -418,7 +419,8 @@ def test_cpu_defaults_and_memory_report() -> None:
 @pytest.mark.gpu
 def test_cuda_bf16_fused_adamw_and_resume(tmp_path: object) -> None:
     a = LocalRuntime(ema_decay=0.9, activation_checkpointing="full")  # auto: CUDA, bf16 autocast
-    a.build(WAN, RESUME)
+    a.build_network(WAN)
+    a.attach_optimizer(RESUME)
     assert a.topology.device.startswith("cuda:") and a.autocast_dtype is torch.bfloat16
     assert all(g["fused"] for g in a.state_dict()["optimizer"]["param_groups"])
     assert all(p.dtype == torch.float32 and p.is_cuda for p in a.inference_model(use_ema=False).parameters())
@@ -429,7 +431,8 @@ def test_cuda_bf16_fused_adamw_and_resume(tmp_path: object) -> None:
     assert [r.loss for r in ra] == pytest.approx([r.loss for r in rr], rel=5e-2)
     dcp.save(a.state_dict(), checkpoint_id=str(tmp_path))
     b = LocalRuntime(ema_decay=0.9, activation_checkpointing="full", seed=7)
-    b.build(WAN, RESUME)
+    b.build_network(WAN)
+    b.attach_optimizer(RESUME)
     state = b.state_dict()
     dcp.load(state, checkpoint_id=str(tmp_path))
     b.load_state_dict(state)

@@ -6,7 +6,9 @@ rebuilt per case):
 
 - ``<layout>`` (a key of :data:`LAYOUTS`): build from the seed, load the fsdp2 tests' start weights, train
   3 steps; report losses and gradient norms.
-- ``resume``: 2 steps at ``tensor=2`` and a dist checkpoint (``OUT/ckpt``); that checkpoint loaded at
+- ``resume``: 2 steps at ``tensor=2`` and a dist checkpoint (``OUT/ckpt``; its weights and EMA whole in
+  ``OUT/saved.safetensors``, ``OUT/saved_ema.safetensors``); its EMA and raw weights alone read into chunks
+  built for inference at ``tensor=1`` (``OUT/weights_<which>.safetensors``); that checkpoint loaded at
   ``tensor=2`` (exact resume) and at ``tensor=1`` (data=2), each then taking step 3; rank 0 writes the
   weights right after each load to ``OUT/<name>.loaded.safetensors``.
 - ``legacy``: a layout-version-1 checkpoint (``dist_checkpointing.save``'s own pickle-era format) saved at
@@ -58,7 +60,8 @@ def runtime_for(layout: dict[str, int]) -> Any:
     from dfm.adapters.megatron import MegatronRuntime
 
     runtime = MegatronRuntime(**layout, **OPTIONS)
-    runtime.build(SPEC, shared.SETTINGS)
+    runtime.build_network(SPEC)
+    runtime.attach_optimizer(shared.SETTINGS)
     return runtime
 
 
@@ -77,7 +80,7 @@ def train(runtime: Any, steps: range) -> dict[str, list[float]]:
 
 def parity(layout: str) -> dict[str, Any]:
     runtime = runtime_for(LAYOUTS[layout])
-    runtime.load_initial_weights(start_weights())
+    runtime.load_weights(start_weights())
     result = train(runtime, range(shared.STEPS))
     result["dp"] = runtime.topology.dp_size
     runtime.close()
@@ -94,16 +97,17 @@ def start_weights() -> dict[str, torch.Tensor]:
     return weights
 
 
-def whole_weights(runtime: Any) -> dict[str, torch.Tensor]:
-    """Every rank's parameters gathered to whole tensors (rank 0's view; collective)."""
+def whole_weights(runtime: Any, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Every rank's weights (or EMA weights) gathered to whole tensors (rank 0's view; collective)."""
     from megatron.core import parallel_state as mpu
 
     from dfm.adapters.megatron.state import named_parameters
 
     group = mpu.get_tensor_model_parallel_group()
+    weights = runtime.weights(use_ema=use_ema)
     out = {}
     for name, param in named_parameters(runtime._chunks, runtime._blocks):
-        value = param.detach().float()
+        value = weights[name].detach().float()
         if getattr(param, "tensor_model_parallel", False) and runtime.sizes.tensor > 1:
             parts = [torch.empty_like(value) for _ in range(runtime.sizes.tensor)]
             dist.all_gather(parts, value.contiguous(), group=group)
@@ -118,13 +122,15 @@ def resume(out: Path) -> dict[str, Any]:
 
     store = DCPCheckpointStore(out / "ckpt", io=DistCheckpointIO())
     first = runtime_for({"tensor": 2})
-    first.load_initial_weights(start_weights())
+    first.load_weights(start_weights())
     result: dict[str, Any] = {"first": train(first, range(2))}
     info = store.save(2, {"runtime": first.state_dict(), "rng": {"torch": torch.get_rng_state()}}, {"step": 2})
-    saved = whole_weights(first)
+    saved, saved_ema = whole_weights(first), whole_weights(first, use_ema=True)
     if dist.get_rank() == 0:
         save_file(saved, str(out / "saved.safetensors"))
+        save_file(saved_ema, str(out / "saved_ema.safetensors"))
     first.close()
+    result["weights_only"] = weights_only(out, info)
     for name, layout in (("same", {"tensor": 2}), ("other", {})):
         runtime = runtime_for(layout)
         state = {"runtime": runtime.state_dict(), "rng": {"torch": torch.get_rng_state()}}
@@ -138,13 +144,57 @@ def resume(out: Path) -> dict[str, Any]:
     return result
 
 
+def weights_only(out: Path, info: Any) -> dict[str, Any]:
+    """The checkpoint's EMA and raw weights read alone into chunks built for inference at ``tensor=1`` (no DDP,
+    no optimizer: megatron's optimizer factory refuses to run meanwhile); rank 0 writes them whole.
+
+    ``DistCheckpointIO.load`` asks megatron for ``strict="raise_all"``, which also refuses a state that leaves
+    out some of the checkpoint's keys (here: the optimizer's), unlike the store's contract ("keys the checkpoint
+    has but the state lacks are skipped"); the reader here is that IO with ``strict="raise_unexpected"``.
+    """
+    from megatron.core import dist_checkpointing
+
+    import dfm.adapters.megatron.optimizer as megatron_optimizer
+    from dfm.adapters.checkpoint import DCPCheckpointStore
+    from dfm.adapters.megatron import DistCheckpointIO, MegatronRuntime
+    from dfm.adapters.megatron.checkpoint_io import _NoCommon, _ReaderLoad
+    from dfm.adapters.torch_dist.dcp_storage import safetensors_reader
+
+    class PartialIO(DistCheckpointIO):
+        def load(self, leaves: dict[str, Any], directory: Path) -> dict[str, Any]:
+            strategy, common = _ReaderLoad(safetensors_reader), _NoCommon()
+            return dist_checkpointing.load(
+                dict(leaves), str(directory), strategy, common_strategy=common, strict="raise_unexpected"
+            )
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an optimizer was built to read weights")
+
+    store, found = DCPCheckpointStore(out / "ckpt", io=PartialIO()), {}
+    factory, megatron_optimizer.get_megatron_optimizer = megatron_optimizer.get_megatron_optimizer, refuse
+    try:
+        for use_ema in (True, False):
+            runtime = MegatronRuntime(**OPTIONS)
+            runtime.build_network(SPEC, inference_dtype=torch.float32)
+            which = runtime.restore_weights(lambda state: store.load(info, {"runtime": state}), use_ema=use_ema)
+            found[which] = {"ddp": len(runtime._ddp), "optimizer": runtime._optimizer is not None}
+            weights = whole_weights(runtime)
+            if dist.get_rank() == 0:
+                save_file(weights, str(out / f"weights_{which}.safetensors"))
+            runtime.close()
+    finally:
+        megatron_optimizer.get_megatron_optimizer = factory
+    return found
+
+
 def retune(out: Path) -> dict[str, Any]:
     from dfm.adapters.checkpoint import DCPCheckpointStore
     from dfm.adapters.megatron import DistCheckpointIO, MegatronRuntime
 
     store = DCPCheckpointStore(out / "ckpt", io=DistCheckpointIO())
     runtime = MegatronRuntime(tensor=2, **OPTIONS)
-    runtime.build(SPEC, RETUNED)
+    runtime.build_network(SPEC)
+    runtime.attach_optimizer(RETUNED)
     state = {"runtime": runtime.state_dict(), "rng": {"torch": torch.get_rng_state()}}
     store.load(store.latest(), state)
     runtime.load_state_dict(state["runtime"])
@@ -174,7 +224,7 @@ def legacy(out: Path) -> dict[str, Any]:
     root = out / "legacy"
     directory = root / "step_0000002"
     first = runtime_for({"tensor": 2})
-    first.load_initial_weights(start_weights())
+    first.load_weights(start_weights())
     train(first, range(2))
     directory.mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save({"runtime": first.state_dict(), "rng": {"torch": torch.get_rng_state()}}, str(directory))

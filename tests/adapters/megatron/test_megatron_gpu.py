@@ -39,8 +39,9 @@ def cuda_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         ranks = run_ranks(WORKER, 2, [str(out), *LAYOUTS, "resume"], timeout=540)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     runtime = LocalRuntime(**worker.OPTIONS)
-    runtime.build(worker.SPEC, shared.SETTINGS)
-    runtime.load_initial_weights(worker.start_weights())
+    runtime.build_network(worker.SPEC)
+    runtime.attach_optimizer(shared.SETTINGS)
+    runtime.load_weights(worker.start_weights())
     losses = []
     for step in range(shared.STEPS):
         micro = shared.micro_batches(shared.batch(step), 0, shared.GLOBAL_BATCH, 1)

@@ -43,8 +43,9 @@ def launch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, An
 def reference() -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]:
     """Local-runtime losses, gradient norms and learning rates of 3 steps, and its weights after 2."""
     runtime = LocalRuntime(**worker.OPTIONS)
-    runtime.build(worker.SPEC, shared.SETTINGS)
-    runtime.load_initial_weights(worker.start_weights())
+    runtime.build_network(worker.SPEC)
+    runtime.attach_optimizer(shared.SETTINGS)
+    runtime.load_weights(worker.start_weights())
     out: dict[str, list[float]] = {"loss": [], "grad_norm": [], "lr": []}
     after_two: dict[str, torch.Tensor] = {}
     for step in range(shared.STEPS):
@@ -95,17 +96,26 @@ def test_dist_checkpoint_loads_at_another_tensor_size(launch: tuple[Path, dict[s
     _close(resumed["other"]["loss"], want["loss"][2:])
 
 
-def test_megatron_checkpoint_weights_load_into_the_local_runtime(launch: tuple[Path, dict[str, Any]]) -> None:
-    """The dist checkpoint's model entries are plain DCP keys: one process reads them without megatron."""
-    out, _ = launch
-    runtime = LocalRuntime(**worker.OPTIONS)
-    runtime.build(worker.SPEC, shared.SETTINGS)
-    state = {"runtime": {"model": runtime.state_dict()["model"]}}
+def test_megatron_checkpoint_weights_load_alone(launch: tuple[Path, dict[str, Any]]) -> None:
+    """The dist checkpoint's EMA and raw weights, read alone into a network built for inference: by megatron at
+    another layout (no DDP, no optimizer), and by the local runtime, whose plain DCP reads their entries without
+    megatron (``runtime.ema.module.<name>`` / ``runtime.model.<name>``). Both exactly the saved ones."""
+    out, result = launch
+    saved = {"model": load_file(str(out / "saved.safetensors")), "ema": load_file(str(out / "saved_ema.safetensors"))}
+    assert any(not torch.equal(saved["ema"][k], v) for k, v in saved["model"].items())
+    assert result["resume"]["weights_only"] == {which: {"ddp": 0, "optimizer": False} for which in ("ema", "model")}
     store = DCPCheckpointStore(out / "ckpt")
-    store.load(store.latest(), state)
-    saved = load_file(str(out / "saved.safetensors"))
-    for key, value in state["runtime"]["model"].items():
-        assert torch.equal(value, saved[key]), key
+    for which, want in saved.items():
+        got = load_file(str(out / f"weights_{which}.safetensors"))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items()), which
+        runtime = LocalRuntime(**worker.OPTIONS)
+        network = runtime.build_network(worker.SPEC, inference_dtype=torch.float32)
+        read = runtime.restore_weights(
+            lambda state: store.load(store.latest(), {"runtime": state}), use_ema=which == "ema"
+        )
+        assert read == which
+        local = network.state_dict()
+        assert local.keys() == want.keys() and all(torch.equal(local[k], v) for k, v in want.items()), which
 
 
 def test_resume_with_changed_optimizer_settings_matches_the_local_runtime(
@@ -114,10 +124,12 @@ def test_resume_with_changed_optimizer_settings_matches_the_local_runtime(
     """Resumed under other lr, betas, eps and weight decay: megatron steps like the local runtime does."""
     out, result = launch
     first = LocalRuntime(**worker.OPTIONS)
-    first.build(worker.SPEC, shared.SETTINGS)
-    first.load_initial_weights(worker.start_weights())
+    first.build_network(worker.SPEC)
+    first.attach_optimizer(shared.SETTINGS)
+    first.load_weights(worker.start_weights())
     second = LocalRuntime(**worker.OPTIONS)
-    second.build(worker.SPEC, worker.RETUNED)
+    second.build_network(worker.SPEC)
+    second.attach_optimizer(worker.RETUNED)
     for step in range(4):
         if step == 2:
             second.load_state_dict(first.state_dict())

@@ -59,7 +59,8 @@ def as_fp32(batch: Batch | PackedBatch) -> Batch | PackedBatch:
 
 
 def step(runtime: ParallelRuntime, batch: Batch | PackedBatch) -> StepResult:
-    runtime.build(SPEC, SETTINGS)
+    runtime.build_network(SPEC)
+    runtime.attach_optimizer(SETTINGS)
     loss = lambda model, b: batch_loss(model, b, FlowMatching(), SampleRNG(seed=0, step=0))
     return runtime.train_step([batch], loss, batch.size)
 

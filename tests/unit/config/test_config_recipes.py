@@ -91,3 +91,11 @@ def test_default_is_a_small_wan_on_synthetic_pixels() -> None:
     assert (config.model.in_channels, config.model.out_channels, config.model.text_dim) == (3, 3, 64)
     assert config.data.source == "synthetic"
     assert config.runtime == "local"
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_text_padding_is_attended_in_the_wan_recipes_only(name: str) -> None:
+    """WAN 2.1 was trained on zero-padded 512-token text without a mask; dfm's own from-scratch recipes
+    (default, DiT, tiny) mask the padding, as every run did before the setting existed."""
+    config = get_recipe(name)
+    assert config.diffusion.mask_text_padding is not name.startswith(("wan_1_3b", "wan_14b"))

@@ -10,7 +10,14 @@ from diffusers import EDMEulerScheduler, FlowMatchEulerDiscreteScheduler, UniPCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dfm.domain.samplers import flow_euler_sigmas, flow_sigmas, flow_timesteps, karras_sigmas, sigma_list
+from dfm.domain.samplers import (
+    flow_euler_sigmas,
+    flow_euler_timesteps,
+    flow_sigmas,
+    flow_timesteps,
+    karras_sigmas,
+    sigma_list,
+)
 
 STEPS = [1, 2, 5, 10, 25, 50, 1000]
 SHIFTS = [1.0, 3.0, 5.0, 7.3, 0.5]
@@ -36,6 +43,8 @@ def test_flow_euler_sigmas_equal_diffusers_flow_match_euler(n: int, shift: float
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     scheduler.set_timesteps(n)
     assert torch.equal(flow_euler_sigmas(n, shift=shift), scheduler.sigmas)
+    assert flow_euler_timesteps(n, shift=shift).dtype == scheduler.timesteps.dtype == torch.float32
+    assert torch.equal(flow_euler_timesteps(n, shift=shift), scheduler.timesteps)
 
 
 @pytest.mark.parametrize("n", STEPS)
