@@ -6,6 +6,8 @@ Builds diffusers' WAN transformer from a dfm recipe's model spec (random weights
 Prints one JSON line: seconds per step (mean, min, max), the denoising loop's model TFLOP/s (dfm's analytic
 forward FLOPs, the same formula ``bench generate`` uses), and peak GPU memory. ``--compile`` compiles each
 block (``torch.compile`` on the blocks, as diffusers' docs suggest for WAN) and reports the first step apart.
+``--cudnn`` runs it under the SDPA priority dfm's ``auto`` uses on CUDA (cuDNN first); without it torch picks
+(flash attention first), as a diffusers user gets it.
 
 A benchmark script, not part of the product: it exists so that speed claims are ratios against this peer
 timed in the same device call (docs/benchmarks.md).
@@ -16,15 +18,18 @@ timed in the same device call (docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
 
 import torch
 from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
+from torch.nn.attention import sdpa_kernel
 
 from dfm.adapters.diffusers.wan_weights import spec_to_config
 from dfm.app.config import resolve_config
+from dfm.domain.networks.attention import AUTO_CUDA_PRIORITY
 from dfm.domain.specs import forward_flops, num_tokens
 
 
@@ -39,6 +44,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--cudnn", action="store_true", help="prefer cuDNN attention, as dfm's auto does on CUDA")
     args = p.parse_args()
 
     spec = resolve_config(args.recipe, None, []).model
@@ -60,7 +66,8 @@ def main() -> None:
     times: list[float] = []
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad():
+    priority = sdpa_kernel(list(AUTO_CUDA_PRIORITY), set_priority=True) if args.cudnn else contextlib.nullcontext()
+    with torch.no_grad(), priority:
         for t in scheduler.timesteps:
             _sync(cuda)
             t0 = time.perf_counter()
@@ -81,6 +88,7 @@ def main() -> None:
             {
                 "peer": "diffusers WanTransformer3DModel",
                 "compiled": args.compile,
+                "attention": "cudnn first" if args.cudnn else "torch's choice",
                 "recipe": args.recipe,
                 "video": [args.frames, args.height, args.width],
                 "tokens": tokens,

@@ -322,13 +322,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "data":
         return main_data(argv[1:])
+    if argv and argv[0] == "generate":
+        from dfm.app.bench_generate import main_generate
+
+        return main_generate(argv[1:])
     parser = make_parser("python -m dfm.app.bench train", __doc__.split("\n", 1)[0], examples=EXAMPLES)
     add_config_arguments(parser)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps")
     parser.add_argument("--profile", type=Path, default=None, help="write a torch.profiler trace here")
     if not argv or argv[0] != "train":
-        parser.error("the first argument names the benchmark: train (or data: see `python -m dfm.app.bench data -h`)")
+        parser.error(
+            "the first argument names the benchmark: train, generate or data "
+            "(e.g. `python -m dfm.app.bench generate -h`)"
+        )
     args = parse_args(parser, argv[1:])
     if args.warmup < 0 or args.steps < 1:
         parser.error("need --warmup >= 0 and --steps >= 1")

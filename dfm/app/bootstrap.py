@@ -146,8 +146,9 @@ def optimizer_settings(cfg: TrainConfig) -> OptimizerSettings:
     )
 
 
-def build_codecs(cfg: TrainConfig) -> tuple[LatentCodec | None, TextEncoder | None]:
-    """The pixel codec and text encoder the data (and generation) use.
+def build_codecs(cfg: TrainConfig, *, vae_tiling: bool = False) -> tuple[LatentCodec | None, TextEncoder | None]:
+    """The pixel codec and text encoder the data (and generation) use (``vae_tiling``: the WAN VAE works in
+    overlapping spatial tiles, for less memory).
 
     ``codecs.vae`` / ``codecs.text_encoder`` select the WAN 2.1 VAE / UMT5 from local directories (their
     weights load on first use, so building them to learn the latent shape is cheap). Unset, ``synthetic``
@@ -162,7 +163,7 @@ def build_codecs(cfg: TrainConfig) -> tuple[LatentCodec | None, TextEncoder | No
     source = cfg.data.source
     if source not in ("synthetic", "mock", "energon", "hf_datasets"):
         raise ConfigError(f"data.source: {source!r} is unknown; use synthetic, mock, energon or hf_datasets")
-    vae, text = _pretrained_vae(cfg), _pretrained_text_encoder(cfg)
+    vae, text = _pretrained_vae(cfg, vae_tiling), _pretrained_text_encoder(cfg)
     if source == "synthetic":
         return vae or IdentityPixelCodec(), text or HashTextEncoder(dim=cfg.model.text_dim)
     if source == "mock":
@@ -177,11 +178,11 @@ def _codec_device() -> tuple[str, str]:
     return "cpu", "fp32"
 
 
-def _pretrained_vae(cfg: TrainConfig) -> LatentCodec | None:
+def _pretrained_vae(cfg: TrainConfig, tiling: bool = False) -> LatentCodec | None:
     if cfg.codecs.vae is None:
         return None
     try:
-        vae = WanVAECodec(cfg.codecs.vae, device=_codec_device()[0], dtype="fp32")
+        vae = WanVAECodec(cfg.codecs.vae, device=_codec_device()[0], dtype="fp32", tiling=tiling)
     except ValueError as exc:
         raise ConfigError(f"codecs.vae: {exc}") from None
     if vae.latent_spec.channels != cfg.model.in_channels:

@@ -79,6 +79,35 @@ def build_parser() -> argparse.ArgumentParser:
         "running them; first_block:T (First-Block Cache) or teacache:T (TeaCache), larger T is faster and further "
         "from the uncached video, e.g. first_block:0.05 (default: off)",
     )
+    speed = p.add_argument_group("speed and memory", "None of these changes the videos beyond float rounding.")
+    speed.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="weights and compute: bf16 keeps the time embedding, modulation tables and norms in fp32 as diffusers "
+        "does; auto = bf16 on CUDA, fp32 on the CPU (default: auto)",
+    )
+    speed.add_argument(
+        "--attention",
+        choices=("auto", "cudnn", "flash", "efficient", "math"),
+        default=None,
+        help="SDPA backend (default: the run's train.attention_backend; auto: cuDNN first on CUDA)",
+    )
+    speed.add_argument(
+        "--compile", action="store_true", help="torch.compile each block once (CUDA; the first step compiles)"
+    )
+    speed.add_argument(
+        "--cfg",
+        choices=("batched", "separate"),
+        default="batched",
+        help="guidance's two passes as one forward over the doubled batch, or two forwards (default: batched)",
+    )
+    speed.add_argument(
+        "--batch-size", type=int, default=1, help="prompts sampled together in one forward, >= 1 (default: 1)"
+    )
+    speed.add_argument(
+        "--vae-tiling", action="store_true", help="decode in overlapping tiles: less memory, slower (WAN VAE)"
+    )
     parallel = p.add_argument_group(
         "multi-process generation (torchrun --nproc-per-node N)",
         "Every rank samples the same noise and shares each forward; rank 0 decodes and writes. Left out: CFG "
@@ -128,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             text_encoder=args.text_encoder,
             tokenizer=args.tokenizer,
             cache=args.cache,
+            precision=args.precision,
+            attention=args.attention,
+            compile=args.compile,
+            cfg=args.cfg,
+            batch_size=args.batch_size,
+            vae_tiling=args.vae_tiling,
             cfg_parallel=args.cfg_parallel,
             context_parallel=args.context_parallel,
         )

@@ -13,7 +13,7 @@ network at the scheduler's own time of each level (:func:`scheduler_time`) and, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -140,15 +140,17 @@ def sample_latents(
     null_text: torch.Tensor | None = None,
     null_text_mask: torch.Tensor | None = None,
     shift: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     callback: StepCallback | None = None,
+    cfg_batched: bool = True,
 ) -> torch.Tensor:
     """Denoise standard-normal ``noise`` ``[B, C, F, H, W]`` into latents with the named sampler.
 
     ``null_text`` (default: zeros, as in training-time text dropout) is the unconditional input;
     ``guidance`` 1 runs the conditional pass only. ``shift`` overrides the flow process's shift. A flow
     network is evaluated at its scheduler's times (:func:`flow_schedule`); the text masks reach the network
-    only when the process masks the text's padding (``mask_text_padding``), as in training.
+    only when the process masks the text's padding (``mask_text_padding``), as in training. ``cfg_batched``
+    runs guidance's two passes as one forward over the doubled batch (else two forwards; see ``guided``).
     """
     if null_text is None:  # the null text of training-time dropout: zeros under the same mask
         null_text, null_text_mask = torch.zeros_like(text), text_mask
@@ -159,12 +161,12 @@ def sample_latents(
         s = process.shift if shift is None else shift
         sigmas, timesteps = flow_schedule(sampler, steps, shift=s, num_train_timesteps=process.num_train_timesteps)
         model = flow_velocity_model(network, process, scheduler_time(sigmas, timesteps))
-        velocity = guided(model, scale=guidance, **texts)
+        velocity = guided(model, scale=guidance, batched=cfg_batched, **texts)
         solver = sample_flow_unipc if sampler == "unipc" else sample_flow_euler
         return solver(velocity, noise, sigmas, callback=callback)
     if sampler not in ("edm_euler", "edm_heun"):
         raise ValueError(f"sampler {sampler!r} does not fit an EDM model; use edm_euler or edm_heun")
-    denoise = guided(edm_denoiser_model(network, process), scale=guidance, **texts)
+    denoise = guided(edm_denoiser_model(network, process), scale=guidance, batched=cfg_batched, **texts)
     sigmas = karras_sigmas(steps, sigma_min=process.sigma_min, sigma_max=process.sigma_max, rho=process.rho)
     solver = sample_edm_heun if sampler == "edm_heun" else sample_edm_euler
     return solver(denoise, noise * sigmas[0], sigmas, generator=generator, callback=callback)

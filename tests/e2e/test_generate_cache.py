@@ -64,17 +64,23 @@ def test_each_prompt_equals_it_sampled_alone_and_reuse_is_logged(
         assert rows == 24 and reused >= 2 * e["calls_reused"]  # [cond; uncond] rows
 
 
-def test_the_bench_script_prints_speed_and_drift_per_setting(run_dir: Path) -> None:
-    """``scripts/bench_step_cache.py`` (the GPU measurement's one command) on the tiny run."""
-    script = ROOT / "scripts" / "bench_step_cache.py"
+def test_bench_generate_prints_speed_and_drift_per_setting(run_dir: Path) -> None:
+    """``python -m dfm.app.bench generate --cache ...`` (the GPU measurement's one command) on the tiny run."""
     argv = ["--checkpoint", str(run_dir), "--steps", "6", "--cache", "first_block:0", "--cache", "first_block:0.05"]
     result = subprocess.run(
-        [sys.executable, str(script), *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-m", "dfm.app.bench", "generate", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
-    off, zero, cached = (json.loads(line) for line in result.stdout.splitlines())
-    assert (off["cache"], off["speedup"], off["steps"]) == ("off", 1.0, 6)
-    assert (zero["cache"], zero["calls_reused"], zero["latents_rel_l2"]) == ("first_block:0", 0, 0.0)
+    dense, zero, cached = (json.loads(line) for line in result.stdout.splitlines())
+    assert (dense["setting"], dense["steps"], dense["checkpoint"]) == ("dense", 6, str(run_dir))
+    assert (zero["setting"], zero["calls_reused"], zero["latents_rel_l2"]) == ("first_block:0", 0, 0.0)
     assert zero["frames_psnr_db"] == math.inf
-    assert cached["cache"] == "first_block:0.05" and cached["calls"] == 6 and cached["calls_reused"] > 0
-    assert cached["seconds"] > 0 and cached["latents_rel_l2"] >= 0
+    assert cached["setting"] == "first_block:0.05" and cached["calls"] == 6 and cached["calls_reused"] > 0
+    assert cached["speedup"] > 0 and 0 < cached["latents_rel_l2"] < 0.05
+    for row in (dense, zero, cached):
+        assert row["denoise_s"] > 0 and row["s_per_step"] > 0 and row["model_tflops"] >= 0

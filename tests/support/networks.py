@@ -25,3 +25,9 @@ def tiny_network(kind: str) -> Network:
             if not p.any():
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
     return model
+
+
+def inference_dtype_of(name: str, dtype: torch.dtype, network: type = WanTransformer) -> torch.dtype:
+    """The dtype a parameter ``name`` has in a network built for inference in ``dtype``: float32 for the parts
+    the network declares in ``fp32_modules`` (norms, time embedding, modulation tables), ``dtype`` otherwise."""
+    return torch.float32 if set(name.split(".")) & set(network.fp32_modules) else dtype

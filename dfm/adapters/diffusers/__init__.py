@@ -2,7 +2,7 @@
 
 from dfm.adapters.diffusers.hf_export import export_wan_distributed
 from dfm.adapters.diffusers.umt5 import UMT5TextEncoder
-from dfm.adapters.diffusers.wan_vae import WanVAECodec
+from dfm.adapters.diffusers.wan_vae import WanVAECodec, save_random_wan_vae
 from dfm.adapters.diffusers.wan_weights import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -21,6 +21,7 @@ __all__ = [
     "WanVAECodec",
     "export_wan_distributed",
     "load_wan_diffusers",
+    "save_random_wan_vae",
     "save_wan_diffusers",
     "spec_from_config",
     "spec_to_config",

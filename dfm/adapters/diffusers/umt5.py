@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import structlog
 import torch
 
 from dfm.adapters.diffusers.wan_vae import (
@@ -24,6 +25,8 @@ from dfm.adapters.diffusers.wan_vae import (
     resolve_dtype,
     weight_files,
 )
+
+_log = structlog.get_logger(__name__)
 
 MAX_TOKENS = 512
 """The most tokens WAN 2.1's UMT5 embeds per caption."""
@@ -158,8 +161,10 @@ class UMT5TextEncoder:
             raise ValueError(f"UMT5TextEncoder: max_length must be in [1, {MAX_TOKENS}], got {max_length}")
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
             raise ValueError("UMT5TextEncoder: captions must be a sequence of strings")
+        cleaned = [clean_caption(c) for c in captions]
+        self._warn_truncated(cleaned, max_length)
         tokens = self.tokenizer(
-            [clean_caption(c) for c in captions],
+            cleaned,
             padding="max_length",
             max_length=max_length,
             truncation=True,
@@ -174,6 +179,19 @@ class UMT5TextEncoder:
         for i, n in enumerate(lengths):  # as diffusers: keep the first n (real) tokens, zeros after
             embeddings[i, :n] = hidden[i, :n]
         return embeddings, mask.cpu().bool()
+
+    def _warn_truncated(self, captions: list[str], max_length: int) -> None:
+        """A warning per caption longer than ``max_length`` tokens: the rest is cut off, as diffusers does."""
+        for i, ids in enumerate(self.tokenizer(captions, add_special_tokens=True).input_ids):
+            if len(ids) > max_length:
+                _log.warning(
+                    "caption truncated",
+                    caption=i,
+                    tokens=len(ids),
+                    kept=max_length,
+                    start=captions[i][:60],
+                    hint="the text encoder embeds at most data.text_len tokens; shorten the prompt to keep all of it",
+                )
 
     def __repr__(self) -> str:
         return f"UMT5TextEncoder({str(self.path)!r}, device={str(self.device)!r}, id={self.identity!r})"

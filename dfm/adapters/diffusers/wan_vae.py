@@ -232,3 +232,18 @@ class WanVAECodec:
 
     def __repr__(self) -> str:
         return f"WanVAECodec({str(self.path)!r}, device={str(self.device)!r}, dtype={self.dtype}, id={self.identity!r})"
+
+
+def save_random_wan_vae(directory: Path, *, seed: int = 0) -> Path:
+    """Write a WAN 2.1 VAE (diffusers ``AutoencoderKLWan``'s default configuration) with random weights drawn
+    from ``seed`` to ``directory`` (``save_pretrained``) and return it: a decoder to time, not to look at.
+
+    The global RNG is left as it was.
+    """
+    from diffusers import AutoencoderKLWan  # heavy import, only when a VAE is made
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKLWan()
+    vae.save_pretrained(directory)
+    return Path(directory)

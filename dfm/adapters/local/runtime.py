@@ -93,7 +93,8 @@ def build_network(spec: ModelSpec, attention: SDPAAttention, generator: torch.Ge
 def empty_network(spec: ModelSpec, attention: SDPAAttention, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The network of ``spec`` allocated on ``device`` in ``dtype`` and not initialised; eval mode, no gradients.
 
-    It is built on the meta device, so the weights are allocated once, where and as they will be used.
+    It is built on the meta device, so the weights are allocated once, where and as they will be used. The parts
+    the network declares in ``fp32_modules`` stay float32 (a checkpoint loads into them cast to float32).
 
     Raises:
         ValueError: For a spec of another architecture, or a ``dtype`` that is not a floating type.
@@ -102,6 +103,10 @@ def empty_network(spec: ModelSpec, attention: SDPAAttention, device: torch.devic
         raise ValueError(f"the inference dtype must be a floating type such as torch.bfloat16, got {dtype}")
     with torch.device("meta"):
         model = network_class(spec)(spec, attention=attention, generator=None).to(dtype)
+    keep = set(getattr(model, "fp32_modules", ()))
+    for name, param in model.named_parameters():
+        if keep & set(name.split(".")):  # the network's declared float32 parts (its norms, time embedding...)
+            param.data = param.data.float()
     return model.to_empty(device=device).requires_grad_(False).eval()
 
 

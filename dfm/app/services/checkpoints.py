@@ -69,6 +69,7 @@ def load_for_inference(
     use_ema: bool = True,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    attention: str | None = None,
 ) -> tuple[TrainConfig, nn.Module]:
     """The training config and the model (EMA weights if kept and asked for) of a checkpoint, in eval mode.
 
@@ -85,6 +86,8 @@ def load_for_inference(
         use_ema: Load the EMA weights when the checkpoint keeps them (else the raw training weights).
         dtype: The weights' dtype (``None``: float32; ``torch.bfloat16`` halves the memory).
         device: Where the weights live (``None``: the current CUDA device if any, else the CPU).
+        attention: The SDPA backend (``auto``, ``cudnn``, ``flash``, ``efficient``, ``math``; ``None``: the
+            training config's ``train.attention_backend``).
 
     Raises:
         CheckpointError: no checkpoint at ``where``, one that fails verification, or an exported
@@ -93,9 +96,12 @@ def load_for_inference(
     """
     where = Path(where)
     if is_exported_dir(where):
-        return load_exported(where, dtype=dtype, device=device)
+        kernel = None if attention is None else SDPAAttention(attention)
+        return load_exported(where, attention=kernel, dtype=dtype, device=device)
     selection = select_path(where, bootstrap.checkpoint_store_at, option="--checkpoint")
-    found = restore_first(selection, lambda info: _load_model(info.path, use_ema=use_ema, dtype=dtype, device=device))
+    found = restore_first(
+        selection, lambda info: _load_model(info.path, use_ema=use_ema, dtype=dtype, device=device, attention=attention)
+    )
     assert found is not None  # select_path never gives an empty selection
     info, (cfg, model, which) = found
     log.info("loaded checkpoint", path=str(info.path), step=info.step, weights=which)
@@ -103,11 +109,18 @@ def load_for_inference(
 
 
 def _load_model(
-    directory: Path, *, use_ema: bool, dtype: torch.dtype | None, device: torch.device | str | None
+    directory: Path,
+    *,
+    use_ema: bool,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    attention: str | None,
 ) -> tuple[TrainConfig, nn.Module, str]:
     """The config, the network holding the chosen weights, and which weights (``"ema"`` or ``"model"``)."""
     cfg = _config_of(directory, read_meta(directory))
     local = attrs.evolve(cfg, runtime="local")  # plain DCP reads any runtime's model entries
+    if attention is not None:
+        local = attrs.evolve(local, train=attrs.evolve(local.train, attention_backend=attention))
     runtime = bootstrap.build_runtime(local, device="auto" if device is None else str(device))
     model = runtime.build_network(cfg.model, inference_dtype=dtype or torch.float32)
     which = _restore_weights(runtime, local, directory, use_ema=use_ema)
@@ -130,7 +143,8 @@ def load_exported(
 
     The network is built from ``config.json`` (it must equal ``model`` in ``dfm_config.yaml``) on the meta
     device, with the config's attention backend, and takes the file's tensors moved to ``device`` and cast
-    to ``dtype`` one at a time (``None``: float32 on the device the ``local`` runtime would pick).
+    to ``dtype`` one at a time (``None``: float32 on the device the ``local`` runtime would pick); the parts the
+    network keeps in float32 (``WanTransformer.fp32_modules``) stay float32.
 
     Raises:
         CheckpointError: ``dfm_config.yaml`` is missing.
@@ -152,9 +166,13 @@ def load_exported(
             f"({spec} vs {cfg.model})"
         )
     weight_dtype = dtype or torch.float32
+    keep = set(WanTransformer.fp32_modules)
     for name in list(state):  # one tensor at a time: the file's copy of it is freed as it moves
         value = state[name]
-        state[name] = value.to(target, weight_dtype) if value.is_floating_point() else value.to(target)
+        if value.is_floating_point():
+            state[name] = value.to(target, torch.float32 if keep & set(name.split(".")) else weight_dtype)
+        else:
+            state[name] = value.to(target)
     model = build_wan(spec, state, source=where, attention=attention or SDPAAttention(cfg.train.attention_backend))
     return cfg, model.requires_grad_(False).eval()
 

@@ -8,8 +8,9 @@ paths = generate(GenerateRequest(checkpoint="runs/demo", prompts=["a red circle 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import attrs
@@ -21,158 +22,124 @@ from dfm.adapters.torch_dist import DistEnv
 from dfm.adapters.torch_dist.parallel_sampling import SamplingLayout, choose_layout, sampling_ranks, use_local_device
 from dfm.adapters.video import Mp4Writer, contact_sheet, save_png, to_uint8_frames
 from dfm.app import bootstrap
-from dfm.app.config import CodecsConfig, ConfigError, TrainConfig, config_from_yaml
-from dfm.app.config.sample import EDM_SAMPLERS, FLOW_SAMPLERS
+from dfm.app.config import ConfigError, TrainConfig, config_from_yaml
 from dfm.app.logging import get_logger
 from dfm.app.services.checkpoints import EXPORTED_CONFIG, is_exported_dir, load_for_inference
+from dfm.app.services.generation_request import (
+    GenerateRequest,
+    SamplingPlan,
+    check_process,
+    output_paths,
+    sampling_plan,
+    with_codecs,
+)
 from dfm.app.services.paths import check_output_file
-from dfm.domain.networks.step_cache import CACHE_METHODS, StepCache, StepCacheConfig, step_caching
+from dfm.domain.networks.step_cache import StepCache, step_caching
 from dfm.domain.sampling import sample_latents
-from dfm.domain.specs import LatentSpec, ModelSpec
+from dfm.domain.specs import LatentSpec
 from dfm.ports.checkpoint import CheckpointError
 from dfm.ports.codecs import LatentCodec, TextEncoder
 from dfm.ports.tracking import VideoWriter
 
 log = get_logger("dfm.generate")
 
-MAX_SEED = 2**63 - 1
-"""Largest ``seed``."""
+
+@attrs.define
+class GenerationTimings:
+    """Where a generation's seconds went (``generate(..., timings=...)``; ``python -m dfm.app.bench generate``).
+
+    Accelerator work is synchronised before each reading, so the figures are wall time of finished work.
+    """
+
+    load_s: float = 0.0
+    """Reading the checkpoint into the network."""
+    text_encode_s: float = 0.0
+    """Encoding the prompts (and the negative prompt)."""
+    step_s: list[float] = attrs.field(factory=list)
+    """Each sampling step (every batch of prompts in turn; the first includes compilation)."""
+    decode_s: float = 0.0
+    """Decoding every video's latents to pixels."""
 
 
-Validator = Callable[[object, "attrs.Attribute[object]", object], None]
+def inference_dtype(precision: str) -> torch.dtype:
+    """The weights' dtype for ``--precision``: ``auto`` is bf16 where CUDA runs the network, else fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def _int_option(option: str, low: int, high: int | None = None) -> Validator:
-    """A validator refusing anything but ``None`` or an int in ``[low, high]``, naming the CLI ``option``."""
-
-    def check(_inst: object, _attr: attrs.Attribute[object], value: object) -> None:
-        if value is None:
-            return
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-        if not ok:
-            wanted = f">= {low}" if high is None else f"from {low} to {high}"
-            raise ValueError(f"{option} must be an integer {wanted}, got {value!r}")
-
-    return check
-
-
-def _number_option(option: str, *, positive: bool, note: str = "") -> Validator:
-    """A validator refusing anything but ``None`` or a finite number ``> 0`` (``positive``) or ``>= 0``,
-    naming the CLI ``option``; nan and inf are refused (comparisons alone would let nan through)."""
-
-    def check(_inst: object, _attr: attrs.Attribute[object], value: object) -> None:
-        if value is None:
-            return
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok or not (value > 0 if positive else value >= 0):
-            shown = f"{value:g}" if isinstance(value, float) else repr(value)
-            raise ValueError(f"{option} must be a finite number {'>' if positive else '>='} 0{note}, got {shown}")
-
-    return check
-
-
-def cache_option(value: object) -> StepCacheConfig | None:
-    """``--cache`` as a step-cache config: ``METHOD:THRESHOLD`` (e.g. ``first_block:0.05``), ``off`` or ``None``
-    (every step runs every block); a :class:`StepCacheConfig` is kept.
+def check_cfg_mode(request: GenerateRequest, layout: SamplingLayout) -> None:
+    """Refuse ``--cfg separate`` where guidance's passes are split over ranks (they travel as one batch).
 
     Raises:
-        ValueError: Any other value, naming the option and the forms it takes.
+        ValueError: Naming the options that conflict.
     """
-    if value is None or isinstance(value, StepCacheConfig):
-        return value
-    text = str(value).strip()
-    if text == "off":
-        return None
-    method, sep, threshold = text.partition(":")
-    if method not in CACHE_METHODS or not sep:
+    if request.cfg == "separate" and layout.cfg > 1:
         raise ValueError(
-            f"--cache must be METHOD:THRESHOLD with METHOD {' or '.join(CACHE_METHODS)} (e.g. first_block:0.05), "
-            f"or off; got {text!r}"
+            "--cfg separate runs the two passes of guidance one after the other, but CFG parallelism puts them on "
+            "two ranks as one batch: use --cfg batched, or --no-cfg-parallel"
         )
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """``torch.compile`` each transformer block in place on CUDA (compiled once, reused by every step and prompt;
+    the parameter names do not change). On the CPU it logs that ``--compile`` is ignored."""
+    if next(model.parameters()).device.type != "cuda":
+        log.warning("--compile ignored: compiling the blocks is for CUDA devices")
+        return
+    for block in getattr(model, "blocks", ()):
+        block.compile()
+
+
+def _synced(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class _StepClock:
+    """The samplers' step callback: advances the progress bar and, with ``timings``, records each step's seconds."""
+
+    def __init__(self, bar: tqdm, device: torch.device, timings: GenerationTimings | None) -> None:
+        self.bar, self.device, self.timings = bar, device, timings
+        self.last = _synced(device) if timings is not None else 0.0
+
+    def __call__(self, step: int, total: int, x: torch.Tensor) -> None:
+        self.bar.update(1)
+        if self.timings is not None:
+            now = _synced(self.device)
+            self.timings.step_s.append(now - self.last)
+            self.last = now
+
+
+@contextlib.contextmanager
+def _clear_oom(request: GenerateRequest, plan: SamplingPlan, *, decoding: bool = False) -> Iterator[None]:
+    """Turns running out of accelerator memory into a ``ValueError`` that says what to change."""
     try:
-        number = float(threshold)
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(
-            f"--cache {text}: the threshold must be a finite number >= 0 (0 = never reuse; larger = faster and "
-            f"further from the uncached result), got {threshold!r}"
-        )
-    return StepCacheConfig(method=method, threshold=number)
+        yield
+    except torch.OutOfMemoryError as exc:
+        size = f"{plan.frames}x{plan.height}x{plan.width}"
+        if decoding:
+            advice = "decode with --vae-tiling, or lower --frames, --height or --width"
+        else:
+            advice = (
+                "lower --frames, --height or --width, use --precision bf16, --batch-size 1, --cfg separate, or launch "
+                "with torchrun to split each video over GPUs (context parallel)"
+            )
+        what = "decoding" if decoding else "sampling"
+        first = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+        raise ValueError(f"out of accelerator memory while {what} {size} videos ({first}): {advice}") from None
 
 
-@attrs.frozen(kw_only=True)
-class GenerateRequest:
-    """What to generate; ``None`` fields take the values of the checkpoint's ``sample`` config."""
-
-    checkpoint: Path = attrs.field(converter=Path)
-    """A run directory (its newest checkpoint), one checkpoint directory, or a diffusers directory exported
-    from a checkpoint (``python -m dfm.app.convert export --checkpoint``: weights + ``dfm_config.yaml``)."""
-    prompts: tuple[str, ...] = attrs.field(converter=tuple)
-    """One video per prompt."""
-    out: Path = attrs.field(converter=Path)
-    """Output path ``NAME.mp4``; several prompts write ``NAME_00.mp4``, ``NAME_01.mp4``..."""
-    negative_prompt: str | None = None
-    """Text for the unconditional pass (default: the null text used in training)."""
-    sampler: str | None = None
-    """``unipc`` | ``flow_euler`` | ``edm_euler`` | ``edm_heun``."""
-    steps: int | None = attrs.field(default=None, validator=_int_option("--steps", 1))
-    """Sampling steps."""
-    guidance: float | None = attrs.field(
-        default=None, validator=_number_option("--guidance", positive=False, note=" (1 = no guidance)")
-    )
-    """Classifier-free guidance scale (1 = no guidance, 0 = the unconditional pass only)."""
-    shift: float | None = attrs.field(default=None, validator=_number_option("--shift", positive=True))
-    """Flow shift at sampling time (flow-matching models only)."""
-    seed: int = attrs.field(default=0, validator=_int_option("--seed", 0, MAX_SEED))
-    """Seed of the initial noise (the same seed gives the same video); prompt ``i`` uses ``seed + i``."""
-    frames: int | None = attrs.field(default=None, validator=_int_option("--frames", 1))
-    """Frames of the video; the model's VAE stride and patch size decide which counts fit."""
-    height: int | None = attrs.field(default=None, validator=_int_option("--height", 1))
-    """Height in pixels; a multiple of the VAE's spatial stride times the model's patch height."""
-    width: int | None = attrs.field(default=None, validator=_int_option("--width", 1))
-    """Width in pixels; a multiple of the VAE's spatial stride times the model's patch width."""
-    fps: float | None = attrs.field(default=None, validator=_number_option("--fps", positive=True))
-    """Frame rate of the mp4 (default: the data's)."""
-    use_ema: bool = True
-    """Sample with the EMA weights when the checkpoint has them (an exported directory holds one set)."""
-    vae: str | None = None
-    """WAN VAE directory replacing the checkpoint's ``codecs.vae`` (e.g. when the recorded path moved)."""
-    text_encoder: str | None = None
-    """UMT5 directory replacing the checkpoint's ``codecs.text_encoder``."""
-    tokenizer: str | None = None
-    """Tokenizer directory replacing the checkpoint's ``codecs.tokenizer``."""
-    progress: bool = True
-    """Show a progress bar over sampling steps."""
-    cache: StepCacheConfig | None = attrs.field(default=None, converter=cache_option)
-    """Step caching (``--cache METHOD:THRESHOLD``, a string or a config): reuse the transformer blocks' residual
-    at steps whose input barely changed (:mod:`dfm.domain.networks.step_cache`); ``None``: every step runs them."""
-    # Multi-process generation under torchrun (see parallel_layout) -------------------------------
-    cfg_parallel: bool | None = attrs.field(
-        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(bool))
-    )
-    """Run the conditional and unconditional passes of guidance on two ranks (``None``: when guidance is on and
-    the process count is even)."""
-    context_parallel: int | None = attrs.field(default=None, validator=_int_option("--context-parallel", 1))
-    """Ranks that split each video's tokens (``None``: the processes CFG parallelism leaves)."""
-
-    def __attrs_post_init__(self) -> None:
-        if not self.prompts:
-            raise ValueError("at least one prompt is needed")
-        if self.out.suffix.lower() != ".mp4":
-            raise ValueError(f"--out must name an .mp4 file, got {self.out}")
-
-
-def output_paths(out: Path, n: int) -> list[Path]:
-    """``out`` for one video, ``out_00.mp4``... for several."""
-    return [out] if n == 1 else [out.with_name(f"{out.stem}_{i:02d}{out.suffix}") for i in range(n)]
-
-
-def generate(request: GenerateRequest, *, writer: VideoWriter | None = None) -> list[Path]:
+def generate(
+    request: GenerateRequest, *, writer: VideoWriter | None = None, timings: GenerationTimings | None = None
+) -> list[Path]:
     """Generate one video per prompt; returns the mp4 paths (the contact sheet is ``out`` with ``.png``).
 
     Mistakes are found before the weights load: the output paths must be writable, and the request must fit
     the checkpoint's recorded config and codecs (sampler, ``shift``, the video size; see :func:`sampling_plan`).
+    The network is loaded alone, in the request's precision, and sampled with :func:`run_generation`.
 
     Under ``torchrun`` every rank calls it with the same request: the ranks share each forward in the layout of
     :func:`parallel_layout`, sample the same noise and reach the same latents; rank 0 decodes and writes them
@@ -180,47 +147,75 @@ def generate(request: GenerateRequest, *, writer: VideoWriter | None = None) -> 
 
     Raises:
         ValueError: A request that does not fit the checkpoint, an unwritable ``out``, missing codecs, a parallel
-            layout the processes launched or the model cannot take.
+            layout the processes launched or the model cannot take, or too little accelerator memory (naming
+            what to change).
         CheckpointError: No checkpoint at ``request.checkpoint``, or one that fails verification.
     """
-    paths = output_paths(request.out, len(request.prompts))
-    sheet_path = request.out.with_suffix(".png")
-    for path in (*paths, sheet_path):
+    for path in (*output_paths(request.out, len(request.prompts)), request.out.with_suffix(".png")):
         check_output_file(path, option="--out")
     recorded = recorded_config(request.checkpoint)
     codecs = None
     if recorded is not None:  # check the request against the recorded config before the weights load
         recorded = with_codecs(recorded, request)
         check_process(request, recorded)
-        codecs = _codecs(recorded, request.checkpoint)
-        parallel_layout(
-            request, recorded, sampling_plan(request, recorded, codecs[0].latent_spec), codecs[0].latent_spec
-        )
+        codecs = generation_codecs(recorded, request)
+        plan = sampling_plan(request, recorded, codecs[0].latent_spec)
+        check_cfg_mode(request, parallel_layout(request, recorded, plan, codecs[0].latent_spec))
     use_local_device()  # under torchrun on GPUs: this rank's own GPU before the weights load
-    cfg, model = load_for_inference(request.checkpoint, use_ema=request.use_ema)
+    dtype = inference_dtype(request.precision)
+    t0 = time.perf_counter()
+    cfg, model = load_for_inference(
+        request.checkpoint, use_ema=request.use_ema, dtype=dtype, attention=request.attention
+    )
+    if timings is not None:
+        timings.load_s = time.perf_counter() - t0
     cfg = with_codecs(cfg, request)
     if codecs is None or cfg != recorded:  # the loaded checkpoint's own config decides (checked again)
-        codecs = _codecs(cfg, request.checkpoint)
-    codec, text_encoder = codecs
+        codecs = generation_codecs(cfg, request)
+    return run_generation(request, cfg, model, codecs, writer=writer, timings=timings)
+
+
+def run_generation(
+    request: GenerateRequest,
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    codecs: tuple[LatentCodec, TextEncoder],
+    *,
+    writer: VideoWriter | None = None,
+    timings: GenerationTimings | None = None,
+) -> list[Path]:
+    """Sample ``request`` with a loaded ``model`` of ``cfg`` and write the videos (rank 0); the paths.
+
+    ``generate`` calls it after loading a checkpoint; ``python -m dfm.app.bench generate`` with a network of
+    random weights. ``timings`` (if given) receives the seconds of text encoding, each step and decoding.
+    """
+    codec = codecs[0]
     plan = sampling_plan(request, cfg, codec.latent_spec)
-    device = next(model.parameters()).device
     layout = parallel_layout(request, cfg, plan, codec.latent_spec)
+    check_cfg_mode(request, layout)
+    device = next(model.parameters()).device
+    if request.compile:
+        compile_blocks(model)
+    backend = request.attention or cfg.train.attention_backend
     with (
-        sampling_ranks(model, layout, attention_backend=cfg.train.attention_backend) as ranks,
+        _clear_oom(request, plan),
+        sampling_ranks(model, layout, attention_backend=backend) as ranks,
         step_caching(model, request.cache, reduce=ranks.context_sum) as cache,
     ):
         asked = request if ranks.is_main else attrs.evolve(request, progress=False)
-        latents = [
-            _one_video(asked, plan, cfg, ranks.model, codec, text_encoder, prompt, device, i)
-            for i, prompt in enumerate(request.prompts)
-        ]
+        latents = sample_prompts(asked, plan, cfg, ranks.model, codecs, device, timings)
     if not ranks.is_main:  # every rank holds the same latents: rank 0 decodes and writes
         return []
     _log_step_cache(cache)
-    videos = [to_uint8_frames(codec.decode(x.float().cpu())[0]) for x in latents]
+    t0 = time.perf_counter()
+    with _clear_oom(request, plan, decoding=True):
+        videos = [to_uint8_frames(codec.decode(x.float())[0].cpu()) for x in latents]
+    if timings is not None:
+        timings.decode_s = _synced(device) - t0
+    paths = output_paths(request.out, len(request.prompts))
     writer = writer or Mp4Writer()
     paths = [writer.write(v, p, plan.fps) for v, p in zip(videos, paths, strict=True)]
-    sheet = save_png(contact_sheet(videos, captions=list(request.prompts)), sheet_path)
+    sheet = save_png(contact_sheet(videos, captions=list(request.prompts)), request.out.with_suffix(".png"))
     log.info("generated", videos=[str(p) for p in paths], contact_sheet=str(sheet))
     return paths
 
@@ -256,121 +251,11 @@ def recorded_config(where: Path) -> TrainConfig | None:
         return None
 
 
-@attrs.frozen(kw_only=True)
-class SamplingPlan:
-    """A request's sampling values, the checkpoint's ``sample`` (and ``data.fps``) defaults filled in."""
-
-    sampler: str
-    """The sampler, one that fits the model's diffusion process."""
-    steps: int
-    """Solver steps."""
-    guidance: float
-    """Classifier-free guidance scale."""
-    shift: float | None
-    """Flow shift (``None``: the process's own)."""
-    frames: int
-    """Frames of each video."""
-    height: int
-    """Height in pixels."""
-    width: int
-    """Width in pixels."""
-    fps: float
-    """Frame rate of the mp4 files."""
-
-
-def check_process(request: GenerateRequest, cfg: TrainConfig) -> str:
-    """The sampler (``--sampler`` or ``sample.sampler``), checked, with ``--shift``, against the diffusion process.
-
-    Raises:
-        ValueError: A sampler of the other process, or ``shift`` for an EDM model (its Karras schedule has none).
-    """
-    kind = cfg.diffusion.kind
-    sampler = request.sampler or cfg.sample.sampler
-    allowed = FLOW_SAMPLERS if kind == "flow" else EDM_SAMPLERS
-    what = "a flow-matching" if kind == "flow" else "an EDM"
-    if sampler not in allowed:
-        raise ValueError(
-            f"--sampler {sampler} does not fit {what} model (diffusion.kind={kind}); use {' or '.join(allowed)}"
-        )
-    if request.shift is not None and kind != "flow":
-        raise ValueError(
-            f"--shift applies to flow-matching models only (diffusion.kind=flow); {request.checkpoint} holds an EDM "
-            "model (diffusion.kind=edm), whose Karras noise schedule has no shift: drop --shift"
-        )
-    return sampler
-
-
-def sampling_plan(request: GenerateRequest, cfg: TrainConfig, latent: LatentSpec) -> SamplingPlan:
-    """The request's values with the defaults of ``cfg.sample`` filled in, checked against the model.
-
-    Raises:
-        ValueError: A sampler of the other diffusion process, ``shift`` for an EDM model, or a video size that
-            the codec's strides and the model's patch size cannot take (naming the option, the valid sizes and
-            the nearest ones).
-    """
-    s = cfg.sample
-    sampler = check_process(request, cfg)
-    frames = _fitting("frames", request.frames, s.frames, *_frame_grid(latent, cfg.model))
-    height = _fitting("height", request.height, s.height, *_pixel_grid(latent, cfg.model, 1))
-    width = _fitting("width", request.width, s.width, *_pixel_grid(latent, cfg.model, 2))
-    return SamplingPlan(
-        sampler=sampler,
-        steps=s.steps if request.steps is None else request.steps,
-        guidance=s.guidance if request.guidance is None else request.guidance,
-        shift=s.shift if request.shift is None else request.shift,
-        frames=frames,
-        height=height,
-        width=width,
-        fps=cfg.data.fps if request.fps is None else request.fps,
-    )
-
-
-def _frame_grid(latent: LatentSpec, model: ModelSpec) -> tuple[int, int, str]:
-    """``(first, step, why)`` of the frame counts that fit: the causal VAE makes ``1 + (F - 1) / stride`` latent
-    frames, and the model patches ``patch_size[0]`` of them together."""
-    stride, patch = latent.temporal_stride, model.patch_size[0]
-    why = f"VAE temporal stride {stride}: 1 + a multiple of {stride} frames"
-    if patch > 1:
-        why += f", in groups of {patch} latent frames (model patch {patch})"
-    return 1 + stride * (patch - 1), stride * patch, why
-
-
-def _pixel_grid(latent: LatentSpec, model: ModelSpec, axis: int) -> tuple[int, int, str]:
-    """``(first, step, why)`` of the heights (``axis`` 1) or widths (2) that fit: multiples of stride x patch."""
-    stride, patch = latent.spatial_stride, model.patch_size[axis]
-    step = stride * patch
-    return step, step, f"VAE spatial stride {stride} x model patch {patch}"
-
-
-def _fitting(name: str, asked: int | None, default: int, first: int, step: int, why: str) -> int:
-    """``asked`` (or ``default``) when it is ``first + k * step``; else a ``ValueError`` with the nearest sizes."""
-    value = default if asked is None else asked
-    if value >= first and (value - first) % step == 0:
-        return value
-    below = first + (value - first) // step * step if value > first else None
-    nearest = f"{below} or {below + step}" if below is not None else str(first)
-    source = f"--{name} {value}" if asked is not None else f"sample.{name}={value} (the checkpoint's default)"
-    grid = ", ".join(str(first + k * step) for k in range(3))
-    fix = f"pass --{name} {nearest}" if asked is None else f"nearest: {nearest}"
-    raise ValueError(f"{source} does not fit this model: {name} must be one of {grid}, ... ({why}); {fix}")
-
-
-def with_codecs(cfg: TrainConfig, request: GenerateRequest) -> TrainConfig:
-    """``cfg`` with the request's ``vae`` / ``text_encoder`` / ``tokenizer`` in place of the recorded ``codecs.*``.
-
-    A new ``text_encoder`` without a ``tokenizer`` also drops the recorded tokenizer (it belongs to the old one).
-    """
-    c = cfg.codecs
-    tokenizer = request.tokenizer or (None if request.text_encoder else c.tokenizer)
-    codecs = CodecsConfig(
-        vae=request.vae or c.vae, text_encoder=request.text_encoder or c.text_encoder, tokenizer=tokenizer
-    )
-    return attrs.evolve(cfg, codecs=codecs)
-
-
-def _codecs(cfg: TrainConfig, checkpoint: Path) -> tuple[LatentCodec, TextEncoder]:
+def generation_codecs(cfg: TrainConfig, request: GenerateRequest) -> tuple[LatentCodec, TextEncoder]:
+    """The VAE and text encoder ``cfg`` records (or the request names): both needed, with the error to fix it."""
+    checkpoint = request.checkpoint
     try:
-        codec, text_encoder = bootstrap.build_codecs(cfg)
+        codec, text_encoder = bootstrap.build_codecs(cfg, vae_tiling=request.vae_tiling)
     except ConfigError as exc:
         hint = "--vae / --text-encoder / --tokenizer replace the codecs recorded in the checkpoint"
         raise ValueError(f"{exc} ({hint})") from None
@@ -393,46 +278,70 @@ def _codecs(cfg: TrainConfig, checkpoint: Path) -> tuple[LatentCodec, TextEncode
     return codec, text_encoder
 
 
-def _embed(text_encoder: TextEncoder, prompts: Sequence[str], cfg: TrainConfig, device: torch.device):
-    emb, mask = text_encoder.encode(list(prompts), cfg.data.text_len)
-    return emb.to(device), mask.to(device)
-
-
 @torch.no_grad()
-def _one_video(
+def sample_prompts(
     request: GenerateRequest,
     plan: SamplingPlan,
     cfg: TrainConfig,
     model: torch.nn.Module,
-    codec: LatentCodec,
-    text_encoder: TextEncoder,
-    prompt: str,
+    codecs: tuple[LatentCodec, TextEncoder],
     device: torch.device,
-    index: int,
-) -> torch.Tensor:
+    timings: GenerationTimings | None = None,
+) -> list[torch.Tensor]:
+    """The latents ``[1, C, F, H, W]`` of each prompt, sampled ``request.batch_size`` prompts per forward.
+
+    Prompt ``i`` starts from the noise of ``seed + i`` whatever the batching, so a video does not depend on the
+    prompts sampled with it (up to float rounding).
+    """
+    codec, text_encoder = codecs
     shape = codec.latent_spec.latent_shape(plan.frames, plan.height, plan.width)
-    generator = torch.Generator().manual_seed(request.seed + index)
-    noise = torch.randn((1, *shape), generator=generator).to(device)
-    text, mask = _embed(text_encoder, [prompt], cfg, device)
-    null = _embed(text_encoder, [request.negative_prompt], cfg, device) if request.negative_prompt else (None, None)
-    desc = f"sampling {index + 1}/{len(request.prompts)}"
-    with tqdm(total=plan.steps, desc=desc, disable=not request.progress) as bar:
-        latents = sample_latents(
-            model,
-            cfg.diffusion,
-            noise,
-            sampler=plan.sampler,
-            steps=plan.steps,
-            guidance=plan.guidance,
-            text=text,
-            text_mask=mask,
-            null_text=null[0],
-            null_text_mask=null[1],
-            shift=plan.shift,
-            generator=generator,
-            callback=lambda i, n, x: bar.update(1),
+    null = _embed(text_encoder, [request.negative_prompt], cfg, device, timings) if request.negative_prompt else None
+    out: list[torch.Tensor] = []
+    prompts = list(request.prompts)
+    for first in range(0, len(prompts), request.batch_size):
+        batch = prompts[first : first + request.batch_size]
+        generators = [torch.Generator().manual_seed(request.seed + first + i) for i in range(len(batch))]
+        noise = torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device)
+        text, mask = _embed(text_encoder, batch, cfg, device, timings)
+        desc = (
+            f"sampling {first + 1}-{first + len(batch)}/{len(prompts)}"
+            if len(batch) > 1
+            else f"sampling {first + 1}/{len(prompts)}"
         )
-    return latents
+        with tqdm(total=plan.steps, desc=desc, disable=not request.progress) as bar:
+            step_clock = _StepClock(bar, device, timings)
+            latents = sample_latents(
+                model,
+                cfg.diffusion,
+                noise,
+                sampler=plan.sampler,
+                steps=plan.steps,
+                guidance=plan.guidance,
+                text=text,
+                text_mask=mask,
+                null_text=None if null is None else null[0],
+                null_text_mask=None if null is None else null[1],
+                shift=plan.shift,
+                generator=generators if len(generators) > 1 else generators[0],
+                callback=step_clock,
+                cfg_batched=request.cfg == "batched",
+            )
+        out.extend(latents.split(1))
+    return out
+
+
+def _embed(
+    text_encoder: TextEncoder,
+    prompts: Sequence[str],
+    cfg: TrainConfig,
+    device: torch.device,
+    timings: GenerationTimings | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    t0 = time.perf_counter()
+    emb, mask = text_encoder.encode(list(prompts), cfg.data.text_len)
+    if timings is not None:
+        timings.text_encode_s += time.perf_counter() - t0
+    return emb.to(device), mask.to(device)
 
 
 def parallel_layout(

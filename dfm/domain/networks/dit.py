@@ -282,6 +282,9 @@ class DiT(nn.Module):
     parallel_plan: ClassVar[ParallelPlan] = DIT_PARALLEL_PLAN
     inputs_type: ClassVar[type] = DiTInputs
     """What :meth:`embed` returns (a pipeline runtime rebuilds it on later stages)."""
+    fp32_modules: ClassVar[tuple[str, ...]] = ()
+    """Parts whose parameters stay float32 when the network runs in a lower precision: none (its norms compute
+    in float32 already, and every other layer takes the dtype of the layer before)."""
 
     def __init__(
         self, spec: DiTSpec, *, attention: AttentionKernel | None = None, generator: torch.Generator | None = None

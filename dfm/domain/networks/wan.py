@@ -262,6 +262,10 @@ class WanTransformer(nn.Module):
     """Tensor/sequence/pipeline parallel plan (DESIGN.md rule 4)."""
     inputs_type = WanInputs
     """What :meth:`embed` returns (a pipeline runtime rebuilds it on later stages)."""
+    fp32_modules: tuple[str, ...] = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+    """Parts whose parameters stay float32 when the network runs in a lower precision (a parameter whose dotted
+    name holds one of these): the time embedding, the modulation tables and the block norms, as diffusers keeps
+    them (``WanTransformer3DModel._keep_in_fp32_modules``); the forward computes them in float32 already."""
 
     def __init__(
         self, spec: WanSpec, *, attention: AttentionKernel | None = None, generator: torch.Generator | None = None
@@ -339,6 +343,8 @@ class WanTransformer(nn.Module):
             latents, timestep, text, text_mask, in_channels=s.in_channels, text_dim=s.text_dim, patch=s.patch_size
         )
         device = latents[0].device
+        latents = [self._input_dtypes(x, text)[0] for x in latents]
+        text = self._input_dtypes(latents[0], text)[1]
         tokens = torch.cat([self.patch_embedding(x.unsqueeze(0)) for x in latents], dim=1)
         temb, modulation, context = self.condition_embedder(timestep, text)
         packed = packed_positions(layout, s.attention_head_dim, text_mask, text.shape[1], device)
@@ -355,8 +361,16 @@ class WanTransformer(nn.Module):
         self._check_inputs(x, timestep, text, text_mask)
         spec = self.spec
         rope, mask, grid = token_positions(x.shape, spec.patch_size, spec.attention_head_dim, text_mask, x.device)
+        x, text = self._input_dtypes(x, text)
         temb, modulation, context = self.condition_embedder(timestep, text)
         return WanInputs(self.patch_embedding(x), context, modulation, temb, rope, mask, grid)
+
+    def _input_dtypes(self, x: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` and ``text`` in the dtype of the layers that read them (a network loaded in bf16 takes float32
+        latents from a sampler, as diffusers' pipeline casts them to the transformer's dtype)."""
+        return x.to(self.patch_embedding.weight.dtype), text.to(
+            self.condition_embedder.text_embedder.linear_1.weight.dtype
+        )
 
     def run_blocks(self, tokens: Tensor, inputs: WanInputs | WanPackedInputs) -> Tensor:
         """Every block on ``tokens`` ``[B, L, h]`` (``L`` may be a sequence shard matching ``inputs.rope``),

@@ -1,7 +1,8 @@
 """Classifier-free guidance (Ho & Salimans, "Classifier-Free Diffusion Guidance", 2022).
 
 ``pred = pred(x | null) + scale (pred(x | text) - pred(x | null))``, where ``null`` is the null
-(dropped-out) text or a negative prompt. Both passes run as one forward over the doubled batch.
+(dropped-out) text or a negative prompt. Both passes run as one forward over the doubled batch, or as two
+forwards (``batched=False``, as diffusers' ``WanPipeline`` runs them).
 The combination is affine with weights summing to 1, so guiding the velocity of a flow model is the
 same as guiding its data prediction ``x - sigma v``.
 """
@@ -34,6 +35,7 @@ def guided(
     null_text: torch.Tensor | None = None,
     null_text_mask: torch.Tensor | None = None,
     scale: float = 1.0,
+    batched: bool = True,
 ) -> Denoiser:
     """Bind the text and the guidance scale: the returned ``(x, sigma) -> prediction`` feeds any sampler.
 
@@ -50,6 +52,8 @@ def guided(
             ``S' != S`` is padded with masked-out zeros (attended where the process does not mask padding).
         null_text_mask: Optional ``[1 or B, S']`` mask of ``null_text``.
         scale: Guidance scale ``w``; WAN 2.1 uses 5.
+        batched: Run both passes as one forward over ``[x, x]`` (``True``) or as two forwards. The results are
+            equal up to float rounding; which is faster depends on the network and the device.
 
     Returns:
         The guided denoiser.
@@ -64,6 +68,14 @@ def guided(
     null_text, null_text_mask = _broadcast_null(text, null_text, null_text_mask)
     if scale == 0.0:
         return lambda x, sigma: model_fn(x, sigma, null_text, null_text_mask)
+    if not batched:
+
+        def two_passes(x: torch.Tensor, sigma: Sigma) -> torch.Tensor:
+            cond = model_fn(x, sigma, text, text_mask)
+            uncond = model_fn(x, sigma, null_text, null_text_mask)
+            return uncond + scale * (cond - uncond)
+
+        return two_passes
     both_text, both_mask = _concat_texts(text, text_mask, null_text, null_text_mask)
 
     def denoise(x: torch.Tensor, sigma: Sigma) -> torch.Tensor:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from structlog.testing import capture_logs
 from support.pretrained import TINY_UMT5_DIM, write_tiny_umt5, write_tiny_wan_model_root
 from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -53,8 +54,12 @@ def test_embeddings_are_the_models_hidden_states_on_real_tokens_and_zero_on_padd
 
 
 def test_captions_are_truncated_at_max_length(encoder: UMT5TextEncoder) -> None:
-    emb, mask = encoder.encode(CAPTIONS[:1], 4)
+    with capture_logs() as logs:
+        emb, mask = encoder.encode(CAPTIONS[:1], 4)
+        encoder.encode(CAPTIONS[:1], 64)
     assert emb.shape == (1, 4, TINY_UMT5_DIM) and mask.all()
+    truncated = [entry for entry in logs if entry["event"] == "caption truncated"]
+    assert len(truncated) == 1 and truncated[0]["kept"] == 4 and truncated[0]["tokens"] > 4  # warned once, at 4
     full, _ = encoder.encode(CAPTIONS[:1], 12)
     assert not torch.allclose(emb[0], full[0, :4])  # truncation ends in </s> and changes attention context
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from support.networks import tiny_network
+from support.networks import inference_dtype_of, tiny_network
 
 from dfm.adapters.checkpoint import DCPCheckpointStore
 from dfm.adapters.local import LocalRuntime, is_checkpointed
@@ -67,14 +67,15 @@ def test_a_network_built_for_inference_is_allocated_in_its_dtype_and_takes_no_op
     runtime = LocalRuntime(device="cpu", ema_decay=0.9, activation_checkpointing="full")
     assert isinstance(runtime, ParallelRuntime)
     model = runtime.build_network(WAN_TINY, inference_dtype=torch.bfloat16)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(p.dtype == inference_dtype_of(n, torch.bfloat16) for n, p in model.named_parameters())
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16, torch.float32}  # declared parts stay fp32
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert not any(is_checkpointed(block) for block in model.blocks)
     source = source_weights()
     runtime.load_weights(source)
     got = runtime.weights()  # no EMA is attached: the network's weights, whatever use_ema says
     assert got.keys() == source.keys()
-    assert all(torch.equal(got[k], source[k].bfloat16()) for k in source)
+    assert all(torch.equal(got[k], source[k].to(inference_dtype_of(k, torch.bfloat16))) for k in source)
     assert runtime.inference_model() is model and runtime.inference_model(use_ema=False) is model
     with pytest.raises(RuntimeError, match="inference_dtype takes no optimizer"):
         runtime.attach_optimizer(SETTINGS)
@@ -130,7 +131,7 @@ def test_restore_weights_casts_into_a_bf16_network_and_takes_new_tensors_from_a_
     runtime = LocalRuntime(device="cpu", ema_decay=0.9)
     model = runtime.build_network(WAN_TINY, inference_dtype=torch.bfloat16)
     assert runtime.restore_weights(RecordingReader(directory)) == "ema"
-    assert all(torch.equal(model.state_dict()[k], v.bfloat16()) for k, v in ema.items())
+    assert all(torch.equal(model.state_dict()[k], v.to(inference_dtype_of(k, torch.bfloat16))) for k, v in ema.items())
 
     def replacing(state: dict[str, Any]) -> None:  # like megatron's IO, which returns the tensors it loaded
         state["ema"] = {k: 2 * ema[k.removeprefix("module.")] for k in state["ema"]}

@@ -8,7 +8,7 @@ import pytest
 
 from dfm.app import generate as generate_cli
 from dfm.app.cli import run_main
-from dfm.app.services.generation import GenerateRequest, cache_option
+from dfm.app.services.generation_request import GenerateRequest, cache_option
 from dfm.domain.networks.step_cache import StepCacheConfig
 
 FORMS = "--cache must be METHOD:THRESHOLD with METHOD first_block or teacache (e.g. first_block:0.05), or off; got "

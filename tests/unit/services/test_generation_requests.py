@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dfm.app.config import resolve_config
-from dfm.app.services.generation import GenerateRequest, SamplingPlan, sampling_plan
+from dfm.app.services.generation_request import GenerateRequest, SamplingPlan, sampling_plan
 from dfm.domain.specs import LatentSpec
 
 PIXELS = LatentSpec(channels=3, temporal_stride=1, spatial_stride=1)
