@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except torch.OutOfMemoryError as exc:
         print(
             f"error: out of accelerator memory ({str(exc).splitlines()[0]}); lower train.micro_batch_size, "
-            "set train.activation_checkpointing=full, or use a parallel runtime",
+            "set train.activation_checkpointing=selective or full, or use a parallel runtime",
             file=sys.stderr,
         )
         return 1

@@ -113,8 +113,8 @@ def build_sharded_network(
     if cp_group is not None:
         use_ulysses_attention(model, plan, cp_group, options.attention_backend)
     model.forward = StagedForward(model, cp_group=cp_group, compute_dtype=options.param_dtype)
-    if options.activation_checkpointing == "full":
-        apply_activation_checkpointing(model, plan.blocks, options.checkpoint_every)
+    if options.activation_checkpointing != "off":
+        apply_activation_checkpointing(model, plan.blocks, options.checkpoint_every, options.activation_checkpointing)
     blocks = model.get_submodule(plan.blocks)
     if options.compile:
         for block in blocks:

@@ -53,7 +53,9 @@ def _check_options(precision: str, grad_clip: float | None, ema_decay: float | N
         f"train.ema_decay must be in (0, 1) or None, got {ema_decay}"
         if ema_decay is not None and not 0 < ema_decay < 1
         else None,
-        f"train.activation_checkpointing must be 'off' or 'full', got {ac!r}" if ac not in ("off", "full") else None,
+        f"train.activation_checkpointing must be 'off', 'full' or 'selective', got {ac!r}"
+        if ac not in ("off", "full", "selective")
+        else None,
         f"train.activation_checkpointing_every_k must be >= 1, got {every}" if every < 1 else None,
     ]
     if any(problems):
@@ -77,7 +79,7 @@ class FSDP2Runtime:
             bf16 compute, float32 weights, optimizer state and gradient reduction).
         grad_clip: Clip the global gradient norm to this; ``None`` disables clipping.
         ema_decay: Keep a sharded EMA of the weights with this decay; ``None``: none.
-        activation_checkpointing: ``"off"`` or ``"full"``.
+        activation_checkpointing: ``"off"``, ``"full"`` or ``"selective"`` (attention outputs kept).
         checkpoint_every: With ``"full"``, checkpoint every k-th block (1 = all).
         attention_backend: SDPA backend (``"auto"``, ``"math"``, ``"flash"``, ``"efficient"``, ``"cudnn"``).
         compile: ``torch.compile`` each block (on CUDA; ignored on the CPU).

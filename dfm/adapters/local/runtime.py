@@ -40,10 +40,10 @@ from dfm.domain.specs import ModelSpec
 from dfm.ports.runtime import LossFn, OptimizerSettings, StepResult, Topology, WeightsReader
 
 Precision = Literal["auto", "fp32", "bf16"]
-ActivationCheckpointing = Literal["off", "full"]
+ActivationCheckpointing = Literal["off", "full", "selective"]
 
 _PRECISIONS = ("auto", "fp32", "bf16")
-_CHECKPOINTING = ("off", "full")
+_CHECKPOINTING = ("off", "full", "selective")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -119,7 +119,8 @@ class LocalRuntime:
             weights, gradients and optimizer state stay fp32).
         grad_clip: Clip the global gradient norm to this value; ``None`` disables clipping.
         ema_decay: Keep an EMA of the weights with this decay (see :mod:`dfm.adapters.local.ema`); ``None``: none.
-        activation_checkpointing: ``"off"`` or ``"full"`` (recompute whole blocks in the backward pass).
+        activation_checkpointing: ``"off"``, ``"full"`` (recompute whole blocks in the backward pass) or
+            ``"selective"`` (recompute them but keep the attention outputs).
         checkpoint_every: With ``"full"``, checkpoint every k-th block only (1 = all blocks).
         attention_backend: SDPA backend (``"auto"``, ``"math"``, ``"flash"``, ``"efficient"``, ``"cudnn"``).
         seed: Seed of the initial weights (the same seed always gives the same weights).
@@ -199,8 +200,10 @@ class LocalRuntime:
         self._optimizer = build_adamw(model, settings, fused=self._fused)
         self._scheduler = build_scheduler(self._optimizer, settings)
         self._ema = None if self.ema_decay is None else build_ema(model, self.ema_decay)
-        if self.activation_checkpointing == "full":
-            apply_activation_checkpointing(model, model.parallel_plan.blocks, self.checkpoint_every)
+        if self.activation_checkpointing != "off":
+            apply_activation_checkpointing(
+                model, model.parallel_plan.blocks, self.checkpoint_every, self.activation_checkpointing
+            )
 
     # Weights ---------------------------------------------------------------------------------------
 

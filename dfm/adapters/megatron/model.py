@@ -261,8 +261,10 @@ def build_chunks(
         pieces |= {_global_name(name, plan.blocks, layout): piece for name, piece in local.items()}
         if cp_group is not None:
             use_ulysses_attention(network, plan, cp_group, options.attention_backend)
-        if options.activation_checkpointing == "full":
-            apply_activation_checkpointing(network, plan.blocks, options.checkpoint_every)
+        if options.activation_checkpointing != "off":
+            apply_activation_checkpointing(
+                network, plan.blocks, options.checkpoint_every, options.activation_checkpointing
+            )
         chunks.append(Chunk(network, layout, config, cp_group, options.dtype))
     if seed is not None:
         with torch.device("meta"):

@@ -57,7 +57,7 @@ class MegatronRuntime:
             compute, float32 main weights in the optimizer and float32 gradient reduction).
         grad_clip: Clip the global gradient norm to this; ``None`` disables clipping.
         ema_decay: Keep an EMA of this rank's weights (float32); ``None``: none.
-        activation_checkpointing: ``"off"`` or ``"full"``; ``checkpoint_every``: every k-th block.
+        activation_checkpointing: ``"off"``, ``"full"`` or ``"selective"``; ``checkpoint_every``: every k-th block.
         attention_backend: SDPA backend.
         seed: Seed of the initial weights (the local runtime's weights for the same seed).
         distributed_optimizer: Shard the optimizer state over the data-parallel ranks (``megatron.*``).
@@ -97,9 +97,9 @@ class MegatronRuntime:
         kind = device_type(device)
         if precision not in ("auto", *_PRECISIONS):
             raise ValueError(f"train.precision must be one of ('auto', 'fp32', 'bf16'), got {precision!r}")
-        if activation_checkpointing not in ("off", "full"):
+        if activation_checkpointing not in ("off", "full", "selective"):
             raise ValueError(
-                f"train.activation_checkpointing must be 'off' or 'full', got {activation_checkpointing!r}"
+                f"train.activation_checkpointing must be 'off', 'full' or 'selective', got {activation_checkpointing!r}"
             )
         self._parallel = {
             "tensor": tensor,

@@ -9,7 +9,7 @@ from attrs import validators as v
 
 from dfm.app.config.checks import choice, finite_positive, optional, positive
 
-ActivationCheckpointing = Literal["off", "full"]
+ActivationCheckpointing = Literal["off", "full", "selective"]
 AttentionBackend = Literal["auto", "math", "flash", "efficient", "cudnn"]
 Precision = Literal["fp32", "bf16", "auto"]
 
@@ -33,9 +33,10 @@ class TrainingConfig:
     activation_checkpointing: ActivationCheckpointing = attrs.field(
         default="off", validator=choice(ActivationCheckpointing)
     )
-    """``off``: keep activations; ``full``: recompute whole blocks in the backward pass."""
+    """``off``: keep activations; ``full``: recompute whole blocks in the backward pass; ``selective``: recompute
+    them but keep the attention kernels' outputs (the most expensive op at long sequences runs once)."""
     activation_checkpointing_every_k: int = attrs.field(default=1, validator=positive)
-    """With ``full``, recompute every k-th block only (1 = every block)."""
+    """With ``full`` or ``selective``, checkpoint every k-th block only (1 = every block)."""
     attention_backend: AttentionBackend = attrs.field(default="auto", validator=choice(AttentionBackend))
     """SDPA kernel: ``auto`` lets the runtime choose (cuDNN preferred on Hopper), or force one."""
     compile: bool = False

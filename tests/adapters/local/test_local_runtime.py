@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dfm.adapters.local import LocalRuntime, decays, is_checkpointed, lr_factor
+from dfm.adapters.torch_dist.checkpointing import SAVED_OPS
 from dfm.domain.batch import Batch
 from dfm.domain.diffusion import EDM, FlowMatching
 from dfm.domain.objective import LossOutput, training_loss
@@ -237,23 +240,41 @@ def test_ema_is_the_closed_form_average_of_the_trajectory() -> None:
     assert runtime.inference_model(use_ema=True) is not runtime.inference_model(use_ema=False)
 
 
+class _AttentionCalls(TorchDispatchMode):
+    """Counts the fused attention kernels dispatched (forward and recompute) while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.count += func in SAVED_OPS
+        return func(*args, **(kwargs or {}))
+
+
 def test_activation_checkpointing_keeps_gradients_and_keys() -> None:
-    calls = {"off": 0, "full": 0}
-    runtimes = {}
-    for mode in calls:
+    ffn = {"off": 0, "full": 0, "selective": 0}
+    attention, runtimes = {}, {}
+    for mode in ffn:
         runtime = built(activation_checkpointing=mode, ema_decay=0.99)
         model = runtime.inference_model(use_ema=False)
-        model.blocks[0].ffn.register_forward_hook(lambda *_, m=mode: calls.__setitem__(m, calls[m] + 1))
-        train(runtime, range(1), make_batch(2))
-        runtimes[mode] = runtime
-    assert calls == {"off": 2, "full": 4}  # two micro-batches; one recompute of each in the backward pass
-    g_off, g_full = grads(runtimes["off"]), grads(runtimes["full"])
-    assert g_off.keys() == g_full.keys()
-    for n in g_off:
-        torch.testing.assert_close(g_full[n], g_off[n], rtol=1e-6, atol=0), n
-    s_off, s_full = runtimes["off"].state_dict(), runtimes["full"].state_dict()
-    assert flat_state(s_off).keys() == flat_state(s_full).keys()
-    assert list(s_off["model"]) == list(s_full["model"]) == list(runtimes["off"].inference_model().state_dict())
+        model.blocks[0].ffn.register_forward_hook(lambda *_, m=mode: ffn.__setitem__(m, ffn[m] + 1))
+        with _AttentionCalls() as calls:
+            train(runtime, range(1), make_batch(2))
+        attention[mode], runtimes[mode] = calls.count, runtime
+    assert ffn == {"off": 2, "full": 4, "selective": 4}  # two micro-batches; the FFN is recomputed in both modes
+    blocks = len(runtimes["off"].inference_model(use_ema=False).blocks)
+    # self- and cross-attention per block and micro-batch; full runs them again, selective keeps their outputs
+    assert attention == {"off": 4 * blocks, "full": 8 * blocks, "selective": 4 * blocks}
+    g_off = grads(runtimes["off"])
+    for mode in ("full", "selective"):
+        g = grads(runtimes[mode])
+        assert g.keys() == g_off.keys()
+        for n in g_off:
+            torch.testing.assert_close(g[n], g_off[n], rtol=1e-6, atol=0), (mode, n)
+        s_off, s = runtimes["off"].state_dict(), runtimes[mode].state_dict()
+        assert flat_state(s_off).keys() == flat_state(s).keys()
+        assert list(s_off["model"]) == list(s["model"]) == list(runtimes["off"].inference_model().state_dict())
     every2 = built(activation_checkpointing="full", checkpoint_every=2).inference_model(use_ema=False)
     assert [is_checkpointed(b) for b in every2.blocks] == [False, True]
 

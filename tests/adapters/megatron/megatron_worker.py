@@ -45,18 +45,18 @@ SPEC = attrs.evolve(shared.SPEC, num_layers=4)
 OPTIONS = dict(shared.OPTIONS)
 RETUNED = attrs.evolve(shared.SETTINGS, lr=3e-2, betas=(0.5, 0.9), eps=1e-6, weight_decay=0.1)
 """The optimizer settings a user changes before resuming the ``resume`` case's run."""
-LAYOUTS: dict[str, dict[str, int]] = {
+LAYOUTS: dict[str, dict[str, Any]] = {
     "data": {},
     "tensor": {"tensor": 2},
-    "pipeline": {"pipeline": 2},
-    "context": {"context": 2},
+    "pipeline": {"pipeline": 2, "activation_checkpointing": "full"},
+    "context": {"context": 2, "activation_checkpointing": "selective"},
     "virtual": {"pipeline": 2, "virtual_pipeline": 2},
     "sequence": {"tensor": 2, "sequence_parallel": True},
     "overlap": {"overlap_grad_reduce": True, "overlap_param_gather": True},
 }
 
 
-def runtime_for(layout: dict[str, int]) -> Any:
+def runtime_for(layout: dict[str, Any]) -> Any:
     from dfm.adapters.megatron import MegatronRuntime
 
     runtime = MegatronRuntime(**layout, **OPTIONS)
