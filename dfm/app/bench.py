@@ -4,7 +4,10 @@ Builds the runtime, model and data source exactly as ``python -m dfm.app.train``
 ``key=value``; ``torchrun`` for several processes), runs ``--warmup`` steps then ``--steps`` timed steps
 (CUDA synchronised around each), and prints one JSON line on rank 0: seconds per step (mean, min, max),
 samples/s, tokens/s, model TFLOP/s per device (the spec's analytic training FLOPs,
-:func:`dfm.domain.specs.training_flops`; recompute not counted), peak memory, and the final loss.
+:func:`dfm.domain.specs.training_flops`; recompute not counted), peak memory, and the final loss. Samples,
+tokens and FLOPs are counted from the timed steps' micro-batches as they ran (their own latent shapes and
+text length, every data-parallel rank's; :mod:`dfm.app.services.throughput`), so bucketed and packed data
+are measured right.
 ``--profile DIR`` also writes a ``torch.profiler`` trace of two more steps after the timed ones and a
 table of the operators that took the most device time.
 
@@ -39,9 +42,9 @@ from dfm.app import bootstrap
 from dfm.app.cli import UserError, add_config_arguments, config_from_args, make_parser, parse_args, run_main
 from dfm.app.config import TrainConfig
 from dfm.app.logging import configure_logging
+from dfm.app.services.throughput import Work, batch_work, job_work
 from dfm.domain.objective import batch_loss
 from dfm.domain.rng import SampleRNG
-from dfm.domain.specs import num_tokens, training_flops
 from dfm.ports.runtime import LossFn, ParallelRuntime
 
 
@@ -53,7 +56,7 @@ def bench_train(cfg: TrainConfig, *, warmup: int = 2, steps: int = 6, profile: P
     codec, text = bootstrap.build_codecs(cfg)
     data = iter(bootstrap.build_data_source(cfg, runtime.topology, codec, text))
     n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * runtime.topology.dp_size)
-    times, loss, prof = [], float("nan"), None
+    times, loss, prof, work = [], float("nan"), None, Work()
     extra = 2 if profile is not None else 0  # profiled after the timed steps, so timings stay clean
     for step in range(warmup + steps + extra):
         if extra and step == warmup + steps:
@@ -66,11 +69,12 @@ def bench_train(cfg: TrainConfig, *, warmup: int = 2, steps: int = 6, profile: P
         _sync(runtime)
         if warmup <= step < warmup + steps:
             times.append(time.perf_counter() - t0)
+            work += batch_work(cfg.model, micro)
         loss = result.loss
     if prof is not None and profile is not None:
         prof.__exit__(None, None, None)
         _write_profile(prof, profile)
-    figures = _figures(cfg, runtime, times, loss, warmup)
+    figures = _figures(cfg, runtime, times, job_work(work, runtime.topology), loss, warmup)
     runtime.close()  # a runtime that created a process group tears it down
     return figures
 
@@ -81,12 +85,11 @@ def _loss_fn(cfg: TrainConfig, step: int) -> LossFn:
     return lambda model, batch: batch_loss(model, batch, cfg.diffusion, rng)
 
 
-def _figures(cfg: TrainConfig, runtime: ParallelRuntime, times: list[float], loss: float, warmup: int) -> dict:
-    codec, _ = bootstrap.build_codecs(cfg)
-    _, f, h, w = bootstrap.latent_shape(cfg, codec)
-    tokens = num_tokens(cfg.model, f, h, w)
-    flops = training_flops(cfg.model, tokens, cfg.data.text_len) * cfg.train.global_batch_size
-    mean, topo = statistics.fmean(times), runtime.topology
+def _figures(
+    cfg: TrainConfig, runtime: ParallelRuntime, times: list[float], work: Work, loss: float, warmup: int
+) -> dict:
+    """The printed figures; ``work`` is what the job's timed steps held (every data-parallel rank's)."""
+    mean, topo, total = statistics.fmean(times), runtime.topology, sum(times)
     return {
         "runtime": cfg.runtime,
         "rank": topo.rank,
@@ -96,15 +99,15 @@ def _figures(cfg: TrainConfig, runtime: ParallelRuntime, times: list[float], los
         "every_k": cfg.train.activation_checkpointing_every_k,
         "compile": cfg.train.compile,
         "global_batch_size": cfg.train.global_batch_size,
-        "tokens_per_sample": tokens,
+        "tokens_per_sample": round(work.video_tokens / work.samples, 1),
         "warmup_steps": warmup,
         "timed_steps": len(times),
         "s_per_step": round(mean, 4),
         "s_per_step_min": round(min(times), 4),
         "s_per_step_max": round(max(times), 4),
-        "samples_per_s": round(cfg.train.global_batch_size / mean, 4),
-        "tokens_per_s": round(cfg.train.global_batch_size * tokens / mean, 1),
-        "model_tflops_per_device": round(flops / mean / topo.world_size / 1e12, 1),
+        "samples_per_s": round(work.samples / total, 4),
+        "tokens_per_s": round(work.video_tokens / total, 1),
+        "model_tflops_per_device": round(work.flops / total / topo.world_size / 1e12, 1),
         "max_memory_gib": round(runtime.max_memory_gib(), 2),
         "loss": loss,
     }

@@ -1,4 +1,4 @@
-"""Model and latent specs, with the analytic training FLOPs per sample.
+"""Model and latent specs, with the analytic training FLOPs per sample and per batch that ran.
 
 Field names of :class:`WanSpec` equal the config keys of diffusers' ``WanTransformer3DModel`` so that
 a spec is its ``config.json`` (minus the image-to-video keys) and back.
@@ -6,10 +6,13 @@ a spec is its ``config.json`` (minus the image-to-video keys) and back.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import attrs
 from attrs import validators as v
+
+from dfm.domain.batch import Batch, PackedBatch
 
 _positive = v.gt(0)
 
@@ -200,3 +203,35 @@ def forward_flops(spec: ModelSpec, video_tokens: int, text_tokens: int) -> float
 def training_flops(spec: ModelSpec, video_tokens: int, text_tokens: int) -> float:
     """Training FLOPs of one sample: 3x forward (backward = 2x forward; recompute not counted)."""
     return 3.0 * forward_flops(spec, video_tokens, text_tokens)
+
+
+def sample_lengths(spec: ModelSpec, batch: Batch | PackedBatch) -> list[tuple[int, int]]:
+    """``(L_i, S)`` of every sample of ``batch``, from the shapes it actually has.
+
+    ``L_i`` are the video tokens of sample ``i``'s own latent ``[C, F_i, H_i, W_i]`` patchified with
+    ``spec.patch_size`` (the samples of a :class:`PackedBatch` may differ; those of a :class:`Batch`
+    share one shape); ``S`` is the text length the network ran over, the batch's (padded) ``text.shape[1]``.
+
+    Raises:
+        ValueError: If a latent is not divisible by the patch size.
+    """
+    text_tokens = int(batch.text.shape[1])
+    if isinstance(batch, PackedBatch):
+        shapes = [tuple(x.shape) for x in batch.latents]
+    else:
+        shapes = [tuple(batch.latents.shape[1:])] * batch.size
+    return [(num_tokens(spec, *(int(n) for n in shape[-3:])), text_tokens) for shape in shapes]
+
+
+def batch_video_tokens(spec: ModelSpec, batch: Batch | PackedBatch) -> int:
+    """Video tokens of all samples of ``batch``, ``sum_i L_i`` (see :func:`sample_lengths`)."""
+    return sum(length for length, _ in sample_lengths(spec, batch))
+
+
+def batch_training_flops(spec: ModelSpec, batch: Batch | PackedBatch) -> float:
+    """Training FLOPs of ``batch``: the sum of every sample's :func:`training_flops` at its own ``(L_i, S)``.
+
+    Attention stays inside each sample of a packed sequence, so its quadratic term is ``sum_i L_i^2``,
+    never ``(sum_i L_i)^2``.
+    """
+    return math.fsum(training_flops(spec, length, text) for length, text in sample_lengths(spec, batch))

@@ -29,10 +29,10 @@ from dfm.app.logging import bind_step, configure_logging, get_logger
 from dfm.app.services.resume import restore_first, select
 from dfm.app.services.run_dir import RunDirError, RunDirLock, disk_full_error
 from dfm.app.services.signals import StopRequest
+from dfm.app.services.throughput import Work, batch_work, job_work, rates
 from dfm.domain.batch import Batch
 from dfm.domain.objective import batch_loss
 from dfm.domain.rng import SampleRNG
-from dfm.domain.specs import num_tokens, training_flops
 from dfm.ports.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore
 from dfm.ports.data import DataSource
 from dfm.ports.runtime import ParallelRuntime, StepResult
@@ -173,7 +173,7 @@ def _write_config(cfg: TrainConfig, runtime: ParallelRuntime) -> None:
 
 def _loop(run: _Run) -> TrainResult:
     cfg = run.cfg
-    meter = _Meter(cfg, run.runtime)
+    meter = _Meter(run.runtime)
     log.info(
         "training",
         start_step=run.step,
@@ -183,8 +183,8 @@ def _loop(run: _Run) -> TrainResult:
     )
     with StopRequest() as stop:
         while run.step < cfg.train.max_steps and not stop.requested:
-            result = _one_step(run)
-            meter.add(result)
+            result, work = _one_step(run)
+            meter.add(result, work)
             if run.step % cfg.train.log_interval == 0 or run.step == cfg.train.max_steps:
                 _log_metrics(run, meter.flush(run.step))
             if run.step % cfg.checkpoint.interval == 0 and run.step < cfg.train.max_steps:
@@ -204,7 +204,8 @@ def _loop(run: _Run) -> TrainResult:
     )
 
 
-def _one_step(run: _Run) -> StepResult:
+def _one_step(run: _Run) -> tuple[StepResult, Work]:
+    """One optimizer step over this rank's next micro-batches; its result and what those batches held."""
     cfg, step = run.cfg, run.step
     n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * run.runtime.topology.dp_size)
     if run.batches is None:
@@ -217,7 +218,7 @@ def _one_step(run: _Run) -> StepResult:
     run.step = step + 1
     bind_step(run.step)
     _count_nonfinite(run, result)
-    return result
+    return result, batch_work(cfg.model, micro)
 
 
 def _count_nonfinite(run: _Run, result: StepResult) -> None:
@@ -370,28 +371,26 @@ def _log_metrics(run: _Run, metrics: Mapping[str, float | None]) -> None:
 class _Meter:
     """Throughput and means over one log interval.
 
-    ``loss``, ``grad_norm`` and the objective's metrics are means over the interval's steps where they
-    were finite, ``None`` where none was (every step of the interval skipped); ``skipped`` counts the
-    skipped steps. Every record has every key.
+    ``samples_per_s``, ``tokens_per_s`` and ``model_tflops`` (per device) count the job's micro-batches
+    that ran in the interval, from their own shapes (:mod:`dfm.app.services.throughput`). ``loss``,
+    ``grad_norm`` and the objective's metrics are means over the interval's steps where they were
+    finite, ``None`` where none was (every step of the interval skipped); ``skipped`` counts the skipped
+    steps. Every record has every key.
     """
 
-    def __init__(self, cfg: TrainConfig, runtime: ParallelRuntime) -> None:
-        codec, _ = bootstrap.build_codecs(cfg)
-        _, f, h, w = bootstrap.latent_shape(cfg, codec)
-        self.tokens = num_tokens(cfg.model, f, h, w)
-        self.flops = training_flops(cfg.model, self.tokens, cfg.data.text_len)
-        self.batch = cfg.train.global_batch_size
-        self.world = runtime.topology.world_size
+    def __init__(self, runtime: ParallelRuntime) -> None:
         self.runtime = runtime
         self._reset()
 
     def _reset(self) -> None:
         self.t0, self.steps, self.skipped, self.last = time.perf_counter(), 0, 0, None
+        self.work = Work()
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
 
-    def add(self, result: StepResult) -> None:
+    def add(self, result: StepResult, work: Work) -> None:
         self.steps += 1
+        self.work += work
         self.skipped += int(result.skipped)
         self.last = result
         values = {"loss": result.loss, "grad_norm": result.grad_norm, **result.metrics}
@@ -403,16 +402,14 @@ class _Meter:
                 self.counts[k] += 1
 
     def flush(self, step: int) -> dict[str, float | None]:
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        samples_per_s = self.steps * self.batch / dt
+        dt = time.perf_counter() - self.t0
+        work = job_work(self.work, self.runtime.topology)  # collective: every rank flushes at the same steps
         out: dict[str, float | None] = {
             k: (total / self.counts[k] if self.counts[k] else None) for k, total in self.sums.items()
         }
         out.update(
             lr=self.last.lr if self.last else 0.0,
-            samples_per_s=samples_per_s,
-            tokens_per_s=samples_per_s * self.tokens,
-            model_tflops=samples_per_s * self.flops / self.world / 1e12,
+            **rates(work, dt, self.runtime.topology.world_size),
             max_memory_gib=self.runtime.max_memory_gib(),
             skipped=float(self.skipped),
         )
