@@ -91,11 +91,6 @@ def check_training_config(cfg: TrainConfig) -> None:
 
 
 def _megatron_runtime(cfg: TrainConfig, knobs: dict[str, Any]) -> ParallelRuntime:
-    if cfg.train.compile:
-        raise ConfigError(
-            "train.compile: runtime=megatron does not compile its blocks; set train.compile=false "
-            "(runtime=fsdp2 compiles them)"
-        )
     from dfm.adapters.megatron import MegatronRuntime, megatron_sizes  # megatron-core is an optional extra
 
     p, m = cfg.parallel, cfg.megatron
@@ -124,7 +119,7 @@ def _megatron_runtime(cfg: TrainConfig, knobs: dict[str, Any]) -> ParallelRuntim
         "sequence_parallel": m.sequence_parallel,
     }
     try:
-        runtime = MegatronRuntime(**sizes, **engine, **knobs)
+        runtime = MegatronRuntime(**sizes, **engine, compile=cfg.train.compile, **knobs)
         runtime.check_model(cfg.model)
     except ValueError as exc:  # the messages name the parallel.* / train.* / megatron.* keys
         raise ConfigError(str(exc)) from None

@@ -131,16 +131,6 @@ def test_megatron_layout_that_does_not_fit_is_a_user_error(tmp_path: Path) -> No
     )
 
 
-def test_megatron_refuses_compile_with_the_key_to_change(tmp_path: Path) -> None:
-    stderr = user_error(
-        train_cli("--recipe", "wan_tiny_t2v", "--runtime", "megatron", "train.compile=true", f"run.dir={tmp_path}")
-    )
-    assert stderr.splitlines()[-1] == (
-        "error: train.compile: runtime=megatron does not compile its blocks; set train.compile=false "
-        "(runtime=fsdp2 compiles them)"
-    )
-
-
 def test_run_dir_that_is_a_file_or_under_a_file_is_refused_up_front(tmp_path: Path) -> None:
     a_file = tmp_path / "notes.txt"
     a_file.write_text("not a run directory\n")

@@ -72,9 +72,11 @@ class Options:
     attention_backend: str = "auto"
     """SDPA backend of the attention kernels."""
     activation_checkpointing: str = "off"
-    """``"off"`` or ``"full"`` (recompute blocks in the backward pass)."""
+    """``"off"``, ``"full"`` or ``"selective"`` (recompute blocks in the backward pass)."""
     checkpoint_every: int = 1
-    """With ``"full"``, recompute every k-th block of a chunk."""
+    """With ``"full"`` or ``"selective"``, recompute every k-th block of a chunk."""
+    compile: bool = False
+    """``torch.compile`` each block (after activation checkpointing, as the fsdp2 runtime does)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism: between the tensor-parallel linears the tokens are split over the
     sequence across the tensor-parallel ranks (only with ``tensor > 1``)."""
@@ -265,6 +267,9 @@ def build_chunks(
             apply_activation_checkpointing(
                 network, plan.blocks, options.checkpoint_every, options.activation_checkpointing
             )
+        if options.compile:
+            for block in network.get_submodule(plan.blocks):
+                block.compile()
         chunks.append(Chunk(network, layout, config, cp_group, options.dtype))
     if seed is not None:
         with torch.device("meta"):

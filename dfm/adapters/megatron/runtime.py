@@ -58,6 +58,7 @@ class MegatronRuntime:
         grad_clip: Clip the global gradient norm to this; ``None`` disables clipping.
         ema_decay: Keep an EMA of this rank's weights (float32); ``None``: none.
         activation_checkpointing: ``"off"``, ``"full"`` or ``"selective"``; ``checkpoint_every``: every k-th block.
+        compile: ``torch.compile`` each block, as the fsdp2 runtime does (on CUDA; ignored on the CPU).
         attention_backend: SDPA backend.
         seed: Seed of the initial weights (the local runtime's weights for the same seed).
         distributed_optimizer: Shard the optimizer state over the data-parallel ranks (``megatron.*``).
@@ -87,6 +88,7 @@ class MegatronRuntime:
         activation_checkpointing: str = "off",
         checkpoint_every: int = 1,
         attention_backend: str = "auto",
+        compile: bool = False,
         seed: int = 0,
         distributed_optimizer: bool = True,
         overlap_grad_reduce: bool = False,
@@ -121,6 +123,7 @@ class MegatronRuntime:
             activation_checkpointing=activation_checkpointing,
             checkpoint_every=checkpoint_every,
             sequence_parallel=sequence_parallel and self.sizes.tensor > 1,
+            compile=compile and kind == "cuda",
         )
         self.grad_clip, self.ema_decay, self.seed = grad_clip, ema_decay, seed
         self.ddp_config = DistributedDataParallelConfig(
@@ -182,7 +185,7 @@ class MegatronRuntime:
                 raise ValueError(
                     f"the inference dtype must be a floating type such as torch.bfloat16, got {inference_dtype}"
                 )
-            options = attrs.evolve(options, dtype=inference_dtype, activation_checkpointing="off")
+            options = attrs.evolve(options, dtype=inference_dtype, activation_checkpointing="off", compile=False)
         self._config = transformer_config(spec, self.sizes, options, self.device)
         seed = self.seed if inference_dtype is None else None
         self._chunks = build_chunks(spec, self.sizes, self._config, self.device, options, seed)

@@ -40,7 +40,7 @@ class TrainingConfig:
     attention_backend: AttentionBackend = attrs.field(default="auto", validator=choice(AttentionBackend))
     """SDPA kernel: ``auto`` lets the runtime choose (cuDNN preferred on Hopper), or force one."""
     compile: bool = False
-    """``torch.compile`` each transformer block (CUDA only; the ``fsdp2`` runtime; ignored on CPU)."""
+    """``torch.compile`` each transformer block (CUDA only; the ``fsdp2`` and ``megatron`` runtimes; ignored on CPU)."""
     precision: Precision = attrs.field(default="auto", validator=choice(Precision))
     """Compute precision: ``fp32``, ``bf16`` (mixed, fp32 master weights) or ``auto`` (bf16 on GPU, fp32 on CPU)."""
     ema_decay: float | None = attrs.field(default=None, validator=optional(v.and_(v.gt(0.0), v.lt(1.0))))
