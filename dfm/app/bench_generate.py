@@ -195,7 +195,7 @@ def main_generate(argv: Sequence[str]) -> int:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     parser.add_argument("--attention", choices=("auto", "cudnn", "flash", "efficient", "math"), default=None)
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--cfg", choices=("batched", "separate"), default="batched")
+    parser.add_argument("--cfg", choices=("auto", "batched", "separate"), default="auto")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--vae-tiling", action="store_true")
     parser.add_argument("--cache", action="append", default=[], metavar="METHOD:THRESHOLD", help="repeatable")

@@ -98,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     speed.add_argument(
         "--cfg",
-        choices=("batched", "separate"),
-        default="batched",
-        help="guidance's two passes as one forward over the doubled batch, or two forwards (default: batched)",
+        choices=("auto", "batched", "separate"),
+        default="auto",
+        help="guidance's two passes as one forward over the doubled batch, or two forwards (default: auto = "
+        "separate in one process, batched under CFG parallelism)",
     )
     speed.add_argument(
         "--batch-size", type=int, default=1, help="prompts sampled together in one forward, >= 1 (default: 1)"

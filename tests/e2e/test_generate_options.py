@@ -58,7 +58,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_cfg_as_two_forwards_equals_one_batched_forward(run_dir: Path) -> None:
-    assert rel(latents(run_dir, PROMPTS[:1], cfg="separate"), latents(run_dir, PROMPTS[:1])) <= 1e-5
+    separate = latents(run_dir, PROMPTS[:1], cfg="separate")
+    assert rel(separate, latents(run_dir, PROMPTS[:1], cfg="batched")) <= 1e-5
+    assert torch.equal(latents(run_dir, PROMPTS[:1]), separate)  # auto is separate in one process
 
 
 def test_prompts_batched_together_equal_each_sampled_alone(run_dir: Path) -> None:
@@ -129,7 +131,7 @@ def test_separate_cfg_passes_cannot_be_split_over_ranks() -> None:
     [
         ("precision", "fp16", "--precision must be one of auto, bf16, fp32, got 'fp16'"),
         ("attention", "xformers", "--attention must be one of auto, cudnn, flash, efficient, math, got 'xformers'"),
-        ("cfg", "both", "--cfg must be one of batched, separate, got 'both'"),
+        ("cfg", "both", "--cfg must be one of auto, batched, separate, got 'both'"),
         ("batch_size", 0, "--batch-size must be an integer >= 1, got 0"),
     ],
 )

@@ -193,6 +193,8 @@ def run_generation(
     plan = sampling_plan(request, cfg, codec.latent_spec)
     layout = parallel_layout(request, cfg, plan, codec.latent_spec)
     check_cfg_mode(request, layout)
+    if request.cfg == "auto":
+        request = attrs.evolve(request, cfg="batched" if layout.cfg > 1 else "separate")
     device = next(model.parameters()).device
     if request.compile:
         compile_blocks(model)
