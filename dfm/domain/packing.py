@@ -1,7 +1,7 @@
 """Sequence packing: many samples of different latent shapes in one token sequence (DESIGN.md, "packing").
 
 A packed sequence concatenates the tokens of ``N`` samples, ``[1, sum_i L_i, h]``; attention stays
-inside each sample (a block-diagonal mask, or a varlen kernel fed :attr:`PackedLayout.cu_seqlens`,
+inside each sample (the networks attend segment by segment; a varlen kernel is fed :attr:`PackedLayout.cu_seqlens`,
 the cumulative lengths ``[0, L_0, L_0 + L_1, ...]`` flash-attention's varlen interface expects).
 Which samples share a sequence is planned from token counts alone: :func:`bucket_by_shape` groups
 samples of equal latent shape, :func:`first_fit_decreasing` fills bins of a token capacity (Johnson,

@@ -8,6 +8,7 @@ parallel plan allows.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -70,6 +71,29 @@ class SDPAAttention:
         return f"SDPAAttention(backend={self.backend!r})"
 
 
+def segment_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int], kernel: AttentionKernel
+) -> torch.Tensor:
+    """Self-attention of a packed sequence within each sample: one ``kernel`` call per segment.
+
+    Segment ``i`` is the ``lengths[i]`` rows after the previous ones, for queries and keys alike. Each call is
+    an ordinary unmasked attention, so it runs on the fast kernels (cuDNN, flash), and nothing of size
+    ``(sum L)^2`` is ever built, where a block-diagonal mask over the whole sequence would push SDPA onto a
+    masked kernel. ``lengths`` are host integers (no device sync). Equal to :func:`varlen_attention` with
+    ``cu_seqlens`` the running sums of ``lengths``.
+
+    Args:
+        q, k, v: Packed ``[B, H, sum L, D]``.
+        lengths: Tokens per sample.
+        kernel: The attention kernel.
+    """
+    if len(lengths) == 1:
+        return kernel(q, k, v)
+    sizes = list(lengths)
+    parts = zip(q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2), strict=True)
+    return torch.cat([kernel(qi, ki, vi) for qi, ki, vi in parts], dim=2)
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -82,7 +106,7 @@ def varlen_attention(
 
     Query segment ``i`` (rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]``) attends only to key segment ``i``,
     as flash-attention's ``flash_attn_varlen_func`` does; equal to ``kernel`` with the block-diagonal
-    mask of :class:`~dfm.domain.networks.layers.PackedPositions`. A fused varlen kernel taking the same
+    mask of :meth:`~dfm.domain.packing.PackedLayout.block_mask`. A fused varlen kernel taking the same
     ``cu_seqlens`` must reproduce this.
 
     Args:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dfm.domain.networks.attention import AttentionKernel, SDPAAttention
+from dfm.domain.networks.attention import AttentionKernel, SDPAAttention, segment_attention
 from dfm.domain.networks.layers import (
     FP32LayerNorm,
     Grid,
@@ -85,7 +85,7 @@ class DiTPackedInputs(NamedTuple):
         temb: Noise-level embedding per sample ``[N, h]`` (broadcast to each sample's tokens by the adaLN).
         rope: ``(cos, sin)`` ``[sum L, head_dim]``: each sample's own grid.
         mask: Cross-attention mask ``[1, 1, sum L, N * S]`` (own sample's real text only).
-        packed: Layout, block-diagonal self-attention mask and ``cu_seqlens``.
+        packed: Layout, self-attention segments, text mask and ``cu_seqlens``.
     """
 
     tokens: Tensor
@@ -142,7 +142,12 @@ class Attention(nn.Module):
         self.kernel = kernel
 
     def forward(
-        self, x: Tensor, context: Tensor | None = None, rope: Rope | None = None, mask: Tensor | None = None
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        rope: Rope | None = None,
+        mask: Tensor | None = None,
+        segments: Sequence[int] | None = None,
     ) -> Tensor:
         """Attend from ``x`` ``[B, L, h]`` to ``context`` ``[B, S, h]`` (``x`` itself when ``None``).
 
@@ -152,6 +157,8 @@ class Attention(nn.Module):
             rope: RoPE tables applied to q and k (self-attention only: q and k share positions).
             mask: Boolean ``[B, 1, 1 | L, S]``, ``True`` = attend. A query whose keys are all masked
                 gets a zero output (attending to nothing), not NaN.
+            segments: For self-attention over a packed sequence: tokens per sample; attention stays within
+                each (:func:`segment_attention`).
 
         Returns:
             ``[B, L, h]``.
@@ -166,7 +173,11 @@ class Attention(nn.Module):
         if mask is not None:
             keep = mask.any(dim=-1, keepdim=True)
             mask = mask | ~keep
-        out = self.to_out(self.kernel(q, k, v, mask).transpose(1, 2).flatten(2))
+        if segments is not None:
+            attended = segment_attention(q, k, v, segments, self.kernel)
+        else:
+            attended = self.kernel(q, k, v, mask)
+        out = self.to_out(attended.transpose(1, 2).flatten(2))
         return out if keep is None else out * keep[:, 0].to(out.dtype)
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -239,8 +250,8 @@ class DiTBlock(nn.Module):
         if packed is not None:
             mods = tuple(per_token(m[:, 0], packed) for m in mods)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        self_mask = None if packed is None else packed.self_mask
-        x = x + gate_msa * self.self_attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope, mask=self_mask)
+        segments = None if packed is None else packed.segments
+        x = x + gate_msa * self.self_attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope, segments=segments)
         x = x + self.cross_attn(self.norm2(x), context, mask=text_mask)
         return x + gate_mlp * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
 
@@ -367,10 +378,10 @@ class DiT(nn.Module):
     ) -> list[Tensor]:
         """:meth:`forward` of ``N`` samples of different shapes, run as one packed token sequence.
 
-        Tokens of all samples are concatenated; self-attention stays within each sample (block-diagonal
-        mask), each token attends only to its own sample's text, RoPE uses each sample's own grid and each
-        sample's adaLN modulation reaches only its tokens. Sample ``i``'s output equals
-        ``forward(latents[i][None], timestep[i:i+1], text[i:i+1], text_mask[i:i+1])[0]`` up to float rounding.
+        Tokens of all samples are concatenated; self-attention stays within each sample (one kernel call per
+        sample, :func:`segment_attention`), each token attends only to its own sample's text, RoPE uses each
+        sample's own grid and each sample's adaLN modulation reaches only its tokens. Sample ``i``'s output
+        equals ``forward(latents[i][None], timestep[i:i+1], text[i:i+1], text_mask[i:i+1])[0]`` up to float rounding.
 
         Args:
             latents: Latents ``[C_in, F_i, H_i, W_i]``, one per sample.
@@ -387,7 +398,7 @@ class DiT(nn.Module):
         self, latents: Sequence[Tensor], timestep: Tensor, text: Tensor, text_mask: Tensor | None = None
     ) -> DiTPackedInputs:
         """:meth:`embed` for a packed sequence: per-sample patch embeddings concatenated, per-sample noise
-        embeddings, RoPE of each sample's grid, the attention masks and ``cu_seqlens``."""
+        embeddings, RoPE of each sample's grid, the self-attention segments, text mask and ``cu_seqlens``."""
         s = self.spec
         layout = check_packed_inputs(
             latents, timestep, text, text_mask, in_channels=s.in_channels, text_dim=s.text_dim, patch=s.patch_size

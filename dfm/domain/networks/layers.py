@@ -275,7 +275,8 @@ def token_positions(
 class PackedPositions(NamedTuple):
     """What blocks need to run on a packed sequence (:mod:`dfm.domain.packing`) besides tensors with gradients.
 
-    Attention never crosses samples: ``self_mask`` is block-diagonal and ``text_mask`` lets each token see
+    Attention never crosses samples: self-attention runs per sample over ``segments``
+    (:func:`~dfm.domain.networks.attention.segment_attention`) and ``text_mask`` lets each token see
     only its own sample's (real) text tokens. ``cu_seqlens``/``cu_seqlens_text`` describe the same blocks
     for a varlen kernel (flash-attention's ``cu_seqlens_q/k``; the text keys of sample ``i`` are its ``S``
     padded rows, so such a kernel must also honour ``text_mask`` or receive the text without padding).
@@ -283,7 +284,7 @@ class PackedPositions(NamedTuple):
     Attributes:
         layout: Per-sample grids and offsets.
         rope: ``(cos, sin)`` ``[sum L, head_dim]`` float32: each sample's own grid's table, concatenated.
-        self_mask: ``[1, 1, sum L, sum L]`` bool, ``True`` where query and key belong to the same sample.
+        segments: Tokens per sample (host integers), the self-attention segments.
         text_mask: ``[1, 1, sum L, N * S]`` bool, ``True`` where the key is a real text token of the
             query's sample.
         lengths: ``[N]`` int64 tokens per sample, on the tokens' device (for :func:`per_token`).
@@ -293,7 +294,7 @@ class PackedPositions(NamedTuple):
 
     layout: PackedLayout
     rope: tuple[Tensor, Tensor]
-    self_mask: Tensor
+    segments: tuple[int, ...]
     text_mask: Tensor
     lengths: Tensor
     cu_seqlens: Tensor
@@ -303,7 +304,7 @@ class PackedPositions(NamedTuple):
 def packed_positions(
     layout: PackedLayout, head_dim: int, text_mask: Tensor | None, text_len: int, device: torch.device
 ) -> PackedPositions:
-    """RoPE tables, attention masks and ``cu_seqlens`` of a packed sequence.
+    """RoPE tables, self-attention segments, the text mask and ``cu_seqlens`` of a packed sequence.
 
     Args:
         layout: The packed samples' grids.
@@ -321,8 +322,8 @@ def packed_positions(
         cross = cross & text_mask.to(device=device, dtype=torch.bool).reshape(1, -1)
     lengths = torch.tensor(layout.lengths, device=device)
     cu_text = torch.arange(layout.num_samples + 1, device=device, dtype=torch.int32) * text_len
-    self_mask = (ids[:, None] == ids[None, :])[None, None]
-    return PackedPositions(layout, rope, self_mask, cross[None, None], lengths, layout.cu_seqlens(device), cu_text)
+    segments = tuple(layout.lengths)
+    return PackedPositions(layout, rope, segments, cross[None, None], lengths, layout.cu_seqlens(device), cu_text)
 
 
 def per_token(values: Tensor, packed: PackedPositions) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dfm.domain.networks.attention import AttentionKernel, SDPAAttention
+from dfm.domain.networks.attention import AttentionKernel, SDPAAttention, segment_attention
 from dfm.domain.networks.layers import (
     FP32LayerNorm,
     PackedPositions,
@@ -74,7 +74,7 @@ class WanPackedInputs(NamedTuple):
         temb: Timestep embedding per sample ``[N, h]``.
         rope: ``(cos, sin)`` ``[sum L, D]``: each sample's own grid.
         mask: Cross-attention mask ``[1, 1, sum L, N * S]`` (own sample's real text only).
-        packed: Layout, block-diagonal self-attention mask and ``cu_seqlens``.
+        packed: Layout, self-attention segments, text mask and ``cu_seqlens``.
     """
 
     tokens: Tensor
@@ -142,7 +142,12 @@ class WanAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps=eps)
 
     def forward(
-        self, x: Tensor, context: Tensor | None = None, rope: Rope | None = None, mask: Tensor | None = None
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        rope: Rope | None = None,
+        mask: Tensor | None = None,
+        segments: Sequence[int] | None = None,
     ) -> Tensor:
         """Attend from ``x`` ``[B, L, h]`` to ``context`` ``[B, S, h]`` (itself when ``None``).
 
@@ -153,6 +158,8 @@ class WanAttention(nn.Module):
             mask: Boolean key mask broadcastable to ``[B, H, L, S]``, ``True`` = attend. A query whose keys
                 are all masked gets a zero attention output (attending to nothing), so its result is
                 ``to_out``'s bias.
+            segments: For self-attention over a packed sequence: tokens per sample; attention stays within
+                each (:func:`segment_attention`).
         """
         context = x if context is None else context
         q = self._heads(self.norm_q(self.to_q(x)))
@@ -160,7 +167,9 @@ class WanAttention(nn.Module):
         v = self._heads(self.to_v(context))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if mask is None:
+        if segments is not None:
+            out = segment_attention(q, k, v, segments, self.kernel)
+        elif mask is None:
             out = self.kernel(q, k, v)
         else:  # a query with no key to attend to gets a zero output (not the NaN of an all-masked softmax)
             has_keys = mask.any(dim=-1, keepdim=True)
@@ -241,8 +250,8 @@ class WanBlock(nn.Module):
         if packed is not None:
             mods = tuple(per_token(m[:, 0], packed) for m in mods)
         shift, scale, gate, c_shift, c_scale, c_gate = mods
-        self_mask = None if packed is None else packed.self_mask
-        y = self.attn1(modulate(self.norm1(x.float()), shift, scale).type_as(x), rope=rope, mask=self_mask)
+        segments = None if packed is None else packed.segments
+        y = self.attn1(modulate(self.norm1(x.float()), shift, scale).type_as(x), rope=rope, segments=segments)
         x = (x.float() + y * gate).type_as(x)
         x = x + self.attn2(self.norm2(x.float()).type_as(x), context, mask=mask)
         y = self.ffn(modulate(self.norm3(x.float()), c_shift, c_scale).type_as(x))
@@ -317,10 +326,11 @@ class WanTransformer(nn.Module):
     ) -> list[Tensor]:
         """:meth:`forward` of ``N`` samples of different shapes, run as one packed token sequence.
 
-        Tokens of all samples are concatenated; self-attention stays within each sample (block-diagonal
-        mask), each token attends only to its own sample's text, RoPE uses each sample's own grid and the
-        timestep modulations of sample ``i`` reach only its tokens. Sample ``i``'s output equals
-        ``forward(latents[i][None], timestep[i:i+1], text[i:i+1], text_mask[i:i+1])[0]`` up to float rounding.
+        Tokens of all samples are concatenated; self-attention stays within each sample (one kernel call per
+        sample, :func:`segment_attention`), each token attends only to its own sample's text, RoPE uses each
+        sample's own grid and the timestep modulations of sample ``i`` reach only its tokens. Sample ``i``'s
+        output equals ``forward(latents[i][None], timestep[i:i+1], text[i:i+1], text_mask[i:i+1])[0]`` up to
+        float rounding.
 
         Args:
             latents: Noisy latents ``[C, F_i, H_i, W_i]``, one per sample.
@@ -337,7 +347,7 @@ class WanTransformer(nn.Module):
         self, latents: Sequence[Tensor], timestep: Tensor, text: Tensor, text_mask: Tensor | None = None
     ) -> WanPackedInputs:
         """:meth:`embed` for a packed sequence: per-sample patch embeddings concatenated, per-sample
-        conditioning, RoPE of each sample's grid, the attention masks and ``cu_seqlens``."""
+        conditioning, RoPE of each sample's grid, the self-attention segments, text mask and ``cu_seqlens``."""
         s = self.spec
         layout = check_packed_inputs(
             latents, timestep, text, text_mask, in_channels=s.in_channels, text_dim=s.text_dim, patch=s.patch_size

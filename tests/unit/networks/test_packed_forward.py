@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from dfm.domain.batch import Batch, PackedBatch
 from dfm.domain.diffusion.edm import EDM
 from dfm.domain.diffusion.flow import FlowMatching
-from dfm.domain.networks.attention import SDPAAttention, varlen_attention
+from dfm.domain.networks.attention import SDPAAttention, segment_attention, varlen_attention
 from dfm.domain.networks.dit import DiT
 from dfm.domain.networks.layers import packed_positions, rope_3d
 from dfm.domain.networks.wan import WanTransformer
@@ -105,11 +105,7 @@ def test_packed_positions_are_each_samples_own() -> None:
     cos1, sin1 = rope_3d(12, (2, 1, 1))
     torch.testing.assert_close(pos.rope[0], torch.cat([cos0, cos1]), rtol=0, atol=0)
     torch.testing.assert_close(pos.rope[1][6:], sin1, rtol=0, atol=0)
-    assert (
-        pos.self_mask.shape == (1, 1, 8, 8)
-        and pos.self_mask[0, 0, :6, :6].all()
-        and not pos.self_mask[0, 0, :6, 6:].any()
-    )
+    assert pos.segments == (6, 2)
     expected_cross = torch.tensor([[True, False, False, False]] * 6 + [[False, False, True, True]] * 2)
     assert torch.equal(pos.text_mask[0, 0], expected_cross)
     assert pos.cu_seqlens.tolist() == [0, 6, 8] and pos.cu_seqlens.dtype == torch.int32
@@ -156,14 +152,20 @@ def test_packed_loss_equals_a_same_shape_unpacked_batch() -> None:
     torch.testing.assert_close(packed.loss, unpacked.loss, rtol=1e-5, atol=1e-6)
 
 
-def test_block_mask_attention_equals_varlen_reference() -> None:
-    """The dense block mask the networks use is exactly what a varlen kernel fed ``cu_seqlens`` computes."""
+def test_segment_attention_equals_the_block_mask_and_the_varlen_reference() -> None:
+    """Self-attention per segment (what the networks run) is the block-diagonal mask over the whole sequence
+    and what a varlen kernel fed ``cu_seqlens`` computes; the text mask is the varlen cross-attention."""
     layout = PackedLayout(grids=[(1, 2, 3), (2, 1, 1), (1, 1, 4)])
     pos = packed_positions(layout, 12, None, 3, torch.device("cpu"))
     g = _gen(9)
     q, k, v = (torch.randn(1, 2, layout.total_tokens, 12, generator=g) for _ in range(3))
-    dense = SDPAAttention()(q, k, v, pos.self_mask)  # other kernels, other sums: 5e-7 apart on values of order 1
-    torch.testing.assert_close(dense, varlen_attention(q, k, v, pos.cu_seqlens, pos.cu_seqlens), rtol=1e-5, atol=1e-5)
+    ids = layout.segment_ids(torch.device("cpu"))
+    block = (ids[:, None] == ids[None, :])[None, None]
+    segmented = segment_attention(q, k, v, pos.segments, SDPAAttention())
+    dense = SDPAAttention()(q, k, v, block)  # other kernels, other sums: 5e-7 apart on values of order 1
+    torch.testing.assert_close(segmented, dense, rtol=1e-5, atol=1e-5)
+    reference = varlen_attention(q, k, v, pos.cu_seqlens, pos.cu_seqlens)
+    torch.testing.assert_close(segmented, reference, rtol=0, atol=0)  # the same kernel calls on the same rows
     kt, vt = (torch.randn(1, 2, 9, 12, generator=g) for _ in range(2))
     cross = SDPAAttention()(q, kt, vt, pos.text_mask)
     reference = varlen_attention(q, kt, vt, pos.cu_seqlens, pos.cu_seqlens_text)
