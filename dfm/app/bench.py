@@ -55,7 +55,7 @@ def bench_train(cfg: TrainConfig, *, warmup: int = 2, steps: int = 6, profile: P
     runtime.attach_optimizer(bootstrap.optimizer_settings(cfg))
     codec, text = bootstrap.build_codecs(cfg)
     data = iter(bootstrap.build_data_source(cfg, runtime.topology, codec, text))
-    n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * runtime.topology.dp_size)
+    n_micro = bootstrap.batch_layout(cfg, runtime.topology.dp_size).micro_batches
     times, loss, prof, work = [], float("nan"), None, Work()
     extra = 2 if profile is not None else 0  # profiled after the timed steps, so timings stay clean
     for step in range(warmup + steps + extra):

@@ -20,6 +20,7 @@ from dfm.adapters.torch_dist import DistEnv
 from dfm.adapters.torch_dist.devices import device_type
 from dfm.adapters.tracking import JsonlMetricsSink, NullMetricsSink
 from dfm.app.config import ConfigError, ParallelConfig, TrainConfig
+from dfm.domain.batch import BatchLayout
 from dfm.domain.specs import LatentSpec, ModelSpec, WanSpec
 from dfm.ports.checkpoint import CheckpointStore
 from dfm.ports.codecs import LatentCodec, TextEncoder
@@ -221,6 +222,13 @@ def latent_shape(cfg: TrainConfig, codec: LatentCodec | None) -> tuple[int, int,
         raise ConfigError(f"data: {exc} (data.frames/height/width do not fit the codec)") from None
 
 
+def batch_layout(cfg: TrainConfig, dp_size: int) -> BatchLayout:
+    """How ``cfg``'s global batch splits over ``dp_size`` data-parallel ranks (:func:`check_batch_layout` says
+    why one does not, in terms of the config keys)."""
+    t = cfg.train
+    return BatchLayout(global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size, world=dp_size)
+
+
 def check_batch_layout(cfg: TrainConfig, dp_size: int) -> None:
     """The global batch must split into whole micro-batches on every data-parallel rank (any data source).
 
@@ -228,10 +236,13 @@ def check_batch_layout(cfg: TrainConfig, dp_size: int) -> None:
         ConfigError: Naming ``train.global_batch_size`` and ``train.micro_batch_size`` (and the data-parallel
             size when it is more than 1).
     """
+    try:
+        batch_layout(cfg, dp_size)
+        return
+    except ValueError:
+        pass
     t = cfg.train
     per_step = t.micro_batch_size * dp_size
-    if t.global_batch_size % per_step == 0:
-        return
     if dp_size == 1:
         raise ConfigError(
             f"train.global_batch_size: {t.global_batch_size} is not divisible by train.micro_batch_size="

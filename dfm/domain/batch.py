@@ -90,3 +90,67 @@ class PackedBatch:
             text_mask=None if self.text_mask is None else self.text_mask.to(device),
             captions=self.captions,
         )
+
+
+@attrs.frozen(kw_only=True)
+class BatchLayout:
+    """How one optimizer step's samples split: ``G = n m W``.
+
+    A global batch of ``G`` samples is shared by ``W`` data-parallel ranks, each running ``n`` micro-batches
+    of ``m`` samples. Sample indices are global: micro-batch ``j`` of rank ``r`` at step ``k`` holds
+    ``[k G + r G / W + j m, k G + r G / W + (j + 1) m)``, so any split of the same global batch sees the same
+    samples (and, keyed by index, the same noise).
+
+    Raises:
+        ValueError: A size below 1, or ``G`` not a multiple of ``m W`` (naming the numbers).
+    """
+
+    global_batch_size: int
+    """``G``: samples per optimizer step over every rank and micro-batch."""
+    micro_batch_size: int
+    """``m``: samples per forward/backward on one rank."""
+    world: int = 1
+    """``W``: data-parallel ranks."""
+
+    def __attrs_post_init__(self) -> None:
+        for name, value in (("global_batch_size", self.global_batch_size), ("micro_batch_size", self.micro_batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.world < 1:
+            raise ValueError(f"need world >= 1, got world={self.world}")
+        per_step = self.micro_batch_size * self.world
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} is not divisible by micro_batch_size * world = "
+                f"{self.micro_batch_size} * {self.world} = {per_step}; choose a global batch that is a multiple "
+                f"of {per_step}"
+            )
+
+    @property
+    def micro_batches(self) -> int:
+        """``n = G / (m W)``: micro-batches per rank and step."""
+        return self.global_batch_size // (self.micro_batch_size * self.world)
+
+    def check_rank(self, rank: int) -> None:
+        """``ValueError`` unless ``0 <= rank < W``."""
+        if not 0 <= rank < self.world:
+            raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={self.world}")
+
+    def first_index(self, step: int, rank: int = 0, micro: int = 0) -> int:
+        """Global index of the first sample of micro-batch ``micro`` of ``rank`` at ``step``."""
+        if step < 0:
+            raise ValueError(f"step must be non-negative, got {step}")
+        return (
+            step * self.global_batch_size
+            + rank * (self.global_batch_size // self.world)
+            + micro * self.micro_batch_size
+        )
+
+    def sample_indices(self, step: int, rank: int = 0) -> list[list[int]]:
+        """The global sample indices of each of ``rank``'s ``n`` micro-batches at ``step``."""
+        self.check_rank(rank)
+        m = self.micro_batch_size
+        return [
+            list(range(start, start + m))
+            for start in (self.first_index(step, rank, j) for j in range(self.micro_batches))
+        ]

@@ -45,7 +45,7 @@ from dfm.adapters.energon.task_encoder import (
     RawBatch,
     worker_config,
 )
-from dfm.domain.batch import Batch, PackedBatch
+from dfm.domain.batch import Batch, BatchLayout, PackedBatch
 from dfm.ports.samples import FORMAT_VERSION, TENSORS, TEXT, BadSampleError
 
 SOURCE = "energon"
@@ -100,9 +100,9 @@ class EnergonSource:
         packing: bool = False,
     ) -> None:
         self.packing = packing
-        self.micro_batches_per_step = check_layout(
-            global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, rank=rank, world=world
-        )
+        self.layout = BatchLayout(global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, world=world)
+        self.layout.check_rank(rank)
+        self.micro_batches_per_step = self.layout.micro_batches
         for name, value, low in (
             ("text_len", text_len, 1),
             ("text_dim", text_dim, 1),
@@ -141,11 +141,7 @@ class EnergonSource:
         self._note_bad(raw.bad)
         m = self.micro_batch_size
         assert len(raw.latents) == m, f"energon yielded a batch of {len(raw.latents)} samples, expected {m}"
-        first = (
-            self._next_step * self.global_batch_size
-            + self.rank * (self.global_batch_size // self.world)
-            + self._next_micro * m
-        )
+        first = self.layout.first_index(self._next_step, self.rank, self._next_micro)
         self._next_micro += 1
         if self._next_micro == self.micro_batches_per_step:
             self._next_step, self._next_micro = self._next_step + 1, 0
@@ -296,20 +292,6 @@ def worker_message(text: str, kind: type[Exception]) -> str:
         return text
     _, found, message = text.rpartition(f"{kind.__name__}: ")
     return message.strip() if found else text
-
-
-def check_layout(*, global_batch_size: int, micro_batch_size: int, rank: int, world: int) -> int:
-    """Micro-batches per rank and step ``G / (m W)``; ``ValueError`` for an invalid layout."""
-    if global_batch_size < 1 or micro_batch_size < 1:
-        raise ValueError(f"batch sizes must be >= 1, got global {global_batch_size}, micro {micro_batch_size}")
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"need world >= 1 and 0 <= rank < world, got rank={rank}, world={world}")
-    if global_batch_size % (micro_batch_size * world):
-        raise ValueError(
-            f"global_batch_size={global_batch_size} is not divisible by micro_batch_size * world = "
-            f"{micro_batch_size} * {world}; choose a multiple of {micro_batch_size * world}"
-        )
-    return global_batch_size // (micro_batch_size * world)
 
 
 def check_prepared(path: Path, *, text_dim: int | None = None) -> None:

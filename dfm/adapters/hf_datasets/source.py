@@ -36,7 +36,7 @@ import torch
 
 from dfm.adapters.hf_datasets.samples import BadSampleError, Decoded, decode_row, pad_text, text_width
 from dfm.adapters.hf_datasets.table import read_table
-from dfm.domain.batch import Batch
+from dfm.domain.batch import Batch, BatchLayout
 from dfm.domain.rng import stream_seed
 from dfm.ports.samples import TENSORS
 
@@ -82,7 +82,9 @@ class HFDatasetSource:
         text_dim: int,
         strict: bool = False,
     ) -> None:
-        self.micro_batches_per_step = _check_layout(global_batch_size, micro_batch_size, rank, world)
+        layout = BatchLayout(global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, world=world)
+        layout.check_rank(rank)
+        self.micro_batches_per_step = layout.micro_batches
         if text_len < 1 or text_dim < 1:
             raise ValueError(f"hf_datasets data source: text_len and text_dim must be >= 1, got {text_len}, {text_dim}")
         self.path = Path(path)
@@ -229,17 +231,3 @@ class HFDatasetSource:
         self._buckets = buckets
         self._position, self._next_step, self._next_micro = int(state["position"]), step, micro
         self.bad_rows = {int(row) for row in state.get("bad_rows", ())}
-
-
-def _check_layout(global_batch_size: int, micro_batch_size: int, rank: int, world: int) -> int:
-    """Micro-batches per rank and step ``G / (m W)``; ``ValueError`` for an invalid layout."""
-    if global_batch_size < 1 or micro_batch_size < 1:
-        raise ValueError(f"batch sizes must be >= 1, got global {global_batch_size}, micro {micro_batch_size}")
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"need world >= 1 and 0 <= rank < world, got rank={rank}, world={world}")
-    if global_batch_size % (micro_batch_size * world):
-        raise ValueError(
-            f"global_batch_size={global_batch_size} is not divisible by micro_batch_size * world = "
-            f"{micro_batch_size} * {world}; choose a multiple of {micro_batch_size * world}"
-        )
-    return global_batch_size // (micro_batch_size * world)

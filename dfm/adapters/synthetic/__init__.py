@@ -10,8 +10,6 @@ from dfm.adapters.synthetic.codecs import HashTextEncoder, IdentityPixelCodec, t
 from dfm.adapters.synthetic.source import (
     MockLatentSource,
     SyntheticVideoSource,
-    check_layout,
-    step_sample_indices,
 )
 from dfm.adapters.synthetic.videos import (
     VOCABULARY,
@@ -31,11 +29,9 @@ __all__ = [
     "SyntheticVideoSource",
     "VideoSpec",
     "all_attribute_values",
-    "check_layout",
     "coverage",
     "describe",
     "render",
     "render_batch",
-    "step_sample_indices",
     "tokenize",
 ]

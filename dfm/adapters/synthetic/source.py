@@ -9,7 +9,7 @@ per rank and step), step ``k`` consumes global samples ``[k G, (k + 1) G)``:
 
 So at every step the ranks hold disjoint samples whose union is the same global batch for any ``W``
 and ``m``, and a sample's content is a function of ``(seed, global sample index)`` only: any layout
-of the same global batch sees identical tensors. :func:`step_sample_indices` is that mapping.
+of the same global batch sees identical tensors. :class:`~dfm.domain.batch.BatchLayout` is that mapping.
 
 Iteration yields this rank's micro-batches of step ``k`` in order (``j = 0 .. n - 1``), then those of
 step ``k + 1``, forever. The state is ``{"next_step", "next_micro", ...}`` (JSON-safe, the same on every
@@ -26,7 +26,7 @@ import torch
 
 from dfm.adapters.synthetic.codecs import HashTextEncoder, IdentityPixelCodec
 from dfm.adapters.synthetic.videos import DATA_STEP, RADIUS_RANGE, describe, render_batch
-from dfm.domain.batch import Batch
+from dfm.domain.batch import Batch, BatchLayout
 from dfm.domain.rng import stream_seed
 from dfm.ports.codecs import LatentCodec, TextEncoder
 
@@ -37,50 +37,6 @@ MOCK_TEXT_STREAM = 0x5EED7E47
 _STATE_KEYS = ("source", "seed", "global_batch_size", "micro_batch_size", "world", "next_step", "next_micro")
 
 
-def check_layout(*, global_batch_size: int, micro_batch_size: int, rank: int = 0, world: int = 1) -> int:
-    """Validate a data-parallel layout; returns the micro-batches per rank and step ``G / (m W)``.
-
-    Raises:
-        ValueError: a size is not positive, ``rank`` is outside ``[0, world)``, or ``G`` is not a
-            multiple of ``m * W``.
-    """
-    for name, value in (("global_batch_size", global_batch_size), ("micro_batch_size", micro_batch_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"need world >= 1 and 0 <= rank < world, got rank={rank}, world={world}")
-    per_step = micro_batch_size * world
-    if global_batch_size % per_step:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} is not divisible by micro_batch_size * world = "
-            f"{micro_batch_size} * {world} = {per_step}; choose a global batch that is a multiple of {per_step}"
-        )
-    return global_batch_size // per_step
-
-
-def step_sample_indices(
-    step: int, *, global_batch_size: int, micro_batch_size: int, rank: int = 0, world: int = 1
-) -> list[list[int]]:
-    """Global sample indices of each micro-batch of ``rank`` at ``step`` (see the module docstring).
-
-    Args:
-        step: Optimizer step ``k`` (non-negative).
-        global_batch_size: Samples per step over all ranks and micro-batches, ``G``.
-        micro_batch_size: Samples per micro-batch, ``m``.
-        rank: Data-parallel rank ``r``.
-        world: Data-parallel size ``W``.
-
-    Returns:
-        ``G / (m W)`` lists of ``m`` indices: micro-batch ``j`` is
-        ``[k G + r G / W + j m, k G + r G / W + (j + 1) m)``.
-    """
-    n = check_layout(global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, rank=rank, world=world)
-    if step < 0:
-        raise ValueError(f"step must be non-negative, got {step}")
-    first = step * global_batch_size + rank * (global_batch_size // world)
-    return [list(range(first + j * micro_batch_size, first + (j + 1) * micro_batch_size)) for j in range(n)]
-
-
 class _SteppedSource:
     """Layout, iteration and resumable state shared by the sources; subclasses build one batch."""
 
@@ -89,9 +45,9 @@ class _SteppedSource:
     def __init__(
         self, *, global_batch_size: int, micro_batch_size: int, seed: int, rank: int, world: int, start_step: int
     ) -> None:
-        self.micro_batches_per_step = check_layout(
-            global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, rank=rank, world=world
-        )
+        self.layout = BatchLayout(global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, world=world)
+        self.layout.check_rank(rank)
+        self.micro_batches_per_step = self.layout.micro_batches
         if start_step < 0:
             raise ValueError(f"start_step must be non-negative, got {start_step}")
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
@@ -113,13 +69,7 @@ class _SteppedSource:
         return [self.batch_for_indices(ix) for ix in self._indices(step)]
 
     def _indices(self, step: int) -> list[list[int]]:
-        return step_sample_indices(
-            step,
-            global_batch_size=self.global_batch_size,
-            micro_batch_size=self.micro_batch_size,
-            rank=self.rank,
-            world=self.world,
-        )
+        return self.layout.sample_indices(step, self.rank)
 
     def __iter__(self) -> Iterator[Batch]:
         return self

@@ -207,7 +207,7 @@ def _loop(run: _Run) -> TrainResult:
 def _one_step(run: _Run) -> tuple[StepResult, Work]:
     """One optimizer step over this rank's next micro-batches; its result and what those batches held."""
     cfg, step = run.cfg, run.step
-    n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * run.runtime.topology.dp_size)
+    n_micro = bootstrap.batch_layout(cfg, run.runtime.topology.dp_size).micro_batches
     if run.batches is None:
         run.batches = iter(run.data)
     micro = [next(run.batches) for _ in range(n_micro)]

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dfm.adapters.synthetic.codecs import HashTextEncoder, IdentityPixelCodec
-from dfm.adapters.synthetic.source import MockLatentSource, SyntheticVideoSource, check_layout, step_sample_indices
+from dfm.adapters.synthetic.source import MockLatentSource, SyntheticVideoSource
 from dfm.adapters.synthetic.videos import describe, render_batch
-from dfm.domain.batch import Batch
+from dfm.domain.batch import Batch, BatchLayout
 from dfm.ports.data import DataSource
 
 G = 8  # global batch size of the layout tests
@@ -60,9 +60,10 @@ def _same(a: Batch, b: Batch) -> bool:
 
 
 def test_mapping_example() -> None:
-    assert step_sample_indices(1, global_batch_size=8, micro_batch_size=2, rank=0, world=2) == [[8, 9], [10, 11]]
-    assert step_sample_indices(1, global_batch_size=8, micro_batch_size=2, rank=1, world=2) == [[12, 13], [14, 15]]
-    assert step_sample_indices(0, global_batch_size=6, micro_batch_size=3) == [[0, 1, 2], [3, 4, 5]]
+    two = BatchLayout(global_batch_size=8, micro_batch_size=2, world=2)
+    assert two.sample_indices(1, rank=0) == [[8, 9], [10, 11]]
+    assert two.sample_indices(1, rank=1) == [[12, 13], [14, 15]]
+    assert BatchLayout(global_batch_size=6, micro_batch_size=3).sample_indices(0) == [[0, 1, 2], [3, 4, 5]]
 
 
 @settings(max_examples=60, deadline=None)
@@ -77,7 +78,7 @@ def test_ranks_partition_the_global_batch(step: int, micro: int, world: int, per
     seen = [
         i
         for rank in range(world)
-        for mb in step_sample_indices(step, global_batch_size=g, micro_batch_size=micro, rank=rank, world=world)
+        for mb in BatchLayout(global_batch_size=g, micro_batch_size=micro, world=world).sample_indices(step, rank)
         for i in mb
     ]
     assert sorted(seen) == list(range(step * g, (step + 1) * g))
@@ -86,15 +87,15 @@ def test_ranks_partition_the_global_batch(step: int, micro: int, world: int, per
 
 def test_layout_errors_name_the_numbers() -> None:
     with pytest.raises(ValueError, match=r"global_batch_size=8 is not divisible by .* = 3 \* 2 = 6"):
-        check_layout(global_batch_size=8, micro_batch_size=3, world=2)
+        BatchLayout(global_batch_size=8, micro_batch_size=3, world=2)
     with pytest.raises(ValueError, match="rank=2, world=2"):
-        check_layout(global_batch_size=8, micro_batch_size=1, rank=2, world=2)
+        BatchLayout(global_batch_size=8, micro_batch_size=1, world=2).check_rank(2)
     with pytest.raises(ValueError, match="micro_batch_size must be >= 1"):
-        check_layout(global_batch_size=8, micro_batch_size=0)
+        BatchLayout(global_batch_size=8, micro_batch_size=0)
     with pytest.raises(ValueError, match="not divisible"):
         synthetic(micro_batch_size=3)
     with pytest.raises(ValueError, match="step must be non-negative"):
-        step_sample_indices(-1, global_batch_size=8, micro_batch_size=1)
+        BatchLayout(global_batch_size=8, micro_batch_size=1).sample_indices(-1)
 
 
 # --- split invariance -----------------------------------------------------------------------------
