@@ -14,12 +14,11 @@ from dfm.adapters.local.runtime import (
     resolve_precision,
 )
 from dfm.adapters.torch_dist.checkpointing import apply_activation_checkpointing, checkpoint_module, is_checkpointed
-from dfm.adapters.torch_dist.optim import NO_DECAY_SUFFIXES, build_adamw, decays, param_groups
+from dfm.adapters.torch_dist.optim import build_adamw, param_groups
 from dfm.adapters.torch_dist.schedule import build_scheduler, check_optimizer_settings, lr_factor
 
 __all__ = [
     "EMA_PREFIX",
-    "NO_DECAY_SUFFIXES",
     "LocalRuntime",
     "apply_activation_checkpointing",
     "build_adamw",
@@ -28,7 +27,6 @@ __all__ = [
     "build_scheduler",
     "check_optimizer_settings",
     "checkpoint_module",
-    "decays",
     "empty_network",
     "is_checkpointed",
     "lr_factor",

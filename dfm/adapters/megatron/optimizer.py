@@ -3,7 +3,7 @@
 Only training builds them (:meth:`MegatronRuntime.attach_optimizer`; a network to read or export weights
 from has neither gradient buffers nor optimizer state). The DDP's overlapped communication is driven by
 megatron's schedules; the optimizer follows the other runtimes' AdamW: the weight-decay rule of
-:func:`dfm.adapters.torch_dist.optim.decays`, its state created up front (a checkpoint load needs it
+:meth:`~dfm.domain.networks.plan.ParallelPlan.decays`, its state created up front (a checkpoint load needs it
 before any step), and a checkpoint load that keeps this run's group settings.
 """
 
@@ -20,7 +20,8 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePred
 from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
 from dfm.adapters.megatron.stage import Chunk
-from dfm.adapters.torch_dist.optim import decays, own_group_settings
+from dfm.adapters.torch_dist.optim import own_group_settings
+from dfm.domain.networks.plan import ParallelPlan
 from dfm.ports.runtime import OptimizerSettings
 
 
@@ -31,9 +32,9 @@ def wrap_ddp(chunks: list[Chunk], config: Any, ddp: DistributedDataParallelConfi
     return models
 
 
-def _no_decay_overrides() -> dict[Any, Any]:
-    """Megatron parameter groups with the other runtimes' weight-decay rule (``torch_dist.optim.decays``)."""
-    plain = ParamWithNamePredicate(name="dfm_no_decay", fn=lambda param, name: not decays(name, param))
+def _no_decay_overrides(plan: ParallelPlan) -> dict[Any, Any]:
+    """Megatron parameter groups with the other runtimes' weight-decay rule (the network plan's ``decays``)."""
+    plain = ParamWithNamePredicate(name="dfm_no_decay", fn=lambda param, name: not plan.decays(name, param))
     return {ParamKey(with_name_predicate=plain): ParamGroupOverride(wd_mult=0.0)}
 
 
@@ -66,7 +67,8 @@ def build_optimizer(
         params_dtype=dtype,
         use_distributed_optimizer=distributed,
     )
-    optimizer = get_megatron_optimizer(config, models, config_overrides=_no_decay_overrides())
+    plan = models[0].module.network.parallel_plan
+    optimizer = get_megatron_optimizer(config, models, config_overrides=_no_decay_overrides(plan))
     materialize_state(optimizer)
     return optimizer
 

@@ -12,7 +12,7 @@
 from dfm.adapters.torch_dist.checkpointing import apply_activation_checkpointing, checkpoint_module, is_checkpointed
 from dfm.adapters.torch_dist.head_norm import HeadNormForward
 from dfm.adapters.torch_dist.mesh import DIM_NAMES, MeshSizes, build_mesh, fsdp_mesh, resolve_sizes, topology
-from dfm.adapters.torch_dist.optim import NO_DECAY_SUFFIXES, build_adamw, decays, materialize_state, param_groups
+from dfm.adapters.torch_dist.optim import build_adamw, materialize_state, param_groups
 from dfm.adapters.torch_dist.process_group import DistEnv, all_gather_json, destroy, init_process_group
 from dfm.adapters.torch_dist.schedule import (
     build_scheduler,
@@ -32,7 +32,6 @@ from dfm.adapters.torch_dist.state import check_compatible
 
 __all__ = [
     "DIM_NAMES",
-    "NO_DECAY_SUFFIXES",
     "DistEnv",
     "GatherSequence",
     "HeadNormForward",
@@ -46,7 +45,6 @@ __all__ = [
     "check_compatible",
     "check_optimizer_settings",
     "checkpoint_module",
-    "decays",
     "destroy",
     "fsdp_mesh",
     "gather_sequence",

@@ -1,9 +1,8 @@
 """AdamW with decoupled weight decay, its parameter groups and an eagerly created state.
 
-Weight-decay rule: decay the weight matrices and kernels (parameters with ``ndim >= 2``) except the
-adaLN ``scale_shift_table`` s; never decay biases, norm scales or any other 1-D parameter. The tables
-are learned offsets of the modulation (like biases), so shrinking them towards zero would bias the
-network's conditioning.
+Weight-decay rule (the network's plan, :meth:`~dfm.domain.networks.plan.ParallelPlan.decays`): decay the
+weight matrices and kernels (parameters with ``ndim >= 2``) except those the plan names in ``no_weight_decay``
+(WAN's adaLN ``scale_shift_table`` s); never decay biases, norm scales or any other 1-D parameter.
 """
 
 from __future__ import annotations
@@ -15,23 +14,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from dfm.domain.networks.plan import ParallelPlan
 from dfm.ports.runtime import OptimizerSettings
-
-NO_DECAY_SUFFIXES = ("scale_shift_table",)
-"""Parameter names ending like this are never decayed, whatever their rank."""
-
-
-def decays(name: str, param: torch.Tensor) -> bool:
-    """Whether the parameter named ``name`` gets weight decay (see the module docstring)."""
-    return param.ndim >= 2 and not name.endswith(NO_DECAY_SUFFIXES)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups of the trainable parameters: decayed (``weight_decay``) and not (``0``); empty ones dropped."""
+    """Two AdamW groups of the trainable parameters: decayed (``weight_decay``) and not (``0``); empty ones dropped.
+
+    ``model`` is a network with a ``parallel_plan`` (possibly wrapped by FSDP, which keeps its attributes).
+    """
+    plan: ParallelPlan = model.parallel_plan
     decayed, plain = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (decayed if decays(name, param) else plain).append(param)
+            (decayed if plan.decays(name, param) else plain).append(param)
     groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import fnmatch
 
 import attrs
-from torch import nn
+from torch import Tensor, nn
 
 
 @attrs.frozen(kw_only=True)
@@ -37,6 +37,10 @@ class ParallelPlan:
         text_linears: Tensor-parallel linears whose input is the conditioning text rather than the video
             tokens (cross-attention keys and values): a runtime that shards the tokens over the sequence
             between blocks (Megatron's sequence parallelism) must not gather their input.
+        no_weight_decay: Parameters never decayed whatever their rank, as globs over the end of their names
+            (so engine prefixes do not matter): learned offsets such as WAN's adaLN ``scale_shift_table`` s,
+            which act like biases (shrinking them would bias the conditioning). 1-D parameters (biases,
+            norm scales) are never decayed anyway (:meth:`decays`).
     """
 
     blocks: str
@@ -48,6 +52,12 @@ class ParallelPlan:
     first_stage: tuple[str, ...] = ()
     last_stage: tuple[str, ...] = ()
     text_linears: tuple[str, ...] = ()
+    no_weight_decay: tuple[str, ...] = ()
+
+    def decays(self, name: str, param: Tensor) -> bool:
+        """Whether the parameter ``name`` gets weight decay: matrices and kernels (``ndim >= 2``) not named in
+        :attr:`no_weight_decay`."""
+        return param.ndim >= 2 and not any(_matches(name, (p, f"*.{p}")) for p in self.no_weight_decay)
 
     def linear_role(self, name: str) -> str | None:
         """``"column"``, ``"row"``, ``"replicated"`` or ``None`` for the module named ``name``."""

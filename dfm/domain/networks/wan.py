@@ -112,6 +112,7 @@ WAN_PARALLEL_PLAN = ParallelPlan(
     first_stage=("patch_embedding", "condition_embedder"),
     last_stage=("norm_out", "proj_out", "scale_shift_table"),
     text_linears=("blocks.*.attn2.to_k", "blocks.*.attn2.to_v"),
+    no_weight_decay=("scale_shift_table",),
 )
 """Where :class:`WanTransformer` may be split (Megatron-style column/row pairs per attention and FFN)."""
 

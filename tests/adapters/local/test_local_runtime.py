@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dfm.adapters.local import LocalRuntime, decays, is_checkpointed, lr_factor
+from dfm.adapters.local import LocalRuntime, is_checkpointed, lr_factor
 from dfm.adapters.torch_dist.checkpointing import SAVED_OPS
 from dfm.domain.batch import Batch
 from dfm.domain.diffusion import EDM, FlowMatching
@@ -123,7 +123,7 @@ def test_weight_decay_groups_exclude_biases_norms_and_tables() -> None:
     runtime = built(settings=OptimizerSettings(lr=1e-3, weight_decay=0.1))
     model = runtime.inference_model(use_ema=False)
     named = dict(model.named_parameters())
-    no_decay = {n for n, p in named.items() if not decays(n, p)}
+    no_decay = {n for n, p in named.items() if not model.parallel_plan.decays(n, p)}
     assert "blocks.0.scale_shift_table" in no_decay and "scale_shift_table" in no_decay
     assert "blocks.0.attn1.to_q.bias" in no_decay and "blocks.0.attn1.norm_q.weight" in no_decay
     assert "blocks.0.attn1.to_q.weight" not in no_decay and "patch_embedding.weight" not in no_decay

@@ -126,3 +126,15 @@ def test_wan_attention_column_shards_hold_whole_heads(cross: bool) -> None:
         want = full(x, **kwargs)
         got = sum(_shard(full, r, 2)(x, **kwargs) for r in range(2)) + full.to_out[0].bias
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_plan_decides_weight_decay_whatever_prefix_an_engine_adds() -> None:
+    plan = WanTransformer.parallel_plan
+    table, matrix, bias = torch.zeros(1, 6, 4), torch.zeros(4, 4), torch.zeros(4)
+    for prefix in ("", "module.network.", "_orig_mod."):
+        assert not plan.decays(f"{prefix}blocks.0.scale_shift_table", table)
+        assert not plan.decays(f"{prefix}scale_shift_table", table)
+        assert plan.decays(f"{prefix}blocks.0.attn1.to_q.weight", matrix)
+        assert not plan.decays(f"{prefix}blocks.0.attn1.to_q.bias", bias)
+    assert plan.decays("blocks.0.not_a_scale_shift_table", table)  # the glob matches whole name parts only
+    assert DiT.parallel_plan.decays("blocks.0.modulation.weight", matrix)
