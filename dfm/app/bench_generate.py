@@ -205,6 +205,8 @@ def main_generate(argv: Sequence[str]) -> int:
         caches = [c for c in (cache_option(text) for text in args.cache) if c is not None]
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if caches and args.cfg == "separate":
+        raise UserError("--cache keeps one state per row of a forward: use --cfg batched (or auto) with --cache")
     dtype = inference_dtype(args.precision)
     with tempfile.TemporaryDirectory() as tmp:
         request = GenerateRequest(
@@ -225,7 +227,7 @@ def main_generate(argv: Sequence[str]) -> int:
             precision=args.precision,
             attention=args.attention,
             compile=args.compile,
-            cfg=args.cfg,
+            cfg="batched" if caches else args.cfg,  # the dense reference runs as the cached settings do
             batch_size=args.batch_size,
             vae_tiling=args.vae_tiling,
         )
@@ -249,7 +251,7 @@ def main_generate(argv: Sequence[str]) -> int:
             "precision": args.precision,
             "dtype": str(dtype).removeprefix("torch."),
             "compiled": args.compile,
-            "cfg": args.cfg,
+            "cfg": request.cfg,
             "batch_size": args.batch_size,
             "attention": args.attention or cfg.train.attention_backend,
             "load_s": load_s,

@@ -24,7 +24,7 @@ from dfm.app.config import resolve_config
 from dfm.app.services import generation
 from dfm.app.services.checkpoints import load_for_inference
 from dfm.app.services.generation import GenerateRequest, check_cfg_mode, generate, generation_codecs, sample_prompts
-from dfm.app.services.generation_request import sampling_plan
+from dfm.app.services.generation_request import cfg_mode, sampling_plan
 from dfm.app.services.training import train
 from dfm.domain.networks.attention import SDPAAttention
 from dfm.domain.networks.wan import WanTransformer
@@ -124,6 +124,16 @@ def test_separate_cfg_passes_cannot_be_split_over_ranks() -> None:
     with pytest.raises(ValueError, match="--cfg separate runs the two passes of guidance one after the other"):
         check_cfg_mode(request, SamplingLayout(cfg=2, context=1))
     check_cfg_mode(request, SamplingLayout(cfg=1, context=2))
+
+
+def test_a_step_cache_runs_the_guidance_passes_as_rows_of_one_forward() -> None:
+    """A cache keeps one state per row: consecutive cond/uncond calls would be compared with each other."""
+    cached = GenerateRequest(checkpoint=".", prompts=["x"], out="x.mp4", cache="first_block:0.05")
+    assert cfg_mode(cached) == "batched"
+    assert cfg_mode(attrs.evolve(cached, cache=None)) == "separate"
+    assert cfg_mode(attrs.evolve(cached, cache=None), cfg_parallel=2) == "batched"
+    with pytest.raises(ValueError, match="--cache keeps one state per row of a forward"):
+        check_cfg_mode(attrs.evolve(cached, cfg="separate"), SamplingLayout(cfg=1, context=1))
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from dfm.app.services.checkpoints import EXPORTED_CONFIG, is_exported_dir, load_
 from dfm.app.services.generation_request import (
     GenerateRequest,
     SamplingPlan,
+    cfg_mode,
     check_process,
     output_paths,
     sampling_plan,
@@ -69,7 +70,8 @@ def inference_dtype(precision: str) -> torch.dtype:
 
 
 def check_cfg_mode(request: GenerateRequest, layout: SamplingLayout) -> None:
-    """Refuse ``--cfg separate`` where guidance's passes are split over ranks (they travel as one batch).
+    """Refuse ``--cfg separate`` where guidance's passes must travel as one batch: split over ranks (CFG
+    parallelism) or under a step cache (one state per row of a forward).
 
     Raises:
         ValueError: Naming the options that conflict.
@@ -78,6 +80,11 @@ def check_cfg_mode(request: GenerateRequest, layout: SamplingLayout) -> None:
         raise ValueError(
             "--cfg separate runs the two passes of guidance one after the other, but CFG parallelism puts them on "
             "two ranks as one batch: use --cfg batched, or --no-cfg-parallel"
+        )
+    if request.cfg == "separate" and request.cache is not None:
+        raise ValueError(
+            "--cfg separate runs the two passes of guidance one after the other, but --cache keeps one state per "
+            "row of a forward and would compare each pass with the other: use --cfg batched (or auto) with --cache"
         )
 
 
@@ -193,8 +200,7 @@ def run_generation(
     plan = sampling_plan(request, cfg, codec.latent_spec)
     layout = parallel_layout(request, cfg, plan, codec.latent_spec)
     check_cfg_mode(request, layout)
-    if request.cfg == "auto":
-        request = attrs.evolve(request, cfg="batched" if layout.cfg > 1 else "separate")
+    request = attrs.evolve(request, cfg=cfg_mode(request, layout.cfg))
     device = next(model.parameters()).device
     if request.compile:
         compile_blocks(model)
@@ -326,7 +332,7 @@ def sample_prompts(
                 shift=plan.shift,
                 generator=generators if len(generators) > 1 else generators[0],
                 callback=step_clock,
-                cfg_batched=request.cfg == "batched",
+                cfg_batched=cfg_mode(request) == "batched",
             )
         out.extend(latents.split(1))
     return out

@@ -68,7 +68,19 @@ ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 CFG_MODES = ("auto", "batched", "separate")
 """``--cfg`` values: guidance's two passes as one forward over the doubled batch, or as two forwards; ``auto``
 is ``separate`` in one process (as fast on an H100, half the activation memory) and ``batched`` under CFG
-parallelism (each rank then runs one of the two passes)."""
+parallelism (each rank then runs one of the two passes) or with a step cache (see :func:`cfg_mode`)."""
+
+
+def cfg_mode(request: GenerateRequest, cfg_parallel: int = 1) -> str:
+    """``"batched"`` or ``"separate"``: ``request.cfg`` with ``auto`` resolved.
+
+    ``auto`` is ``batched`` under CFG parallelism (``cfg_parallel > 1``: the two passes travel as one batch split
+    over ranks) and with a step cache (it keeps one state per row of a forward, so the conditional and
+    unconditional passes must be rows of the same call, not consecutive calls), else ``separate``.
+    """
+    if request.cfg != "auto":
+        return request.cfg
+    return "batched" if cfg_parallel > 1 or request.cache is not None else "separate"
 
 
 def cache_option(value: object) -> StepCacheConfig | None:
