@@ -43,6 +43,7 @@ def _masks_seen(run: Path, monkeypatch: pytest.MonkeyPatch, **kw: object) -> lis
         return forward(self, x, timestep, text, text_mask)
 
     monkeypatch.setattr(WanTransformer, "forward", spy)
+    kw.setdefault("cfg", "batched")  # both passes in one call per step (auto runs them as two calls)
     request = GenerateRequest(checkpoint=run, prompts=[PROMPT], out=run / "x.mp4", steps=2, progress=False, **kw)
     generate(request, writer=InMemoryVideoWriter())
     return seen
@@ -53,6 +54,7 @@ def test_a_run_trained_with_the_padding_attended_is_sampled_without_a_mask(
 ) -> None:
     assert _masks_seen(runs[False], monkeypatch) == [None, None]
     assert _masks_seen(runs[False], monkeypatch, negative_prompt="a blue square") == [None, None]
+    assert _masks_seen(runs[False], monkeypatch, cfg="auto") == [None] * 4  # separate: two calls per step
 
 
 def test_a_run_trained_with_the_padding_masked_is_sampled_with_the_prompts_mask(
@@ -63,6 +65,10 @@ def test_a_run_trained_with_the_padding_masked_is_sampled_with_the_prompts_mask(
     assert len(seen) == 2  # two steps, conditional and unconditional pass batched
     for mask in seen:
         assert mask is not None and torch.equal(mask, torch.stack([real, real]))
+    separate = _masks_seen(runs[True], monkeypatch, cfg="separate")
+    assert len(separate) == 4  # two steps, two calls each
+    for mask in separate:
+        assert mask is not None and torch.equal(mask, real[None])
 
 
 def test_a_config_from_before_the_setting_reads_as_masked() -> None:
