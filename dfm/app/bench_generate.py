@@ -37,6 +37,7 @@ from dfm.adapters.video import to_uint8_frames
 from dfm.app import bootstrap
 from dfm.app.cli import UserError, add_config_arguments, config_from_args, make_parser, parse_args
 from dfm.app.config import TrainConfig
+from dfm.app.generate import sampling_arguments
 from dfm.app.logging import configure_logging
 from dfm.app.services.checkpoints import load_for_inference
 from dfm.app.services.generation import (
@@ -213,14 +214,7 @@ def main_generate(argv: Sequence[str]) -> int:
             checkpoint=args.checkpoint or tmp,
             prompts=[f"{PROMPT} ({i})" for i in range(args.prompts)],
             out=Path(tmp) / "bench.mp4",
-            sampler=args.sampler,
-            steps=args.steps,
-            guidance=args.guidance,
-            shift=args.shift,
-            seed=args.seed,
-            frames=args.frames,
-            height=args.height,
-            width=args.width,
+            **sampling_arguments(args),
             vae=str(save_random_wan_vae(Path(tmp) / "vae")) if args.vae == "random" else args.vae,
             text_encoder=args.text_encoder,
             progress=False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from dfm.app.cli import UserError, make_parser, run_main
 
@@ -131,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SAMPLING_ARGUMENTS = ("sampler", "steps", "guidance", "shift", "seed", "frames", "height", "width")
+"""The sampling options ``generate`` and ``bench generate`` share, named as :class:`GenerateRequest`'s fields."""
+
+
+def sampling_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """``{field: value}`` of :data:`SAMPLING_ARGUMENTS` from parsed command-line ``args``."""
+    return {name: getattr(args, name) for name in SAMPLING_ARGUMENTS}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 user error)."""
     args = build_parser().parse_args(argv)
@@ -144,14 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompts=args.prompt,
             out=args.out,
             negative_prompt=args.negative_prompt,
-            sampler=args.sampler,
-            steps=args.steps,
-            guidance=args.guidance,
-            shift=args.shift,
-            seed=args.seed,
-            frames=args.frames,
-            height=args.height,
-            width=args.width,
+            **sampling_arguments(args),
             fps=args.fps,
             use_ema=not args.no_ema,
             vae=args.vae,
