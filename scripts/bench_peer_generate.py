@@ -24,10 +24,10 @@ import statistics
 import time
 
 import torch
-from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
+from diffusers import UniPCMultistepScheduler
+from peer_common import build_peer, sync
 from torch.nn.attention import sdpa_kernel
 
-from dfm.adapters.diffusers.wan_weights import spec_to_config
 from dfm.app.config import resolve_config
 from dfm.domain.networks.attention import AUTO_CUDA_PRIORITY
 from dfm.domain.specs import forward_flops, num_tokens
@@ -50,10 +50,7 @@ def main() -> None:
     spec = resolve_config(args.recipe, None, []).model
     cuda = torch.cuda.is_available()
     device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
-    config = {k: v for k, v in spec_to_config(spec).items() if not k.startswith("_")}
-    with torch.device(device):
-        model = WanTransformer3DModel(**config).eval()
-    _cast_like_from_pretrained(model, dtype)
+    model = build_peer(spec, device, dtype).eval()
     if args.compile:
         for block in model.blocks:
             block.compile()
@@ -69,7 +66,7 @@ def main() -> None:
     priority = sdpa_kernel(list(AUTO_CUDA_PRIORITY), set_priority=True) if args.cudnn else contextlib.nullcontext()
     with torch.no_grad(), priority:
         for t in scheduler.timesteps:
-            _sync(cuda)
+            sync(cuda)
             t0 = time.perf_counter()
             x = latents.to(dtype)
             timestep = t.expand(1)
@@ -77,7 +74,7 @@ def main() -> None:
             v_uncond = model(x, timestep, uncond, return_dict=False)[0]
             v = v_uncond + args.guidance * (v_cond - v_uncond)
             latents = scheduler.step(v, t, latents, return_dict=False)[0]
-            _sync(cuda)
+            sync(cuda)
             times.append(time.perf_counter() - t0)
     timed = times[args.warmup :]
     tokens = num_tokens(spec, f, h, w)
@@ -102,21 +99,6 @@ def main() -> None:
             }
         )
     )
-
-
-def _cast_like_from_pretrained(model: WanTransformer3DModel, dtype: torch.dtype) -> None:
-    """``dtype`` everywhere but in the modules diffusers keeps in float32 (``from_pretrained(torch_dtype=...)``)."""
-    keep = model._keep_in_fp32_modules
-    for name, module in model.named_modules():
-        fp32 = any(part in keep for part in name.split("."))
-        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-            if tensor.is_floating_point():
-                tensor.data = tensor.data.to(torch.float32 if fp32 else dtype)
-
-
-def _sync(cuda: bool) -> None:
-    if cuda:
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":
