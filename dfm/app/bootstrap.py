@@ -44,7 +44,7 @@ def build_runtime(cfg: TrainConfig, device: str = "auto") -> ParallelRuntime:
         "grad_clip": t.grad_clip,
         "ema_decay": t.ema_decay,
         "activation_checkpointing": t.activation_checkpointing,
-        "checkpoint_every": t.activation_checkpointing_every_k,
+        "activation_checkpointing_every_k": t.activation_checkpointing_every_k,
         "attention_backend": t.attention_backend,
         "seed": cfg.seed,
     }

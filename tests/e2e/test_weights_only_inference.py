@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from support.networks import inference_dtype_of
-from torch.optim.swa_utils import AveragedModel
 
 from dfm.adapters.diffusers import WEIGHTS_NAME
+from dfm.adapters.torch_dist.ema import EMA
 from dfm.app import bootstrap
 from dfm.app.config import config_to_yaml, resolve_config
 from dfm.app.services.checkpoints import export_checkpoint, load_exported, load_for_inference
@@ -66,13 +66,13 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture
 def no_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Building any torch optimizer or ``AveragedModel`` (the local EMA) fails."""
+    """Building any torch optimizer or the runtimes' EMA fails."""
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("optimizer state or an EMA copy was built")
 
     monkeypatch.setattr(torch.optim.Optimizer, "__init__", refuse)
-    monkeypatch.setattr(AveragedModel, "__init__", refuse)
+    monkeypatch.setattr(EMA, "__init__", refuse)
 
 
 def _equal(model: torch.nn.Module, want: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> bool:

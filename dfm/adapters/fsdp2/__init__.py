@@ -6,7 +6,6 @@ in :mod:`dfm.adapters.torch_dist`.
 """
 
 from dfm.adapters.fsdp2.context_parallel import StagedForward
-from dfm.adapters.fsdp2.ema import ShardedEMA
 from dfm.adapters.fsdp2.parallelize import ShardingOptions, build_sharded_network
 from dfm.adapters.fsdp2.runtime import FSDP2Runtime
 from dfm.adapters.fsdp2.tensor_parallel import HeadNormParallel, apply_tensor_parallel
@@ -14,7 +13,6 @@ from dfm.adapters.fsdp2.tensor_parallel import HeadNormParallel, apply_tensor_pa
 __all__ = [
     "FSDP2Runtime",
     "HeadNormParallel",
-    "ShardedEMA",
     "ShardingOptions",
     "StagedForward",
     "apply_tensor_parallel",

@@ -23,9 +23,9 @@ from torch.distributed.tensor import Shard
 from torch.distributed.tensor.experimental import implicit_replication
 
 from dfm.adapters.fsdp2.context_parallel import StagedForward
-from dfm.adapters.fsdp2.grads import use_sum_reduction
 from dfm.adapters.fsdp2.tensor_parallel import apply_tensor_parallel
 from dfm.adapters.torch_dist.checkpointing import apply_activation_checkpointing
+from dfm.adapters.torch_dist.grads import use_sum_reduction
 from dfm.adapters.torch_dist.mesh import fsdp_mesh
 from dfm.adapters.torch_dist.sequence import use_ulysses_attention
 from dfm.domain.networks.attention import SDPAAttention
@@ -41,7 +41,7 @@ class ShardingOptions:
     """Dtype FSDP gathers parameters in for compute (bf16 mixed precision); ``None``: their own (fp32)."""
     activation_checkpointing: str = "off"
     """``"off"`` or ``"full"``."""
-    checkpoint_every: int = 1
+    activation_checkpointing_every_k: int = 1
     """With ``"full"``, checkpoint every k-th block."""
     compile: bool = False
     """``torch.compile`` each block (in place)."""
@@ -114,7 +114,9 @@ def build_sharded_network(
         use_ulysses_attention(model, plan, cp_group, options.attention_backend)
     model.forward = StagedForward(model, cp_group=cp_group, compute_dtype=options.param_dtype)
     if options.activation_checkpointing != "off":
-        apply_activation_checkpointing(model, plan.blocks, options.checkpoint_every, options.activation_checkpointing)
+        apply_activation_checkpointing(
+            model, plan.blocks, options.activation_checkpointing_every_k, options.activation_checkpointing
+        )
     blocks = model.get_submodule(plan.blocks)
     if options.compile:
         for block in blocks:

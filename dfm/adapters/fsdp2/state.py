@@ -37,13 +37,6 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     return get_optimizer_state_dict(model, optimizer)
 
 
-def check_runtime_state(state: Mapping[str, Any]) -> None:
-    """Raise a ``ValueError`` if a runtime state lacks one of the entries every dfm runtime writes."""
-    missing = [k for k in ("model", "optimizer", "scheduler") if k not in state]
-    if missing:
-        raise ValueError(f"runtime state lacks {missing} (has {sorted(state)}); is it a dfm training checkpoint?")
-
-
 def load_full_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
     """Load whole (unsharded) weights, present on every rank, into the sharded ``model``; strict.
 

@@ -1,11 +1,10 @@
 """The ``local`` runtime: one process on the CPU or one GPU, the embedded default and numerical reference.
 
-:class:`LocalRuntime` implements :class:`~dfm.ports.runtime.ParallelRuntime`. Its EMA and state helpers
-live here; the helpers every runtime shares (LR schedule, AdamW parameter groups, activation
-checkpointing, state checks) live in :mod:`dfm.adapters.torch_dist` and are re-exported for convenience.
+:class:`LocalRuntime` implements :class:`~dfm.ports.runtime.ParallelRuntime` over the shared training core
+(:mod:`dfm.adapters.torch_dist.core`); its state helpers live here; the helpers every runtime shares (LR
+schedule, AdamW parameter groups, activation checkpointing) are re-exported for convenience.
 """
 
-from dfm.adapters.local.ema import EMA_PREFIX, build_ema, reset_ema
 from dfm.adapters.local.runtime import (
     LocalRuntime,
     build_network,
@@ -15,23 +14,19 @@ from dfm.adapters.local.runtime import (
 )
 from dfm.adapters.torch_dist.checkpointing import apply_activation_checkpointing, checkpoint_module, is_checkpointed
 from dfm.adapters.torch_dist.optim import build_adamw, param_groups
-from dfm.adapters.torch_dist.schedule import build_scheduler, check_optimizer_settings, lr_factor
+from dfm.adapters.torch_dist.schedule import check_optimizer_settings, lr_factor
 
 __all__ = [
-    "EMA_PREFIX",
     "LocalRuntime",
     "apply_activation_checkpointing",
     "build_adamw",
-    "build_ema",
     "build_network",
-    "build_scheduler",
     "check_optimizer_settings",
     "checkpoint_module",
     "empty_network",
     "is_checkpointed",
     "lr_factor",
     "param_groups",
-    "reset_ema",
     "resolve_device",
     "resolve_precision",
 ]

@@ -73,7 +73,7 @@ class Options:
     """SDPA backend of the attention kernels."""
     activation_checkpointing: str = "off"
     """``"off"``, ``"full"`` or ``"selective"`` (recompute blocks in the backward pass)."""
-    checkpoint_every: int = 1
+    activation_checkpointing_every_k: int = 1
     """With ``"full"`` or ``"selective"``, recompute every k-th block of a chunk."""
     compile: bool = False
     """``torch.compile`` each block (after activation checkpointing, as the fsdp2 runtime does)."""
@@ -265,7 +265,7 @@ def build_chunks(
             use_ulysses_attention(network, plan, cp_group, options.attention_backend)
         if options.activation_checkpointing != "off":
             apply_activation_checkpointing(
-                network, plan.blocks, options.checkpoint_every, options.activation_checkpointing
+                network, plan.blocks, options.activation_checkpointing_every_k, options.activation_checkpointing
             )
         if options.compile:
             for block in network.get_submodule(plan.blocks):

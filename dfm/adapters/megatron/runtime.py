@@ -12,11 +12,10 @@ global_batch_size`` (``calculate_per_token_loss``: no averaging anywhere), the g
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import timedelta
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 import torch
@@ -32,20 +31,25 @@ from dfm.adapters.megatron.engine import initialize, megatron_sizes, megatron_to
 from dfm.adapters.megatron.model import Options, build_chunks, transformer_config
 from dfm.adapters.megatron.optimizer import build_optimizer, load_optimizer, sum_sequence_parallel_grads, wrap_ddp
 from dfm.adapters.megatron.stage import Chunk
-from dfm.adapters.torch_dist.devices import batch_to_device, check_rank_share, device_type, peak_memory_gib
+from dfm.adapters.torch_dist.core import Tally, TrainingCore, Which, check_options, compute_dtype
+from dfm.adapters.torch_dist.devices import batch_to_device, device_type
+from dfm.adapters.torch_dist.ema import EMA
 from dfm.adapters.torch_dist.process_group import DEFAULT_TIMEOUT, DistEnv, destroy
-from dfm.adapters.torch_dist.schedule import check_optimizer_settings, lr_factor
 from dfm.domain.batch import Batch
 from dfm.domain.specs import ModelSpec
-from dfm.ports.runtime import LossFn, OptimizerSettings, StepResult, WeightsReader
+from dfm.ports.runtime import LossFn, OptimizerSettings
 
-_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 """The distributed optimizer's checkpoint format that loads at any tensor/pipeline/data layout."""
 
 
-class MegatronRuntime:
+class MegatronRuntime(TrainingCore):
     """Megatron-core TP/PP/CP/DP (see the module docstring).
+
+    The step, the schedule, the EMA and the state layout are :class:`~dfm.adapters.torch_dist.core.TrainingCore`'s;
+    what is this runtime's own: megatron's groups, the network as model chunks, megatron's pipeline schedule
+    running the micro-batches, its DDP and optimizer (clipping, inf checks, float32 main weights), the EMA as
+    float32 copies of this rank's parameters, and state as ``ShardedTensor`` s.
 
     Constructing it joins (or creates) the process group and megatron's parallel groups, so
     :attr:`topology` is known before the data source is built.
@@ -57,7 +61,8 @@ class MegatronRuntime:
             compute, float32 main weights in the optimizer and float32 gradient reduction).
         grad_clip: Clip the global gradient norm to this; ``None`` disables clipping.
         ema_decay: Keep an EMA of this rank's weights (float32); ``None``: none.
-        activation_checkpointing: ``"off"``, ``"full"`` or ``"selective"``; ``checkpoint_every``: every k-th block.
+        activation_checkpointing: ``"off"``, ``"full"`` or ``"selective"``; ``activation_checkpointing_every_k``:
+            every k-th block.
         compile: ``torch.compile`` each block, as the fsdp2 runtime does (on CUDA; ignored on the CPU).
         attention_backend: SDPA backend.
         seed: Seed of the initial weights (the local runtime's weights for the same seed).
@@ -71,6 +76,8 @@ class MegatronRuntime:
     Raises:
         ValueError: Naming the config key, for sizes that do not fit the world, or an invalid option.
     """
+
+    schedule_key = "step"  # the name megatron checkpoints have always given the step counter
 
     def __init__(
         self,
@@ -86,7 +93,7 @@ class MegatronRuntime:
         grad_clip: float | None = 1.0,
         ema_decay: float | None = None,
         activation_checkpointing: str = "off",
-        checkpoint_every: int = 1,
+        activation_checkpointing_every_k: int = 1,
         attention_backend: str = "auto",
         compile: bool = False,
         seed: int = 0,
@@ -97,12 +104,14 @@ class MegatronRuntime:
         timeout: timedelta = DEFAULT_TIMEOUT,
     ) -> None:
         kind = device_type(device)
-        if precision not in ("auto", *_PRECISIONS):
-            raise ValueError(f"train.precision must be one of ('auto', 'fp32', 'bf16'), got {precision!r}")
-        if activation_checkpointing not in ("off", "full", "selective"):
-            raise ValueError(
-                f"train.activation_checkpointing must be 'off', 'full' or 'selective', got {activation_checkpointing!r}"
-            )
+        check_options(
+            precision=precision,
+            grad_clip=grad_clip,
+            ema_decay=ema_decay,
+            checkpointing=activation_checkpointing,
+            every_k=activation_checkpointing_every_k,
+        )
+        super().__init__(grad_clip=grad_clip, ema_decay=ema_decay, seed=seed)
         self._parallel = {
             "tensor": tensor,
             "context": context,
@@ -116,16 +125,14 @@ class MegatronRuntime:
         self._owns_group = not dist.is_initialized()
         self.device = initialize(kind, self.sizes, seed, timeout, env)
         self.topology = megatron_topology(self.sizes, self.device)
-        bf16 = precision == "bf16" or (precision == "auto" and kind == "cuda")
         self.options = Options(
-            dtype=torch.bfloat16 if bf16 else torch.float32,
+            dtype=compute_dtype(precision, kind),
             attention_backend=attention_backend,
             activation_checkpointing=activation_checkpointing,
-            checkpoint_every=checkpoint_every,
+            activation_checkpointing_every_k=activation_checkpointing_every_k,
             sequence_parallel=sequence_parallel and self.sizes.tensor > 1,
             compile=compile and kind == "cuda",
         )
-        self.grad_clip, self.ema_decay, self.seed = grad_clip, ema_decay, seed
         self.ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=overlap_grad_reduce,
@@ -134,16 +141,9 @@ class MegatronRuntime:
         )
         self._chunks: list[Chunk] = []
         self._config: Any = None
-        self._inference = False
         self._ddp: list[DistributedDataParallel] = []
-        self._optimizer: Any = None
         self._settings: OptimizerSettings | None = None
         self._blocks = "blocks"
-        self._step = 0
-        self._ema: dict[str, torch.Tensor] | None = None
-        self._n_averaged = 0
-
-    # Building --------------------------------------------------------------------------------------
 
     def check_model(self, spec: ModelSpec) -> None:
         """Check that the model's heads, widths and layers divide by the layout.
@@ -160,54 +160,29 @@ class MegatronRuntime:
             layers=spec.num_layers,
         )
 
-    def build_network(self, spec: ModelSpec, *, inference_dtype: torch.dtype | None = None) -> nn.Module:
-        """Build this rank's model chunks alone (no DDP buffers, optimizer or EMA). Collective.
+    # Building ---------------------------------------------------------------------------------------
 
-        Args:
-            spec: The architecture.
-            inference_dtype: ``None``: the chunks to train, in the precision's dtype, initialised from the seed.
-                A dtype: chunks in that dtype, not initialised (load their weights next), without activation
-                checkpointing, in eval mode without gradients (weights to read or export; this runtime does
-                not sample in-process, see :meth:`inference_model`). Building again replaces the chunks and
-                drops an attached DDP, optimizer and EMA.
+    def _build(self, spec: ModelSpec, inference_dtype: torch.dtype | None) -> nn.Module:
+        """This rank's model chunks; returns the first. Inference chunks: no checkpointing or compile, eval mode.
 
-        Returns:
-            The first chunk.
-
-        Raises:
-            ValueError: For sizes the model does not divide, or a non-floating ``inference_dtype``.
+        This runtime does not sample in-process (:meth:`inference_model`); inference chunks hold weights to
+        read or export.
         """
-        self._ddp, self._optimizer, self._ema, self._step = [], None, None, 0  # building again starts over
+        self._ddp = []
         self.check_model(spec)
         options = self.options
         if inference_dtype is not None:
-            if not inference_dtype.is_floating_point:
-                raise ValueError(
-                    f"the inference dtype must be a floating type such as torch.bfloat16, got {inference_dtype}"
-                )
             options = attrs.evolve(options, dtype=inference_dtype, activation_checkpointing="off", compile=False)
         self._config = transformer_config(spec, self.sizes, options, self.device)
         seed = self.seed if inference_dtype is None else None
         self._chunks = build_chunks(spec, self.sizes, self._config, self.device, options, seed)
         self._blocks = type(self._chunks[0].network).parallel_plan.blocks
-        self._inference = inference_dtype is not None
-        for chunk in self._chunks if self._inference else []:
+        for chunk in self._chunks if inference_dtype is not None else []:
             chunk.requires_grad_(False).eval()
         return self._chunks[0]
 
-    def attach_optimizer(self, settings: OptimizerSettings) -> None:
-        """Wrap the chunks in megatron's DDP and attach its optimizer and (with ``ema_decay``) the EMA. Collective.
-
-        Raises:
-            ValueError: For invalid optimizer settings.
-            RuntimeError: Before :meth:`build_network`, for chunks built for inference, or a second time.
-        """
-        self._require_built()
-        if self._inference:
-            raise RuntimeError("a network built with an inference_dtype takes no optimizer; build one to train")
-        if self._optimizer is not None:
-            raise RuntimeError("MegatronRuntime.attach_optimizer was already called")
-        check_optimizer_settings(settings)
+    def _attach(self, settings: OptimizerSettings) -> None:
+        """Megatron's DDP around the chunks and its (distributed) optimizer. Collective."""
         self._ddp = wrap_ddp(self._chunks, self._config, self.ddp_config)
         self._optimizer = build_optimizer(
             self._ddp,
@@ -217,109 +192,34 @@ class MegatronRuntime:
             distributed=self.ddp_config.use_distributed_optimizer,
         )
         self._settings = settings
-        self._step = 0
-        if self.ema_decay is not None:
-            self._reset_ema()
 
-    # Weights ---------------------------------------------------------------------------------------
+    def _average(self) -> tuple[dict[str, torch.Tensor], None]:
+        return {n: p.detach().float().clone() for n, p in self._named_parameters()}, None
 
-    def weights(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
-        """This rank's weights by global name (tensor-parallel slices, this stage's blocks), aliasing them.
+    def _named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return mstate.named_parameters(self._chunks, self._blocks)
 
-        The float32 EMA copies when attached and ``use_ema``.
-        """
-        self._require_built()
-        if use_ema and self._ema is not None:
-            return dict(self._ema)
-        return {name: param.detach() for name, param in mstate.named_parameters(self._chunks, self._blocks)}
+    # Training ---------------------------------------------------------------------------------------
 
-    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Load whole weights (imported diffusers weights, say); strict; each rank keeps its part, cast to its dtype.
-
-        With an optimizer attached only before the first step; the EMA restarts at these weights.
-
-        Raises:
-            ValueError: Naming missing keys and shape mismatches.
-            RuntimeError: Before :meth:`build_network`, or once a step was taken.
-        """
-        self._require_built()
-        self._check_fresh()
-        params = dict(mstate.named_parameters(self._chunks, self._blocks))
-        missing = sorted(set(params) - set(weights))
-        if missing:
-            raise ValueError(f"initial weights miss {len(missing)} parameters, e.g. {missing[:5]}")
-        with torch.no_grad():
-            for name, param in params.items():
-                value = mstate.local_part(weights[name], param)
-                if value.shape != param.shape:
-                    raise ValueError(f"{name}: initial weight of shape {tuple(value.shape)} does not fit")
-                param.copy_(value)
-        self._weights_changed()
-
-    def restore_weights(self, read: WeightsReader, *, use_ema: bool = True) -> Literal["ema", "model"]:
-        """Load a checkpoint's EMA weights (when ``ema_decay`` is set and ``use_ema``) or model weights. Collective.
-
-        ``read`` fills ``{"ema": {"module.<name>": ShardedTensor}}`` or ``{"model": {"<name>": ShardedTensor}}``
-        (the layout of :meth:`state_dict`, keyed ``runtime.ema.module.<name>`` / ``runtime.model.<name>``),
-        laid out over this rank's parameters; no optimizer state is read.
-
-        Raises:
-            RuntimeError: Before :meth:`build_network`, or once a step was taken.
-        """
-        self._require_built()
-        self._check_fresh()
-        which: Literal["ema", "model"] = "ema" if use_ema and self.ema_decay is not None else "model"
-        state: dict[str, Any] = {
-            which: mstate.ema_weights_state(self._chunks, self._blocks)
-            if which == "ema"
-            else mstate.model_state(self._chunks, self._blocks)
-        }
-        read(state)
-        prefix = "module." if which == "ema" else ""
-        with torch.no_grad():
-            for name, param in mstate.named_parameters(self._chunks, self._blocks):
-                loaded = state[which][prefix + name]
-                if loaded is not param:
-                    param.copy_(loaded)
-        self._weights_changed()
-        return which
-
-    def _check_fresh(self) -> None:
-        if self._step > 0:
-            raise RuntimeError("weights load before the first train_step; to resume a run use load_state_dict")
-
-    def _weights_changed(self) -> None:
-        """The optimizer's main copies and the EMA restart at the network's weights (when attached)."""
-        if self._optimizer is not None:
-            self._optimizer.reload_model_params()
-        if self._ema is not None:
-            self._reset_ema()
-
-    # Training --------------------------------------------------------------------------------------
-
-    def train_step(self, micro_batches: Sequence[Batch], loss_fn: LossFn, global_batch_size: int) -> StepResult:
-        """Run megatron's schedule over this rank's micro-batches, reduce, clip, and step (or skip). Collective.
-
-        Raises:
-            ValueError: If the micro-batches are empty or do not hold this rank's share of the batch.
-        """
-        self._require_optimizer()
-        check_rank_share(micro_batches, global_batch_size, self.topology.dp_size)
-        settings = self._settings
-        assert settings is not None
-        lr = settings.lr * lr_factor(self._step, settings)
-        for group in self._optimizer.param_groups:  # what megatron's OptimizerParamScheduler would set
+    def _set_lr(self, lr: float) -> None:
+        """The rate, and each group's weight decay, as megatron's ``OptimizerParamScheduler`` would set them."""
+        assert self._settings is not None
+        for group in self._optimizer.param_groups:
             group["lr"] = lr
-            group["weight_decay"] = settings.weight_decay * group.get("wd_mult", 1.0)
+            group["weight_decay"] = self._settings.weight_decay * group.get("wd_mult", 1.0)
+
+    def _begin_step(self) -> None:
         for model in self._ddp:
             model.train()
             model.zero_grad_buffer()
         self._optimizer.zero_grad()
-        totals: dict[str, Any] = {"rows": []}
-        batches = [batch_to_device(b, self.device) for b in micro_batches]
+
+    def _run_micro_batches(self, batches: Sequence[Batch], loss_fn: LossFn, tally: Tally) -> None:
+        """Megatron's schedule (1F1B, interleaved with a virtual pipeline), then its gradient reduction."""
+        batches = [batch_to_device(b, self.device) for b in batches]
         iterators = [iter(batches) for _ in self._ddp]
         get_forward_backward_func()(
-            forward_step_func=partial(self._forward_step, loss_fn, global_batch_size, totals),
+            forward_step_func=partial(self._forward_step, loss_fn, tally),
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self._ddp,
             num_microbatches=len(batches),
@@ -331,19 +231,8 @@ class MegatronRuntime:
             model.finish_grad_sync()
         if self.options.sequence_parallel:
             sum_sequence_parallel_grads(self._ddp)
-        names, sums = self._reduce(totals)
-        found_inf = self._optimizer.prepare_grads()
-        norm = float(self._optimizer.get_grad_norm() or 0.0)
-        loss = sums[0] / global_batch_size
-        metrics = {name: v / global_batch_size for name, v in zip(names, sums[1:], strict=True)}
-        finite = math.isfinite(loss) and math.isfinite(norm) and not found_inf
-        if finite:
-            self._update(norm)
-        return StepResult(loss=loss, grad_norm=norm, lr=lr, skipped=not finite, metrics=metrics)
 
-    def _forward_step(
-        self, loss_fn: LossFn, global_batch_size: int, totals: dict[str, Any], data_iterator: Any, model: Any
-    ) -> tuple[torch.Tensor, Any]:
+    def _forward_step(self, loss_fn: LossFn, tally: Tally, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
         """Megatron's ``forward_step_func``: the objective on one micro-batch through one chunk."""
         batch = next(data_iterator)
         out = loss_fn(model, batch)
@@ -351,117 +240,87 @@ class MegatronRuntime:
         if not chunk.last:
             assert chunk.output is not None
             return chunk.output, _not_last
-        if out.per_sample.shape != (batch.size,):
-            raise ValueError(
-                f"loss_fn returned per_sample of shape {tuple(out.per_sample.shape)}, expected ({batch.size},)"
-            )
-        totals["names"] = list(out.metrics)
-        row = [out.per_sample.detach().float().sum()]
-        row += [v.detach().float().to(self.device) * batch.size for v in out.metrics.values()]
-        totals["rows"].append(torch.stack(row))
-        loss = out.per_sample.float().sum() / global_batch_size
-        return loss, _last
+        return tally.add(out, batch.size), _last
 
-    def _reduce(self, totals: dict[str, Any]) -> tuple[list[str], list[float]]:
-        """Loss and metric sums over the micro-batches, from the last stage to every rank, over data ranks."""
-        names: list[str] = totals.get("names", [])
-        count = torch.tensor([len(names)], device=self.device)
+    def _reduce(self, tally: Tally) -> tuple[list[str], torch.Tensor]:
+        """Loss and metric sums from the last stage to every stage, then over the data-parallel ranks."""
+        names = tally.names
         pp_group = mpu.get_pipeline_model_parallel_group()
+        width = None
         if self.sizes.pipeline > 1:  # only the last stage knows the metric names; every stage learns their count
+            count = torch.tensor([len(names)], device=self.device)
             dist.all_reduce(count, op=dist.ReduceOp.MAX, group=pp_group)
-        rows = totals["rows"]
-        sums = torch.stack(rows).sum(0) if rows else torch.zeros(int(count.item()) + 1, device=self.device)
+            width = int(count.item())
+        sums = tally.sums(width)
         if self.sizes.pipeline > 1:
             dist.all_reduce(sums, group=pp_group)
-            names = self._broadcast_names(names, pp_group)
+            names = _broadcast_names(names, pp_group)
         if self.topology.dp_size > 1:
             dist.all_reduce(sums, group=mpu.get_data_parallel_group())
-        return names, sums.tolist()
+        return names, sums
 
-    def _broadcast_names(self, names: list[str], group: dist.ProcessGroup) -> list[str]:
-        holder = [names if mpu.is_pipeline_last_stage() else None]
-        last = dist.get_global_rank(group, dist.get_world_size(group) - 1)
-        dist.broadcast_object_list(holder, src=last, group=group)
-        return list(holder[0] or [])
+    def _grad_norm(self) -> tuple[torch.Tensor, bool]:
+        found_inf = bool(self._optimizer.prepare_grads())
+        return torch.tensor(float(self._optimizer.get_grad_norm() or 0.0)), found_inf
 
-    def _update(self, norm: float) -> None:
-        """Clip (to the norm already computed), step, average the EMA."""
-        optimizers = getattr(self._optimizer, "chained_optimizers", [self._optimizer])
-        if self.grad_clip is not None:
-            for optimizer in optimizers:
-                params = optimizer.get_parameters()
-                if params:
-                    clip_grad_by_total_norm_fp32(params, max_norm=self.grad_clip, total_norm=norm)
+    def _clip(self, max_norm: float, norm: torch.Tensor) -> None:
+        for optimizer in getattr(self._optimizer, "chained_optimizers", [self._optimizer]):
+            params = optimizer.get_parameters()
+            if params:
+                clip_grad_by_total_norm_fp32(params, max_norm=max_norm, total_norm=float(norm))
+
+    def _optimizer_step(self) -> None:
         self._optimizer.step_with_ready_grads()
-        self._step += 1
-        if self._ema is not None:
-            self._update_ema()
 
-    # EMA -------------------------------------------------------------------------------------------
+    def _skip(self) -> None:
+        """Nothing: the next step zeroes megatron's gradient buffers."""
 
-    def _reset_ema(self) -> None:
-        self._ema = {n: p.detach().float().clone() for n, p in mstate.named_parameters(self._chunks, self._blocks)}
-        self._n_averaged = 1
+    # Weights and state ------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        assert self._ema is not None and self.ema_decay is not None
-        for name, param in mstate.named_parameters(self._chunks, self._blocks):
-            self._ema[name].lerp_(param.detach().float(), 1.0 - self.ema_decay)
-        self._n_averaged += 1
+    def _weight_leaves(self, which: Which) -> dict[str, torch.Tensor]:
+        key = "runtime.ema.module." if which == "ema" else "runtime.model."
+        return {n: mstate.sharded(key + n, p, p) for n, p in self._named_parameters()}
 
-    # State -----------------------------------------------------------------------------------------
+    def _set_weights(self, loaded: Mapping[str, torch.Tensor], *, whole: bool) -> None:
+        params = dict(self._named_parameters())
+        missing = sorted(set(params) - set(loaded))
+        if missing:
+            raise ValueError(f"initial weights miss {len(missing)} parameters, e.g. {missing[:5]}")
+        with torch.no_grad():
+            for name, param in params.items():
+                value = mstate.local_part(loaded[name], param) if whole else loaded[name]
+                if value is param:
+                    continue
+                if value.shape != param.shape:
+                    raise ValueError(f"{name}: weight of shape {tuple(value.shape)} does not fit {tuple(param.shape)}")
+                param.copy_(value)
 
-    def state_dict(self) -> dict[str, Any]:
-        """``{"model", "optimizer", "scheduler"[, "ema"]}`` as megatron sharded state (see :mod:`.state`)."""
-        self._require_optimizer()
+    def _weights_loaded(self) -> None:
+        """The optimizer's float32 main copies restart at the network's weights."""
+        if self._optimizer is not None:
+            self._optimizer.reload_model_params()
+
+    def _model_and_optimizer_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         if self.ddp_config.overlap_param_gather:  # the weights of the last step are gathered in the next forward
             for model in self._ddp:
                 model.start_param_sync(force_sync=True)
         model = mstate.model_state(self._chunks, self._blocks)
-        state: dict[str, Any] = {
-            "model": model,
-            "optimizer": self._optimizer.sharded_state_dict(model, metadata=_OPTIMIZER_FORMAT),
-            "scheduler": {"step": self._step},
-        }
-        if self._ema is not None:
-            state["ema"] = mstate.ema_state(self._ema, self._chunks, self._blocks, self._n_averaged)
-        return state
+        return model, self._optimizer.sharded_state_dict(model, metadata=_OPTIMIZER_FORMAT)
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` described, as loaded by ``DistCheckpointIO``. Collective.
+    def _load_model_and_optimizer(self, model: Mapping[str, Any], optimizer: Mapping[str, Any]) -> None:
+        self._set_weights(model, whole=False)
+        load_optimizer(self._optimizer, optimizer)
 
-        Raises:
-            ValueError: If an entry is missing.
-        """
-        self._require_optimizer()
-        missing = [k for k in ("model", "optimizer", "scheduler") if k not in state]
-        if missing:
-            raise ValueError(f"runtime state lacks {missing}")
-        with torch.no_grad():
-            for name, param in mstate.named_parameters(self._chunks, self._blocks):
-                loaded = state["model"][name]
-                if loaded is not param:
-                    param.copy_(loaded)
-        load_optimizer(self._optimizer, state["optimizer"])
-        self._step = int(state["scheduler"]["step"])
-        if self._ema is not None and "ema" in state:
-            self._n_averaged = mstate.load_ema(self._ema, state["ema"])
-        elif self._ema is not None:
-            self._reset_ema()
+    def _ema_state(self, ema: EMA) -> dict[str, Any]:
+        return mstate.ema_state(ema.average, self._chunks, self._blocks, int(ema.n_averaged))
 
-    # Inference and reporting -----------------------------------------------------------------------
+    # Inference and reporting ------------------------------------------------------------------------
 
-    def inference_model(self, use_ema: bool = True) -> nn.Module:
-        """Not available: generate from a megatron checkpoint with ``python -m dfm.app.generate``."""
+    def _inference_network(self, use_ema: bool) -> nn.Module:
         raise RuntimeError(
             "the megatron runtime does not sample in-process; generate from its checkpoint with "
             "`python -m dfm.app.generate --checkpoint RUN_DIR` (it loads into one process)"
         )
-
-    def max_memory_gib(self) -> float:
-        """This rank's peak: CUDA memory allocated on its device, else the process's resident set, in GiB."""
-        return peak_memory_gib(self.device)
 
     def close(self) -> None:
         """Destroy megatron's groups, and the process group if this runtime created it."""
@@ -469,14 +328,12 @@ class MegatronRuntime:
         if self._owns_group:
             destroy()
 
-    def _require_built(self) -> None:
-        if not self._chunks:
-            raise RuntimeError("MegatronRuntime.build_network(spec) must be called first")
 
-    def _require_optimizer(self) -> None:
-        self._require_built()
-        if self._optimizer is None:
-            raise RuntimeError("MegatronRuntime.attach_optimizer(settings) must be called first")
+def _broadcast_names(names: list[str], group: dist.ProcessGroup) -> list[str]:
+    holder = [names if mpu.is_pipeline_last_stage() else None]
+    last = dist.get_global_rank(group, dist.get_world_size(group) - 1)
+    dist.broadcast_object_list(holder, src=last, group=group)
+    return list(holder[0] or [])
 
 
 def _not_last(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:

@@ -44,15 +44,6 @@ def model_state(chunks: list[Chunk], blocks: str, prefix: str = "runtime.model."
     return {name: sharded(prefix + name, param, param) for name, param in named_parameters(chunks, blocks)}
 
 
-def ema_weights_state(chunks: list[Chunk], blocks: str) -> dict[str, ShardedTensor]:
-    """The parameters as ``ShardedTensor`` s under the EMA's keys (``module.<name>``): a checkpoint's EMA
-    weights load into the network itself (no EMA copy, no ``n_averaged``)."""
-    return {
-        f"module.{name}": sharded(f"runtime.ema.module.{name}", param, param)
-        for name, param in named_parameters(chunks, blocks)
-    }
-
-
 def local_part(full: torch.Tensor, like: nn.Parameter) -> torch.Tensor:
     """This rank's part of the whole tensor ``full`` of the parameter ``like``."""
     tp_rank, tp = mpu.get_tensor_model_parallel_rank(), mpu.get_tensor_model_parallel_world_size()
@@ -74,16 +65,6 @@ def ema_state(
         "runtime.ema.n_averaged", count, replica_id=(mpu.get_pipeline_model_parallel_rank(), *_replica())
     )
     return state
-
-
-def load_ema(ema: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> int:
-    """Copy loaded EMA tensors into ``ema``; returns ``n_averaged``."""
-    with torch.no_grad():
-        for name, tensor in ema.items():
-            value = loaded[f"module.{name}"]
-            if value is not tensor:
-                tensor.copy_(value)
-    return int(loaded["n_averaged"])
 
 
 def _replica() -> tuple[int, int]:

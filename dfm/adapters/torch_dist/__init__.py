@@ -5,22 +5,20 @@
 - :mod:`.sequence`: context parallelism (sequence sharding, gathering, Ulysses attention);
 - :mod:`.staged`: the root network's forward as stages, context parallel over the video tokens (training, sampling);
 - :mod:`.parallel_sampling`: multi-process generation (CFG parallel x context parallel);
-- :mod:`.schedule`, :mod:`.optim`, :mod:`.checkpointing`, :mod:`.state`: the LR schedule, AdamW and its
-  parameter groups, activation checkpointing that keeps parameter names, and state checks.
+- :mod:`.core`: the training step and state every runtime shares (:class:`TrainingCore`), over engine hooks;
+- :mod:`.schedule`, :mod:`.ema`, :mod:`.optim`, :mod:`.grads`, :mod:`.checkpointing`, :mod:`.state`: the LR
+  schedule, the EMA, AdamW and its parameter groups, gradient norms and clipping, activation checkpointing
+  that keeps parameter names, and state checks.
 """
 
 from dfm.adapters.torch_dist.checkpointing import apply_activation_checkpointing, checkpoint_module, is_checkpointed
+from dfm.adapters.torch_dist.core import Tally, TrainingCore
+from dfm.adapters.torch_dist.ema import EMA
 from dfm.adapters.torch_dist.head_norm import HeadNormForward
 from dfm.adapters.torch_dist.mesh import DIM_NAMES, MeshSizes, build_mesh, fsdp_mesh, resolve_sizes, topology
 from dfm.adapters.torch_dist.optim import build_adamw, materialize_state, param_groups
 from dfm.adapters.torch_dist.process_group import DistEnv, all_gather_json, destroy, init_process_group
-from dfm.adapters.torch_dist.schedule import (
-    build_scheduler,
-    check_optimizer_settings,
-    load_scheduler_state,
-    lr_factor,
-    scheduler_state,
-)
+from dfm.adapters.torch_dist.schedule import Schedule, check_optimizer_settings, lr_factor
 from dfm.adapters.torch_dist.sequence import (
     GatherSequence,
     UlyssesAttention,
@@ -32,16 +30,19 @@ from dfm.adapters.torch_dist.state import check_compatible
 
 __all__ = [
     "DIM_NAMES",
+    "EMA",
     "DistEnv",
     "GatherSequence",
     "HeadNormForward",
     "MeshSizes",
+    "Schedule",
+    "Tally",
+    "TrainingCore",
     "UlyssesAttention",
     "all_gather_json",
     "apply_activation_checkpointing",
     "build_adamw",
     "build_mesh",
-    "build_scheduler",
     "check_compatible",
     "check_optimizer_settings",
     "checkpoint_module",
@@ -50,12 +51,10 @@ __all__ = [
     "gather_sequence",
     "init_process_group",
     "is_checkpointed",
-    "load_scheduler_state",
     "lr_factor",
     "materialize_state",
     "param_groups",
     "resolve_sizes",
-    "scheduler_state",
     "shard_sequence",
     "topology",
     "use_ulysses_attention",

@@ -93,10 +93,9 @@ def apply_activation_checkpointing(
         The indices of the checkpointed blocks.
 
     Raises:
-        ValueError: If ``every < 1`` or ``mode`` is unknown.
+        ValueError: If ``mode`` is unknown.
     """
-    if every < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {every}")
+    assert every >= 1, f"every must be >= 1 (the runtime checks train.activation_checkpointing_every_k), got {every}"
     block_list = model.get_submodule(blocks)
     assert isinstance(block_list, nn.ModuleList), f"{blocks!r} must name an nn.ModuleList"
     chosen = [i for i in range(len(block_list)) if (i + 1) % every == 0]

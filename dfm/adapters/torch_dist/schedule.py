@@ -16,9 +16,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-from torch.optim.lr_scheduler import LambdaLR
-
 from dfm.ports.runtime import OptimizerSettings
 
 _SCHEDULES = ("constant", "cosine")
@@ -65,34 +62,50 @@ def lr_factor(step: int, settings: OptimizerSettings) -> float:
     return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, settings: OptimizerSettings) -> LambdaLR:
-    """A ``LambdaLR`` applying :func:`lr_factor` to every parameter group (it sets step 0's rate at once)."""
-    return LambdaLR(optimizer, lambda step: lr_factor(step, settings))
+class Schedule:
+    """Where a run is along :func:`lr_factor`: the step counter, and the rate of the step to come.
 
+    Every runtime sets this rate on its optimizer's parameter groups before each step (megatron's
+    optimizer is not a ``torch.optim.Optimizer``, so ``LambdaLR``, which computes the same
+    ``lr * lr_factor(step)``, cannot drive all three). Its state is ``{key: steps taken}``; ``key`` is
+    ``LambdaLR``'s ``last_epoch`` (the name the ``local`` and ``fsdp2`` checkpoints have always used) unless
+    a runtime's checkpoints name it otherwise (megatron's ``step``).
 
-def scheduler_state(scheduler: LambdaLR) -> dict[str, Any]:
-    """The scheduler's state without its ``lr_lambdas`` (closures are rebuilt from the settings)."""
-    return {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-
-
-def load_scheduler_state(scheduler: LambdaLR, state: Mapping[str, Any]) -> None:
-    """Restore the schedule's position from what :func:`scheduler_state` returned.
-
-    Only the position (the step counter) comes from ``state``. The peak rates (``base_lrs``) stay those
-    the scheduler was built with, from the current settings, and every parameter group's rate is set
-    for the restored step from them: a run resumed with another ``lr`` (or warmup, schedule, length)
-    goes on along the new schedule from the saved step. With unchanged settings the rates are the
-    saved ones, bit for bit.
-
-    Raises:
-        ValueError: If ``state`` lacks the step counter.
+    Args:
+        settings: The peak rate and the schedule (validated by :func:`check_optimizer_settings`).
+        key: The name of the step counter in :meth:`state_dict`.
     """
-    if "last_epoch" not in state:
-        raise ValueError(f"scheduler state has no 'last_epoch' (keys: {sorted(state)}); is it from another runtime?")
-    own = list(scheduler.base_lrs)
-    scheduler.load_state_dict({**dict(state), "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
-    scheduler.base_lrs = own
-    rates = [base * factor(scheduler.last_epoch) for factor, base in zip(scheduler.lr_lambdas, own, strict=True)]
-    for group, lr in zip(scheduler.optimizer.param_groups, rates, strict=True):
-        group["lr"] = lr
-    scheduler._last_lr = rates  # what get_last_lr() reports
+
+    def __init__(self, settings: OptimizerSettings, key: str = "last_epoch") -> None:
+        check_optimizer_settings(settings)
+        self.settings = settings
+        self.key = key
+        self.step = 0
+
+    def lr(self) -> float:
+        """The learning rate of the next optimizer step."""
+        return self.settings.lr * lr_factor(self.step, self.settings)
+
+    def advance(self) -> None:
+        """One optimizer step was taken."""
+        self.step += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{key: steps taken}``."""
+        return {self.key: self.step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the position from :meth:`state_dict`'s layout; the rates follow the current settings.
+
+        Only the position comes from ``state``: a run resumed with another ``lr`` (or warmup, schedule,
+        length) goes on along the new schedule from the saved step; with unchanged settings the rates are
+        the saved ones, bit for bit.
+
+        Raises:
+            ValueError: If ``state`` lacks the step counter.
+        """
+        if self.key not in state:
+            raise ValueError(
+                f"scheduler state has no {self.key!r} (keys: {sorted(state)}); is it from another runtime?"
+            )
+        self.step = int(state[self.key])

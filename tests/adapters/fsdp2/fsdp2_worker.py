@@ -65,7 +65,7 @@ LAYOUTS: dict[str, dict[str, int]] = {
     "replicate_shard": {"data_replicate": 2, "data_shard": 2},
 }
 CHECKPOINTED: dict[str, dict[str, Any]] = {
-    "context_tensor": {"activation_checkpointing": "full", "checkpoint_every": 2},
+    "context_tensor": {"activation_checkpointing": "full", "activation_checkpointing_every_k": 2},
     "context": {"activation_checkpointing": "selective"},
 }
 """Layouts trained with activation checkpointing (the recompute runs the all-to-alls again; ``selective`` keeps

@@ -99,7 +99,8 @@ def test_layout_reproduces_the_local_runtime(layout: str, launches: dict[str, An
     got = launches[layout]
     sizes = worker.LAYOUTS[layout]
     assert got["topology"]["tp"] == sizes.get("tensor", 1) and got["topology"]["cp"] == sizes.get("context", 1)
-    every = worker.CHECKPOINTED.get(layout, {"checkpoint_every": 0}).get("checkpoint_every", 1)
+    key = "activation_checkpointing_every_k"
+    every = worker.CHECKPOINTED.get(layout, {key: 0}).get(key, 1)
     assert got["checkpointed"] == [every > 0 and (i + 1) % every == 0 for i in range(2)]
     init = load_file(str(out / f"{layout}.init.safetensors"))
     assert init.keys() == reference["init"].keys()

@@ -275,7 +275,7 @@ def test_activation_checkpointing_keeps_gradients_and_keys() -> None:
         s_off, s = runtimes["off"].state_dict(), runtimes[mode].state_dict()
         assert flat_state(s_off).keys() == flat_state(s).keys()
         assert list(s_off["model"]) == list(s["model"]) == list(runtimes["off"].inference_model().state_dict())
-    every2 = built(activation_checkpointing="full", checkpoint_every=2).inference_model(use_ema=False)
+    every2 = built(activation_checkpointing="full", activation_checkpointing_every_k=2).inference_model(use_ema=False)
     assert [is_checkpointed(b) for b in every2.blocks] == [False, True]
 
 
@@ -340,7 +340,7 @@ def test_resume_with_changed_settings_uses_them_and_keeps_the_moments() -> None:
     assert_states_equal(moments, saved["optimizer"]["state"])  # the moments and step counters are the run's
     lr = RETUNED.lr * lr_factor(2, RETUNED)
     groups = b._optimizer.param_groups
-    assert [g["lr"] for g in groups] == [lr, lr] and b._scheduler.get_last_lr() == [lr, lr]
+    assert [g["lr"] for g in groups] == [lr, lr] and b._schedule.lr() == lr
     assert {(g["betas"], g["eps"]) for g in groups} == {(RETUNED.betas, RETUNED.eps)}
     assert sorted(g["weight_decay"] for g in groups) == [0.0, RETUNED.weight_decay]
     before = params(b)
@@ -401,7 +401,7 @@ def test_dit_with_edm_trains() -> None:
         ({"grad_clip": 0.0}, "grad_clip"),
         ({"ema_decay": 1.0}, "ema_decay"),
         ({"activation_checkpointing": "some"}, "activation_checkpointing"),
-        ({"checkpoint_every": 0}, "checkpoint_every"),
+        ({"activation_checkpointing_every_k": 0}, "activation_checkpointing_every_k"),
         ({"attention_backend": "xformers"}, "backend"),
         ({"device": "tpu7"}, "device"),
     ],
