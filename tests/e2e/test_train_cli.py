@@ -126,8 +126,8 @@ def test_megatron_layout_that_does_not_fit_is_a_user_error(tmp_path: Path) -> No
         train_cli("--recipe", "wan_tiny_t2v", "--runtime", "megatron", "parallel.tensor=3", f"run.dir={tmp_path}")
     )
     assert stderr.splitlines()[-1] == (  # (megatron's import logs info lines before it)
-        "error: parallel.tensor x parallel.context x parallel.pipeline = 3 x 1 x 1 = 3 does not divide the 1 "
-        "processes launched"
+        "error: cannot infer parallel.data_shard: the world size 1 is not divisible by parallel.data_replicate=1 * "
+        "parallel.context=1 * parallel.tensor=3 = 3; launch a multiple of 3 processes or change those sizes"
     )
 
 

@@ -17,6 +17,7 @@ from megatron.core import parallel_state as mpu
 from megatron.core import tensor_parallel
 
 from dfm.adapters.torch_dist.process_group import DistEnv, init_process_group
+from dfm.domain.layout import ParallelLayout
 from dfm.ports.runtime import Topology
 
 
@@ -41,12 +42,6 @@ class MegatronSizes:
         return self.virtual_pipeline or 1
 
 
-def _divides(key: str, size: int, what: str, count: int | None) -> str | None:
-    if count is None or size <= 1 or count % size == 0:
-        return None
-    return f"{key}={size} does not divide the model's {count} {what}"
-
-
 def megatron_sizes(
     world: int,
     *,
@@ -61,39 +56,24 @@ def megatron_sizes(
     ffn: int | None = None,
     layers: int | None = None,
 ) -> MegatronSizes:
-    """Check the ``parallel`` keys against the world size and the model.
+    """Check the ``parallel`` keys against the world size and the model (:class:`~dfm.domain.layout.ParallelLayout`).
 
     ``data_shard`` is the data-parallel size (``-1`` infers it); ``data_replicate`` must be 1 (megatron's
     distributed optimizer shards over the whole data-parallel group).
 
     Raises:
-        ValueError: Naming every offending ``parallel.*`` key.
+        ValueError: Naming the offending ``parallel.*`` keys.
     """
-    vpp = virtual_pipeline if virtual_pipeline and virtual_pipeline > 1 else None
-    model_parallel = tensor * context * pipeline
-    problems = [
-        f"parallel.data_replicate={data_replicate}: the megatron runtime has no HSDP replicas; set it to 1"
-        if data_replicate != 1
-        else None,
-        f"parallel.tensor x parallel.context x parallel.pipeline = {tensor} x {context} x {pipeline} = "
-        f"{model_parallel} does not divide the {world} processes launched"
-        if world % model_parallel
-        else None,
-        _divides("parallel.tensor x parallel.context", tensor * context, "attention heads", heads),
-        _divides("parallel.tensor", tensor, "hidden channels", hidden),
-        _divides("parallel.tensor", tensor, "feed-forward channels", ffn),
-        _divides("parallel.pipeline x parallel.virtual_pipeline", pipeline * (vpp or 1), "layers", layers),
-    ]
-    data = world // model_parallel if not world % model_parallel else 0
-    if data and data_shard not in (-1, data):
-        problems.append(
-            f"parallel.data_shard={data_shard}: {world} processes / (tensor x context x pipeline = "
-            f"{model_parallel}) leave {data} data-parallel ranks; set parallel.data_shard=-1 or {data}"
+    if data_replicate != 1:
+        raise ValueError(
+            f"parallel.data_replicate={data_replicate}: the megatron runtime has no HSDP replicas; set it to 1"
         )
-    problems = [p for p in problems if p]
-    if problems:
-        raise ValueError("; ".join(problems))
-    return MegatronSizes(tensor=tensor, context=context, pipeline=pipeline, virtual_pipeline=vpp, data=data)
+    vpp = virtual_pipeline if virtual_pipeline and virtual_pipeline > 1 else None
+    layout = ParallelLayout(
+        data_shard=data_shard, context=context, tensor=tensor, pipeline=pipeline, virtual_pipeline=vpp
+    ).resolve(world)
+    layout.check_model(heads=heads, hidden=hidden, ffn=ffn, layers=layers)
+    return MegatronSizes(tensor=tensor, context=context, pipeline=pipeline, virtual_pipeline=vpp, data=layout.dp)
 
 
 def initialize(device_type: str, sizes: MegatronSizes, seed: int, timeout: timedelta, env: DistEnv) -> torch.device:

@@ -17,13 +17,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from dfm.domain.layout import ParallelLayout
 from dfm.ports.runtime import Topology
 
 DIM_NAMES = ("dp_replicate", "dp_shard", "cp", "tp")
 """The mesh dimensions, outermost first."""
-
-_KEYS = ("data_replicate", "data_shard", "context", "tensor")
-"""The ``parallel`` config keys that size :data:`DIM_NAMES`, in the same order."""
 
 
 @attrs.frozen(kw_only=True)
@@ -55,11 +53,6 @@ class MeshSizes:
         return self.data_replicate * self.data_shard
 
 
-def _product(**sizes: int) -> str:
-    terms = " * ".join(f"parallel.{key}={value}" for key, value in sizes.items())
-    return f"{terms} = {math.prod(sizes.values())}" if len(sizes) > 1 else terms
-
-
 def resolve_sizes(
     world: int,
     *,
@@ -73,6 +66,8 @@ def resolve_sizes(
     ffn: int | None = None,
 ) -> MeshSizes:
     """Check the ``parallel`` config against the world size and the model, inferring ``data_shard=-1``.
+
+    The arithmetic and its messages are :class:`~dfm.domain.layout.ParallelLayout`'s; this mesh has no pipeline.
 
     Args:
         world: The number of processes launched.
@@ -93,54 +88,18 @@ def resolve_sizes(
             pipeline is asked for, the sizes do not multiply to ``world`` (or ``data_shard`` cannot be
             inferred), or the model's heads/hidden/FFN sizes do not divide.
     """
-    if world < 1:
-        raise ValueError(f"the world size must be >= 1, got {world}")
-    given = {"data_replicate": data_replicate, "context": context, "tensor": tensor, "pipeline": pipeline}
-    invalid = [f"parallel.{key} must be >= 1, got {value}" for key, value in given.items() if value < 1]
-    if data_shard != -1 and data_shard < 1:
-        invalid.append(f"parallel.data_shard must be -1 (infer) or >= 1, got {data_shard}")
-    if invalid:
-        raise ValueError("invalid parallel sizes: " + "; ".join(invalid))
+    layout = ParallelLayout(
+        data_replicate=data_replicate, data_shard=data_shard, context=context, tensor=tensor, pipeline=pipeline
+    )
     if pipeline > 1:
         raise ValueError(
             f"parallel.pipeline={pipeline}: this runtime has no pipeline parallelism (its device mesh is "
             "data_replicate x data_shard x context x tensor); use runtime=megatron for pipeline stages, "
             "or set parallel.pipeline=1"
         )
-    rest = data_replicate * context * tensor
-    if data_shard == -1:
-        if world % rest:
-            raise ValueError(
-                f"cannot infer parallel.data_shard: the world size {world} is not divisible by "
-                f"{_product(data_replicate=data_replicate, context=context, tensor=tensor)}; launch a multiple "
-                f"of {rest} processes or change those sizes"
-            )
-        data_shard = world // rest
-    sizes = MeshSizes(data_replicate=data_replicate, data_shard=data_shard, context=context, tensor=tensor)
-    if sizes.world != world:
-        raise ValueError(
-            "the parallel layout does not match the world size: "
-            f"{_product(**dict(zip(_KEYS, sizes.shape, strict=True)))}, but {world} processes were launched; "
-            f"choose sizes whose product is {world}, or set parallel.data_shard=-1 to infer it"
-        )
-    _check_model(sizes, heads=heads, hidden=hidden, ffn=ffn)
-    return sizes
-
-
-def _check_model(sizes: MeshSizes, *, heads: int | None, hidden: int | None, ffn: int | None) -> None:
-    tensor, context = sizes.tensor, sizes.context
-    problems = []
-    if heads is not None and heads % (tensor * context):
-        problems.append(
-            f"the model's {heads} attention heads are not divisible by "
-            f"{_product(tensor=tensor, context=context)} (tensor parallelism splits the heads, then context "
-            "parallelism splits each rank's heads again)"
-        )
-    for what, size in (("hidden size", hidden), ("feed-forward size", ffn)):
-        if size is not None and size % tensor:
-            problems.append(f"the model's {what} {size} is not divisible by parallel.tensor={tensor}")
-    if problems:
-        raise ValueError("the parallel layout does not fit the model: " + "; ".join(problems))
+    resolved = layout.resolve(world)
+    resolved.check_model(heads=heads, hidden=hidden, ffn=ffn)
+    return MeshSizes(data_replicate=data_replicate, data_shard=resolved.data_shard, context=context, tensor=tensor)
 
 
 def build_mesh(device_type: str, sizes: MeshSizes) -> DeviceMesh:

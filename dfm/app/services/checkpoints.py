@@ -33,6 +33,7 @@ from dfm.app import bootstrap
 from dfm.app.config import TrainConfig, config_from_yaml, config_to_yaml
 from dfm.app.logging import get_logger
 from dfm.app.services.resume import restore_first, select_path
+from dfm.domain.layout import ParallelLayout
 from dfm.domain.networks.attention import AttentionKernel, SDPAAttention
 from dfm.domain.networks.wan import WanTransformer
 from dfm.domain.specs import WanSpec
@@ -299,18 +300,18 @@ def _check_launch(cfg: TrainConfig, directory: Path, world: int) -> None:
             "processes were launched; run the export as one process (without torchrun)"
         )
     p = cfg.parallel
-    rest = p.data_replicate * p.context * p.tensor
-    fits = world % rest == 0 if p.data_shard == -1 else world == rest * p.data_shard
-    if not fits:
-        needed = f"a multiple of {rest}" if p.data_shard == -1 else str(rest * p.data_shard)
-        layout = (
+    layout = ParallelLayout(
+        data_replicate=p.data_replicate, data_shard=p.data_shard, context=p.context, tensor=p.tensor
+    )
+    if not layout.fits(world):
+        trained = (
             f"parallel.data_replicate={p.data_replicate}, parallel.data_shard={p.data_shard}, "
             f"parallel.context={p.context}, parallel.tensor={p.tensor}"
         )
         raise CheckpointError(
-            f"{directory} was trained with {layout}, which needs {needed} processes, but {world} were launched; "
-            "launch the export with a process count that fits (torchrun --nproc-per-node N), or run it as one "
-            "process, which loads any layout"
+            f"{directory} was trained with {trained}, which needs {layout.ranks_needed()} processes, but {world} "
+            "were launched; launch the export with a process count that fits (torchrun --nproc-per-node N), or run "
+            "it as one process, which loads any layout"
         )
 
 
