@@ -43,9 +43,8 @@ from dfm.app.cli import UserError, add_config_arguments, config_from_args, make_
 from dfm.app.config import TrainConfig
 from dfm.app.logging import configure_logging
 from dfm.app.services.throughput import Work, batch_work, job_work
-from dfm.domain.objective import batch_loss
-from dfm.domain.rng import SampleRNG
-from dfm.ports.runtime import LossFn, ParallelRuntime
+from dfm.app.services.training import step_objective
+from dfm.ports.runtime import ParallelRuntime
 
 
 def bench_train(cfg: TrainConfig, *, warmup: int = 2, steps: int = 6, profile: Path | None = None) -> dict[str, Any]:
@@ -65,7 +64,7 @@ def bench_train(cfg: TrainConfig, *, warmup: int = 2, steps: int = 6, profile: P
         _sync(runtime)
         t0 = time.perf_counter()
         micro = [next(data) for _ in range(n_micro)]
-        result = runtime.train_step(micro, _loss_fn(cfg, step), cfg.train.global_batch_size)
+        result = runtime.train_step(micro, step_objective(cfg, step), cfg.train.global_batch_size)
         _sync(runtime)
         if warmup <= step < warmup + steps:
             times.append(time.perf_counter() - t0)
@@ -77,12 +76,6 @@ def bench_train(cfg: TrainConfig, *, warmup: int = 2, steps: int = 6, profile: P
     figures = _figures(cfg, runtime, times, job_work(work, runtime.topology), loss, warmup)
     runtime.close()  # a runtime that created a process group tears it down
     return figures
-
-
-def _loss_fn(cfg: TrainConfig, step: int) -> LossFn:
-    """The training service's loss for ``step`` (per-sample noise streams keyed by seed and step)."""
-    rng = SampleRNG(seed=cfg.seed, step=step)
-    return lambda model, batch: batch_loss(model, batch, cfg.diffusion, rng)
 
 
 def _figures(

@@ -2,8 +2,10 @@
 
 Given a network callable, a batch and the step's per-sample random streams, :func:`training_loss`
 draws noise, ``sigma`` and the text-dropout decisions per sample (DESIGN.md rule 2), lets the
-diffusion process (flow matching or EDM) form its prediction and target, and returns the weighted
-MSE. Runtimes only decide where this runs and how gradients are reduced.
+diffusion process (flow matching or EDM) form the network's inputs, calls the network, lets the process
+form its prediction and target from the output, and returns the weighted MSE. Runtimes only decide where
+this runs and how gradients are reduced; :class:`Objective` is the same loss in two halves (before and
+after the network) for an engine whose network runs in pipeline stages.
 
 :func:`packed_training_loss` is the same math for a :class:`~dfm.domain.batch.PackedBatch`: samples of
 different shapes in one packed token sequence (:mod:`dfm.domain.packing`), each with its own ``sigma``,
@@ -19,14 +21,16 @@ import attrs
 import torch
 
 from dfm.domain.batch import Batch, PackedBatch
-from dfm.domain.diffusion.conditioning import DenoiserNetwork, TrainingTerms, drop_text
+from dfm.domain.diffusion.conditioning import DenoiserNetwork, NetworkInputs, TrainingTerms, drop_text
 from dfm.domain.rng import SampleRNG, Stream
 
 __all__ = [
     "DenoiserNetwork",
     "DiffusionProcess",
     "LossOutput",
+    "Objective",
     "PackedDenoiserNetwork",
+    "PreparedBatch",
     "packed_training_loss",
     "per_sample_mse",
     "training_loss",
@@ -63,17 +67,16 @@ class DiffusionProcess(Protocol):
         """Per-sample ``sigma`` ``[B]`` (float32, CPU) from each sample's ``SIGMA`` stream."""
         ...
 
+    def network_inputs(
+        self, x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor, text_mask: torch.Tensor | None
+    ) -> NetworkInputs:
+        """What the network is given: its input, timestep and (when the process masks the padding) text mask."""
+        ...
+
     def training_terms(
-        self,
-        network: DenoiserNetwork,
-        x0: torch.Tensor,
-        eps: torch.Tensor,
-        sigma: torch.Tensor,
-        text: torch.Tensor,
-        text_mask: torch.Tensor | None,
+        self, output: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor
     ) -> TrainingTerms:
-        """The network's prediction, the regression target and the per-sample weight; the network is given
-        ``text_mask`` only where the process masks the text's padding (``mask_text_padding``)."""
+        """The prediction (from the network's ``output`` on :meth:`network_inputs`), the target and the weight."""
         ...
 
 
@@ -107,6 +110,91 @@ def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return (prediction.float() - target.float()).square().flatten(1).mean(dim=1)
 
 
+@attrs.frozen(kw_only=True, eq=False)
+class PreparedBatch:
+    """A batch's network call and what its loss needs afterwards (:meth:`Objective.prepare`).
+
+    Attributes:
+        call: The network's arguments ``(x, timestep, text, text_mask)``; ``x`` a list of per-sample latents
+            for a packed batch.
+        x0: Clean latents (float32; a list for a packed batch).
+        eps: Noise like ``x0``.
+        sigma: Per-sample ``sigma`` ``[B]``.
+        keep: ``[B]`` bool, ``True`` where the sample kept its text.
+    """
+
+    call: tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor | None]
+    x0: torch.Tensor | list[torch.Tensor]
+    eps: torch.Tensor | list[torch.Tensor]
+    sigma: torch.Tensor
+    keep: torch.Tensor
+
+
+@attrs.frozen(kw_only=True)
+class Objective:
+    """The diffusion training loss of one step: ``objective(network, batch) -> LossOutput``.
+
+    Also usable in two halves, for an engine that does not call the network in one place (megatron's pipeline
+    stages): :meth:`prepare` draws the batch's noise, ``sigma`` and text dropout and forms the network's
+    inputs; :meth:`loss` turns the network's output into the loss. A pipelined engine runs :meth:`prepare`
+    where the network's inputs enter, its stages' blocks in between, and :meth:`loss` on the last stage only.
+
+    Attributes:
+        process: The diffusion process (e.g. ``FlowMatching`` or ``EDM``).
+        rng: The step's per-sample random streams.
+    """
+
+    process: DiffusionProcess
+    rng: SampleRNG
+
+    def __call__(self, network: Any, batch: Batch | PackedBatch) -> LossOutput:
+        """:meth:`prepare`, one network call, :meth:`loss`."""
+        prepared = self.prepare(batch)
+        return self.loss(prepared, network(*prepared.call))
+
+    def prepare(self, batch: Batch | PackedBatch) -> PreparedBatch:
+        """Draw the batch's noise, ``sigma`` and text dropout (DESIGN.md rule 2); form the network call."""
+        if isinstance(batch, PackedBatch):
+            return _prepare_packed(batch, self.process, self.rng)
+        x0, indices, process = batch.latents.float(), batch.sample_index, self.process
+        eps = self.rng.randn(indices, x0.shape[1:], Stream.NOISE).to(x0.device)
+        sigma = process.draw_sigma(self.rng, indices).to(x0.device)
+        text, keep = drop_text(batch.text, process.text_dropout, self.rng, indices)
+        inputs = process.network_inputs(x0, eps, sigma, batch.text_mask)
+        return PreparedBatch(
+            call=(inputs.x, inputs.timestep, text, inputs.text_mask), x0=x0, eps=eps, sigma=sigma, keep=keep
+        )
+
+    def loss(self, prepared: PreparedBatch, output: Any) -> LossOutput:
+        """The loss of the network's ``output`` on ``prepared.call`` (a list of per-sample outputs when packed)."""
+        p, process = prepared, self.process
+        if isinstance(p.x0, list):
+            rows = zip(output, p.x0, p.eps, p.sigma.split(1), strict=True)
+            terms = [process.training_terms(o[None], x[None], e[None], s) for o, x, e, s in rows]
+            mse = torch.cat([per_sample_mse(t.prediction, t.target) for t in terms])
+            weight = torch.cat([t.weight.float().reshape(1) for t in terms])
+        else:
+            terms = process.training_terms(output, p.x0, p.eps, p.sigma)
+            mse, weight = per_sample_mse(terms.prediction, terms.target), terms.weight.float()
+        return _loss_output(mse, weight, p.sigma, p.keep)
+
+
+def _prepare_packed(batch: PackedBatch, process: DiffusionProcess, rng: SampleRNG) -> PreparedBatch:
+    """:meth:`Objective.prepare` of a packed batch: each sample's own streams and inputs, one packed call."""
+    x0 = [x.float() for x in batch.latents]
+    indices = batch.sample_index
+    eps = [rng.randn([i], x.shape, Stream.NOISE)[0].to(x.device) for i, x in zip(indices.tolist(), x0, strict=True)]
+    sigma = process.draw_sigma(rng, indices).to(x0[0].device)
+    text, keep = drop_text(batch.text, process.text_dropout, rng, indices)
+    masks = [None] * len(x0) if batch.text_mask is None else batch.text_mask.split(1)
+    rows = zip(x0, eps, sigma.split(1), masks, strict=True)
+    inputs = [process.network_inputs(x[None], e[None], s, m) for x, e, s, m in rows]
+    given = [i.text_mask for i in inputs]  # None when there is no mask or the process leaves the padding unmasked
+    mask = None if given[0] is None else torch.cat(given)
+    call = ([i.x[0] for i in inputs], torch.cat([i.timestep for i in inputs]), text, mask)
+    return PreparedBatch(call=call, x0=x0, eps=eps, sigma=sigma, keep=keep)
+
+
 def training_loss(network: DenoiserNetwork, batch: Batch, process: DiffusionProcess, rng: SampleRNG) -> LossOutput:
     """The diffusion training loss of one (micro-)batch.
 
@@ -127,15 +215,7 @@ def training_loss(network: DenoiserNetwork, batch: Batch, process: DiffusionProc
     Returns:
         The loss, the per-sample losses and detached metrics.
     """
-    x0 = batch.latents.float()
-    indices = batch.sample_index
-    eps = rng.randn(indices, x0.shape[1:], Stream.NOISE).to(x0.device)
-    sigma = process.draw_sigma(rng, indices).to(x0.device)
-    text, keep = drop_text(batch.text, process.text_dropout, rng, indices)
-    terms = process.training_terms(network, x0, eps, sigma, text, batch.text_mask)
-    mse = per_sample_mse(terms.prediction, terms.target)
-    weight = terms.weight.float()
-    return _loss_output(mse, weight, sigma, keep)
+    return Objective(process=process, rng=rng)(network, batch)
 
 
 def packed_training_loss(
@@ -144,9 +224,9 @@ def packed_training_loss(
     """The diffusion training loss of a packed batch: samples of any shapes, one network call.
 
     Sample ``b`` draws its noise (its own latent shape), ``sigma`` and text dropout from the streams of
-    ``batch.sample_index[b]`` exactly as :func:`training_loss` does, and the process forms its
-    prediction, target and weight sample by sample; the network runs once on all samples packed. So
-    ``per_sample[b]`` equals ``training_loss``'s for that sample in any unpacked batch (to float
+    ``batch.sample_index[b]`` exactly as :func:`training_loss` does, and the process forms its network
+    inputs and its prediction, target and weight sample by sample; the network runs once on all samples
+    packed. So ``per_sample[b]`` equals ``training_loss``'s for that sample in any unpacked batch (to float
     rounding), and ``loss`` is their mean, as for an unpacked batch of the same samples.
 
     Args:
@@ -158,15 +238,7 @@ def packed_training_loss(
     Returns:
         The loss, the per-sample losses ``[N]`` (in batch order) and detached metrics.
     """
-    x0 = [x.float() for x in batch.latents]
-    indices = batch.sample_index
-    eps = [rng.randn([i], x.shape, Stream.NOISE)[0].to(x.device) for i, x in zip(indices.tolist(), x0, strict=True)]
-    sigma = process.draw_sigma(rng, indices).to(x0[0].device)
-    text, keep = drop_text(batch.text, process.text_dropout, rng, indices)
-    terms = _packed_terms(network, process, x0, eps, sigma, text, batch.text_mask)
-    mse = torch.cat([per_sample_mse(t.prediction, t.target) for t in terms])
-    weight = torch.cat([t.weight.float().reshape(1) for t in terms])
-    return _loss_output(mse, weight, sigma, keep)
+    return Objective(process=process, rng=rng)(network, batch)
 
 
 def _loss_output(mse: torch.Tensor, weight: torch.Tensor, sigma: torch.Tensor, keep: torch.Tensor) -> LossOutput:
@@ -181,46 +253,6 @@ def _loss_output(mse: torch.Tensor, weight: torch.Tensor, sigma: torch.Tensor, k
     return LossOutput(loss=per_sample.mean(), per_sample=per_sample, metrics=metrics)
 
 
-def _packed_terms(
-    network: PackedDenoiserNetwork,
-    process: DiffusionProcess,
-    x0: list[torch.Tensor],
-    eps: list[torch.Tensor],
-    sigma: torch.Tensor,
-    text: torch.Tensor,
-    text_mask: torch.Tensor | None,
-) -> list[TrainingTerms]:
-    """The process's training terms of each sample (a batch of one), with one packed network call.
-
-    A process calls its network once per batch. A first pass records each sample's network inputs
-    (answering zeros, whose terms are discarded); the packed network then runs on all of them; a second
-    pass replays its per-sample outputs to the process. Any :class:`DiffusionProcess` works unchanged.
-    """
-
-    def each(net: DenoiserNetwork) -> list[TrainingTerms]:
-        masks = [None] * len(x0) if text_mask is None else text_mask.split(1)
-        rows = zip(x0, eps, sigma.split(1), text.split(1), masks, strict=True)
-        return [process.training_terms(net, x[None], e[None], s, t, m) for x, e, s, t, m in rows]
-
-    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
-
-    def record(x: torch.Tensor, timestep: torch.Tensor, txt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        calls.append((x, timestep, txt, mask))
-        return torch.zeros_like(x)
-
-    each(record)
-    assert len(calls) == len(x0), "a diffusion process must call its network exactly once per batch"
-    masks = [c[3] for c in calls]  # None when there is no mask or the process leaves the padding unmasked
-    assert all(m is None for m in masks) or all(m is not None for m in masks), "a text mask for some samples only"
-    mask = None if masks[0] is None else torch.cat(masks)
-    outputs = iter(
-        network([c[0][0] for c in calls], torch.cat([c[1] for c in calls]), torch.cat([c[2] for c in calls]), mask)
-    )
-    return each(lambda x, timestep, txt, m: next(outputs).unsqueeze(0))
-
-
 def batch_loss(network: Any, batch: Batch | PackedBatch, process: DiffusionProcess, rng: SampleRNG) -> LossOutput:
     """:func:`packed_training_loss` for a :class:`PackedBatch`, :func:`training_loss` for a :class:`Batch`."""
-    if isinstance(batch, PackedBatch):
-        return packed_training_loss(network, batch, process, rng)
-    return training_loss(network, batch, process, rng)
+    return Objective(process=process, rng=rng)(network, batch)

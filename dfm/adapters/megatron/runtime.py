@@ -36,6 +36,7 @@ from dfm.adapters.torch_dist.devices import batch_to_device, device_type
 from dfm.adapters.torch_dist.ema import EMA
 from dfm.adapters.torch_dist.process_group import DEFAULT_TIMEOUT, DistEnv, destroy
 from dfm.domain.batch import Batch
+from dfm.domain.objective import Objective
 from dfm.domain.specs import ModelSpec
 from dfm.ports.runtime import LossFn, OptimizerSettings
 
@@ -233,14 +234,26 @@ class MegatronRuntime(TrainingCore):
             sum_sequence_parallel_grads(self._ddp)
 
     def _forward_step(self, loss_fn: LossFn, tally: Tally, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
-        """Megatron's ``forward_step_func``: the objective on one micro-batch through one chunk."""
+        """Megatron's ``forward_step_func``: one micro-batch through one chunk; the loss on the last stage only.
+
+        With an :class:`~dfm.domain.objective.Objective` every stage forms the network's inputs (the first embeds
+        them, later ones rebuild positions and masks from them) and runs its blocks; only the last stage turns
+        the prediction into the loss. Any other loss function runs whole, so it needs a single stage.
+        """
         batch = next(data_iterator)
-        out = loss_fn(model, batch)
         chunk: Chunk = model.module
+        if not isinstance(loss_fn, Objective):
+            if not (chunk.first and chunk.last):
+                raise ValueError(
+                    "megatron pipeline stages need the step's loss as a dfm.domain.objective.Objective (its network "
+                    f"call and its loss run on different stages); got {type(loss_fn).__name__}"
+                )
+            return tally.add(loss_fn(model, batch), batch.size), _last
+        prepared = loss_fn.prepare(batch)
+        output = model(*prepared.call)
         if not chunk.last:
-            assert chunk.output is not None
-            return chunk.output, _not_last
-        return tally.add(out, batch.size), _last
+            return output, _not_last
+        return tally.add(loss_fn.loss(prepared, output), batch.size), _last
 
     def _reduce(self, tally: Tally) -> tuple[list[str], torch.Tensor]:
         """Loss and metric sums from the last stage to every stage, then over the data-parallel ranks."""

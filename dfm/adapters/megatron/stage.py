@@ -1,8 +1,9 @@
 """One model chunk as megatron's pipeline schedules drive it: ``set_input_tensor``, stage-wise forward.
 
-Between pipeline stages one tensor travels, ``[B, N, h]``: this rank's video tokens followed by the
-conditioning the blocks read (WAN: embedded text, the six modulations, the timestep embedding; DiT: the
-text and the noise embedding), concatenated along the sequence. Gradients flow back through it to the
+Between pipeline stages one tensor travels, ``[B, N, h]``: a packed :class:`~dfm.domain.networks.stages.StageCarry`,
+this rank's video tokens followed by the conditioning the blocks read as the network declares it
+(``carried``; WAN: embedded text, the six modulations, the timestep embedding; DiT: the text and the noise
+embedding), concatenated along the sequence. Gradients flow back through it to the
 first stage's embeddings. RoPE tables, the text mask and the grid carry no gradient: each stage
 rebuilds them from the batch. With context parallelism every rank of the group gets the same full
 inputs, keeps its contiguous chunk of the tokens (global RoPE rows) and the last stage gathers the
@@ -10,9 +11,10 @@ projected patches (see :mod:`dfm.adapters.torch_dist.sequence`). With megatron s
 tokens are further split over the tensor-parallel ranks between the blocks' parallel linears (which
 gather and reduce-scatter them) and gathered again before the replicated output head.
 
-The training objective calls the chunk like the whole network (``chunk(x, timestep, text, mask)``).
-A chunk that is not the last returns zeros in the prediction's shape (its loss is never used) and
-leaves the tensor for the next stage in :attr:`Chunk.output`.
+The runtime calls the chunk like the whole network (``chunk(x, timestep, text, mask)``, the objective's
+prepared call, :meth:`dfm.domain.objective.Objective.prepare`): the last chunk returns the prediction, which
+the objective's :meth:`~dfm.domain.objective.Objective.loss` turns into the loss; any other chunk returns
+the tensor megatron sends to the next stage, and no loss is computed there.
 """
 
 from __future__ import annotations
@@ -30,13 +32,9 @@ from megatron.core.tensor_parallel import (
 )
 from torch import nn
 
-from dfm.adapters.torch_dist.sequence import gather_sequence, shard_sequence
+from dfm.adapters.torch_dist.staged import enter_stages, exit_stages, shard_positions
 from dfm.domain.networks.layers import token_positions
-
-_TEXT = "context"
-_ROWS = {_TEXT: None, "temb": 1}
-"""Rows of the known carried fields: the text length (``None``) and one for a ``[B, h]`` embedding."""
-_NOT_CARRIED = ("tokens", "rope", "mask", "grid")
+from dfm.domain.networks.stages import TEXT_ROWS, StageCarry
 
 
 class Chunk(nn.Module):
@@ -63,7 +61,6 @@ class Chunk(nn.Module):
         self.sp = mpu.get_tensor_model_parallel_world_size() if config.sequence_parallel else 1
         self.dtype = dtype
         self.input_tensor: torch.Tensor | None = None
-        self.output: torch.Tensor | None = None
 
     def set_input_tensor(self, tensor: torch.Tensor | list[torch.Tensor] | None) -> None:
         """Megatron's hook: the tensor received from the previous stage (before :meth:`forward`)."""
@@ -72,28 +69,22 @@ class Chunk(nn.Module):
     def forward(
         self, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The prediction ``[B, C_out, F, H, W]`` on the last stage; zeros of that shape elsewhere."""
+        """The prediction ``[B, C_out, F, H, W]`` on the last stage; elsewhere the tensor for the next stage."""
         net = self.network
         if self.first:
-            inputs = net.embed(x.to(self.dtype), timestep, text.to(self.dtype), text_mask)
-            tokens = inputs.tokens if self.cp == 1 else shard_sequence(inputs.tokens, 1, self.cp_group)
+            inputs, tokens = enter_stages(
+                net, x.to(self.dtype), timestep, text.to(self.dtype), text_mask, self.cp_group
+            )
             if self.sp > 1:
                 tokens = self._split_tokens(tokens)
         else:
-            inputs, tokens = self._unpack(x, text, text_mask)
-        if self.cp > 1:
-            inputs = inputs._replace(rope=tuple(shard_sequence(t, 0, self.cp_group) for t in inputs.rope))
+            inputs, tokens = self._received(x, text, text_mask)
         tokens = net.run_blocks(tokens, self._for_blocks(inputs))
         if not self.last:
-            self.output = self._pack(tokens, inputs)
-            spec = net.spec
-            return x.new_zeros((x.shape[0], spec.out_channels, *x.shape[2:]), dtype=torch.float32)
+            return StageCarry.of(net, tokens, inputs).pack()
         if self.sp > 1:  # the head is replicated: each rank's gradient is whole, so backward only splits
             tokens = gather_from_sequence_parallel_region(tokens.transpose(0, 1).contiguous(), False).transpose(0, 1)
-        patches = net.project(tokens, inputs.temb)
-        if self.cp > 1:
-            patches = gather_sequence(patches, 1, self.cp_group)
-        return net.unpatchify(patches, inputs.grid)
+        return exit_stages(net, tokens, inputs, self.cp_group)
 
     def _for_blocks(self, inputs: Any) -> Any:
         """The blocks' inputs; with sequence parallelism, per-sample conditioning that modulates the split
@@ -103,7 +94,7 @@ class Chunk(nn.Module):
         """
         if self.sp == 1:
             return inputs
-        fields = [f for f in self._carried(inputs) if f != _TEXT]
+        fields = [name for name, rows in self.network.carried if rows is not TEXT_ROWS]
         return inputs._replace(**{f: copy_to_tensor_model_parallel_region(getattr(inputs, f)) for f in fields})
 
     def _split_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -115,30 +106,14 @@ class Chunk(nn.Module):
             )
         return scatter_to_sequence_parallel_region(tokens.transpose(0, 1).contiguous()).transpose(0, 1)
 
-    def _carried(self, inputs: Any) -> list[str]:
-        return [f for f in inputs._fields if f not in _NOT_CARRIED]
-
-    def _pack(self, tokens: torch.Tensor, inputs: Any) -> torch.Tensor:
-        parts = [tokens]
-        for name in self._carried(inputs):
-            value = getattr(inputs, name)
-            parts.append((value.unsqueeze(1) if value.ndim == 2 else value).to(tokens.dtype))
-        return torch.cat(parts, dim=1)
-
-    def _unpack(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None) -> tuple[Any, torch.Tensor]:
-        """The blocks' inputs from the received tensor and the batch (this rank's token rows first)."""
-        packed = self.input_tensor
-        assert packed is not None, "a later pipeline stage ran before set_input_tensor"
-        spec, fields = self.network.spec, self.network.inputs_type._fields
-        rope, mask, grid = token_positions(x.shape, spec.patch_size, spec.attention_head_dim, text_mask, x.device)
+    def _received(
+        self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
+    ) -> tuple[Any, torch.Tensor]:
+        """The blocks' inputs from the previous stage's :class:`StageCarry` and positions rebuilt from the batch."""
+        assert self.input_tensor is not None, "a later pipeline stage ran before set_input_tensor"
+        spec = self.network.spec
+        positions = token_positions(x.shape, spec.patch_size, spec.attention_head_dim, text_mask, x.device)
+        grid = positions[2]
         length = grid[0] * grid[1] * grid[2] // (self.cp * self.sp)
-        carried = [f for f in fields if f not in _NOT_CARRIED]
-        rows = {f: _ROWS.get(f, 0) or (text.shape[1] if f == _TEXT else 0) for f in carried}
-        unknown = [f for f in carried if rows[f] == 0]
-        assert len(unknown) <= 1, f"cannot split {unknown} from the pipeline tensor"
-        if unknown:
-            rows[unknown[0]] = packed.shape[1] - length - sum(rows.values())
-        pieces = packed.split([length, *(rows[f] for f in carried)], dim=1)
-        values = {f: (p.squeeze(1) if f == "temb" else p) for f, p in zip(carried, pieces[1:], strict=True)}
-        known = {"tokens": pieces[0], "rope": rope, "mask": mask, "grid": grid}
-        return self.network.inputs_type(**{f: values.get(f, known.get(f)) for f in fields}), pieces[0]
+        carry = StageCarry.unpack(self.network, self.input_tensor, length, text.shape[1])
+        return shard_positions(carry.inputs(self.network, positions), self.cp_group), carry.tokens

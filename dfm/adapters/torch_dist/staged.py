@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dfm.adapters.torch_dist.sequence import gather_sequence, shard_sequence
+from dfm.domain.networks.stages import StagedNetwork
 
 
 class StagedForward:
@@ -58,15 +59,8 @@ class StagedForward:
             return self._packed(list(x), timestep, text, text_mask)
         if self.compute_dtype is not None:
             x, text = x.to(self.compute_dtype), text.to(self.compute_dtype)
-        inputs = net.embed(x, timestep, text, text_mask)
-        if self.cp_group is None:
-            patches = net.project(net.run_blocks(inputs.tokens, inputs), inputs.temb)
-            return net.unpatchify(patches, inputs.grid)
-        self._check_length(inputs.tokens.shape[1], inputs.grid)
-        rope = tuple(shard_sequence(table, 0, self.cp_group) for table in inputs.rope)
-        tokens = net.run_blocks(shard_sequence(inputs.tokens, 1, self.cp_group), inputs._replace(rope=rope))
-        patches = gather_sequence(net.project(tokens, inputs.temb), 1, self.cp_group)
-        return net.unpatchify(patches, inputs.grid)
+        inputs, tokens = enter_stages(net, x, timestep, text, text_mask, self.cp_group)
+        return exit_stages(net, net.run_blocks(tokens, inputs), inputs, self.cp_group)
 
     def _packed(
         self, x: list[torch.Tensor], timestep: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
@@ -78,13 +72,51 @@ class StagedForward:
         # the per-sample outputs are views of one tensor: copies, so that FSDP's pre-backward hooks stay attached
         return [out.clone() for out in self.network.forward_packed(x, timestep, text, text_mask)]
 
-    def _check_length(self, length: int, grid: Any) -> None:
-        if length % self.cp:
-            raise ValueError(
-                f"parallel.context={self.cp} splits the video tokens over ranks, but these latents have {length} "
-                f"tokens (grid {tuple(grid)} after patchifying), not a multiple of {self.cp}; choose "
-                "data.frames/data.height/data.width so that the token count is divisible by parallel.context"
-            )
-
     def __repr__(self) -> str:
         return f"StagedForward(cp={self.cp}, compute_dtype={self.compute_dtype})"
+
+
+def enter_stages(
+    network: StagedNetwork,
+    x: torch.Tensor,
+    timestep: torch.Tensor,
+    text: torch.Tensor,
+    text_mask: torch.Tensor | None,
+    cp_group: dist.ProcessGroup | None,
+) -> tuple[Any, torch.Tensor]:
+    """``embed`` on the full inputs; with a context-parallel group, this rank's tokens and RoPE rows.
+
+    Returns:
+        The blocks' inputs (RoPE rows of this rank's tokens) and the tokens the blocks run on.
+
+    Raises:
+        ValueError: If the tokens do not split evenly over the group.
+    """
+    inputs = network.embed(x, timestep, text, text_mask)
+    if cp_group is None:
+        return inputs, inputs.tokens
+    cp, length = dist.get_world_size(cp_group), inputs.tokens.shape[1]
+    if length % cp:
+        raise ValueError(
+            f"parallel.context={cp} splits the video tokens over ranks, but these latents have {length} "
+            f"tokens (grid {tuple(inputs.grid)} after patchifying), not a multiple of {cp}; choose "
+            "data.frames/data.height/data.width so that the token count is divisible by parallel.context"
+        )
+    return shard_positions(inputs, cp_group), shard_sequence(inputs.tokens, 1, cp_group)
+
+
+def shard_positions(inputs: Any, cp_group: dist.ProcessGroup | None) -> Any:
+    """``inputs`` with the RoPE rows of this rank's contiguous share of the tokens (global positions)."""
+    if cp_group is None:
+        return inputs
+    return inputs._replace(rope=tuple(shard_sequence(table, 0, cp_group) for table in inputs.rope))
+
+
+def exit_stages(
+    network: StagedNetwork, tokens: torch.Tensor, inputs: Any, cp_group: dist.ProcessGroup | None
+) -> torch.Tensor:
+    """``project`` this rank's tokens, gather them over the context-parallel group, ``unpatchify``."""
+    patches = network.project(tokens, inputs.temb)
+    if cp_group is not None:
+        patches = gather_sequence(patches, 1, cp_group)
+    return network.unpatchify(patches, inputs.grid)

@@ -31,7 +31,7 @@ from dfm.app.services.run_dir import RunDirError, RunDirLock, disk_full_error
 from dfm.app.services.signals import StopRequest
 from dfm.app.services.throughput import Work, batch_work, job_work, rates
 from dfm.domain.batch import Batch
-from dfm.domain.objective import batch_loss
+from dfm.domain.objective import Objective
 from dfm.domain.rng import SampleRNG
 from dfm.ports.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore
 from dfm.ports.data import DataSource
@@ -204,6 +204,11 @@ def _loop(run: _Run) -> TrainResult:
     )
 
 
+def step_objective(cfg: TrainConfig, step: int) -> Objective:
+    """The loss of optimizer step ``step``: the config's diffusion process, per-sample streams of (seed, step)."""
+    return Objective(process=cfg.diffusion, rng=SampleRNG(seed=cfg.seed, step=step))
+
+
 def _one_step(run: _Run) -> tuple[StepResult, Work]:
     """One optimizer step over this rank's next micro-batches; its result and what those batches held."""
     cfg, step = run.cfg, run.step
@@ -211,10 +216,7 @@ def _one_step(run: _Run) -> tuple[StepResult, Work]:
     if run.batches is None:
         run.batches = iter(run.data)
     micro = [next(run.batches) for _ in range(n_micro)]
-    rng = SampleRNG(seed=cfg.seed, step=step)
-    result = run.runtime.train_step(
-        micro, lambda model, batch: batch_loss(model, batch, cfg.diffusion, rng), cfg.train.global_batch_size
-    )
+    result = run.runtime.train_step(micro, step_objective(cfg, step), cfg.train.global_batch_size)
     run.step = step + 1
     bind_step(run.step)
     _count_nonfinite(run, result)

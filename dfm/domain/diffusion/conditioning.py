@@ -1,9 +1,11 @@
 """What a denoising network is conditioned on, and classifier-free-guidance text dropout.
 
 Holds the pieces every diffusion process shares: the network call protocol ``(x, timestep, text,
-text_mask) -> out``, per-sample broadcasting of ``sigma``, the (prediction, target, weight) triple a
-process hands to the training objective, and the text dropout of classifier-free guidance (Ho &
-Salimans, "Classifier-Free Diffusion Guidance", 2022) drawn per sample (DESIGN.md rule 2).
+text_mask) -> out``, per-sample broadcasting of ``sigma``, the network inputs a process forms for a
+training batch and the (prediction, target, weight) triple it forms from the network's output (a process
+never calls the network itself, so a packed or pipelined objective can call it as it needs), and the
+text dropout of classifier-free guidance (Ho & Salimans, "Classifier-Free Diffusion Guidance", 2022)
+drawn per sample (DESIGN.md rule 2).
 """
 
 from __future__ import annotations
@@ -32,6 +34,21 @@ class DenoiserNetwork(Protocol):
     def __call__(
         self, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
     ) -> torch.Tensor: ...
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class NetworkInputs:
+    """What a diffusion process gives the network for one training batch (the text is the objective's).
+
+    Attributes:
+        x: The network's input ``[B, C, F, H, W]`` (flow matching: ``x_t``; EDM: ``c_in (x0 + sigma n)``).
+        timestep: ``[B]`` (flow matching: ``sigma T``; EDM: ``c_noise``).
+        text_mask: The text mask the network is given: the batch's when the process masks the padding, else ``None``.
+    """
+
+    x: torch.Tensor
+    timestep: torch.Tensor
+    text_mask: torch.Tensor | None
 
 
 @attrs.frozen(kw_only=True, eq=False)

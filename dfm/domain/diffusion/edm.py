@@ -14,7 +14,13 @@ import attrs
 import torch
 from attrs import validators as v
 
-from dfm.domain.diffusion.conditioning import DenoiserNetwork, TrainingTerms, network_text_mask, per_sample_view
+from dfm.domain.diffusion.conditioning import (
+    DenoiserNetwork,
+    NetworkInputs,
+    TrainingTerms,
+    network_text_mask,
+    per_sample_view,
+)
 from dfm.domain.rng import SampleRNG, Stream
 
 
@@ -113,28 +119,38 @@ class EDM:
         """
         c = self.preconditioning(sigma)
         mask = network_text_mask(text_mask, self.mask_text_padding)
-        F_x = network(per_sample_view(c.c_in, x) * x, c.c_noise, text, mask)
+        return self._denoised(c, x, network(per_sample_view(c.c_in, x) * x, c.c_noise, text, mask))
+
+    @staticmethod
+    def _denoised(c: Preconditioning, x: torch.Tensor, F_x: torch.Tensor) -> torch.Tensor:
+        """``c_skip x + c_out F_x``, in ``x``'s dtype."""
         return per_sample_view(c.c_skip, x) * x + per_sample_view(c.c_out, x) * F_x.to(x.dtype)
 
+    def network_inputs(
+        self, x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor, text_mask: torch.Tensor | None
+    ) -> NetworkInputs:
+        """The raw network's inputs for ``x = x0 + sigma n``: ``c_in x`` at ``timestep = c_noise`` (EDM eq. 7).
+
+        Args:
+            x0: Clean latents ``[B, C, F, H, W]``, float32.
+            eps: Noise ``n ~ N(0, I)``, ``[B, C, F, H, W]``, float32.
+            sigma: Per-sample ``sigma`` ``[B]``, float32.
+            text_mask: Optional ``[B, S]`` bool mask; passed on only when :attr:`mask_text_padding` is set.
+        """
+        c, x = self.preconditioning(sigma), x0 + per_sample_view(sigma, x0) * eps
+        mask = network_text_mask(text_mask, self.mask_text_padding)
+        return NetworkInputs(x=per_sample_view(c.c_in, x) * x, timestep=c.c_noise, text_mask=mask)
+
     def training_terms(
-        self,
-        network: DenoiserNetwork,
-        x0: torch.Tensor,
-        eps: torch.Tensor,
-        sigma: torch.Tensor,
-        text: torch.Tensor,
-        text_mask: torch.Tensor | None,
+        self, output: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor
     ) -> TrainingTerms:
         """Denoising regression ``lambda(sigma) ||D(x0 + sigma n; sigma) - x0||^2`` (Karras et al., 2022, eq. 8).
 
         Args:
-            network: The raw network ``F``.
-            x0: Clean latents ``[B, C, F, H, W]``, float32.
-            eps: Noise ``n ~ N(0, I)``, ``[B, C, F, H, W]``, float32.
+            output: The raw network's output ``F`` on :meth:`network_inputs`, ``[B, C, F, H, W]``.
+            x0: Clean latents, float32.
+            eps: Noise, float32.
             sigma: Per-sample ``sigma`` ``[B]``, float32.
-            text: Text embeddings ``[B, S, D]`` (after dropout).
-            text_mask: Optional ``[B, S]`` bool mask.
         """
-        x = x0 + per_sample_view(sigma, x0) * eps
-        prediction = self.denoise(network, x, sigma, text, text_mask)
-        return TrainingTerms(prediction=prediction, target=x0, weight=self.loss_weight(sigma))
+        c, x = self.preconditioning(sigma), x0 + per_sample_view(sigma, x0) * eps
+        return TrainingTerms(prediction=self._denoised(c, x, output), target=x0, weight=self.loss_weight(sigma))

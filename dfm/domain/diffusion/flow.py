@@ -18,7 +18,12 @@ import attrs
 import torch
 from attrs import validators as v
 
-from dfm.domain.diffusion.conditioning import DenoiserNetwork, TrainingTerms, network_text_mask, per_sample_view
+from dfm.domain.diffusion.conditioning import (
+    NetworkInputs,
+    TrainingTerms,
+    network_text_mask,
+    per_sample_view,
+)
 from dfm.domain.rng import SampleRNG, Stream
 
 MODE_SCALE_MAX = 2.0 / (math.pi - 2.0)
@@ -172,30 +177,32 @@ class FlowMatching:
             return 1 + self.shift * sigma
         return torch.ones_like(sigma)
 
-    def training_terms(
-        self,
-        network: DenoiserNetwork,
-        x0: torch.Tensor,
-        eps: torch.Tensor,
-        sigma: torch.Tensor,
-        text: torch.Tensor,
-        text_mask: torch.Tensor | None,
-    ) -> TrainingTerms:
-        """Velocity regression: ``network(x_t, sigma T, text) ~ eps - x0`` with weight ``w(sigma)``.
-
-        ``text_mask`` reaches the network only when :attr:`mask_text_padding` is set.
+    def network_inputs(
+        self, x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor, text_mask: torch.Tensor | None
+    ) -> NetworkInputs:
+        """The velocity network's inputs: ``x_t = (1 - sigma) x0 + sigma eps`` at ``timestep = sigma T``.
 
         Args:
-            network: The velocity network.
             x0: Clean latents ``[B, C, F, H, W]``, float32.
             eps: Noise ``[B, C, F, H, W]``, float32.
             sigma: Per-sample ``sigma`` ``[B]``, float32.
-            text: Text embeddings ``[B, S, D]`` (after dropout).
-            text_mask: Optional ``[B, S]`` bool mask.
+            text_mask: Optional ``[B, S]`` bool mask; passed on only when :attr:`mask_text_padding` is set.
         """
         mask = network_text_mask(text_mask, self.mask_text_padding)
-        prediction = network(interpolate(x0, eps, sigma), self.timestep(sigma), text, mask)
-        return TrainingTerms(prediction=prediction, target=velocity_target(x0, eps), weight=self.loss_weight(sigma))
+        return NetworkInputs(x=interpolate(x0, eps, sigma), timestep=self.timestep(sigma), text_mask=mask)
+
+    def training_terms(
+        self, output: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor
+    ) -> TrainingTerms:
+        """Velocity regression: the network's ``output ~ eps - x0``, weight ``w(sigma)``.
+
+        Args:
+            output: The network's output on :meth:`network_inputs` ``[B, C, F, H, W]``.
+            x0: Clean latents, float32.
+            eps: Noise, float32.
+            sigma: Per-sample ``sigma`` ``[B]``, float32.
+        """
+        return TrainingTerms(prediction=output, target=velocity_target(x0, eps), weight=self.loss_weight(sigma))
 
     # --- analytic density of sigma ---------------------------------------------------------------
 

@@ -50,6 +50,7 @@ from dfm.domain.networks.layers import (
     unpatchify,
 )
 from dfm.domain.networks.plan import ParallelPlan
+from dfm.domain.networks.stages import TEXT_ROWS
 from dfm.domain.specs import DiTSpec
 
 Rope = tuple[Tensor, Tensor]
@@ -292,7 +293,9 @@ class DiT(nn.Module):
 
     parallel_plan: ClassVar[ParallelPlan] = DIT_PARALLEL_PLAN
     inputs_type: ClassVar[type] = DiTInputs
-    """What :meth:`embed` returns (a pipeline runtime rebuilds it on later stages)."""
+    """What :meth:`embed` returns (a pipeline runtime rebuilds it on later stages; :mod:`.stages`)."""
+    carried: ClassVar[tuple[tuple[str, int | None], ...]] = (("context", TEXT_ROWS), ("temb", 1))
+    """What a pipeline stage hands on besides the tokens: the embedded text and the noise-level embedding."""
     fp32_modules: ClassVar[tuple[str, ...]] = ()
     """Parts whose parameters stay float32 when the network runs in a lower precision: none (its norms compute
     in float32 already, and every other layer takes the dtype of the layer before)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ from dfm.domain.networks.layers import (
     unpatchify,
 )
 from dfm.domain.networks.plan import ParallelPlan
+from dfm.domain.networks.stages import TEXT_ROWS
 from dfm.domain.specs import WanSpec
 
 Rope = tuple[Tensor, Tensor]
@@ -271,7 +272,9 @@ class WanTransformer(nn.Module):
     parallel_plan: ParallelPlan = WAN_PARALLEL_PLAN
     """Tensor/sequence/pipeline parallel plan (DESIGN.md rule 4)."""
     inputs_type = WanInputs
-    """What :meth:`embed` returns (a pipeline runtime rebuilds it on later stages)."""
+    """What :meth:`embed` returns (a pipeline runtime rebuilds it on later stages; :mod:`.stages`)."""
+    carried: ClassVar[tuple[tuple[str, int | None], ...]] = (("context", TEXT_ROWS), ("modulation", 6), ("temb", 1))
+    """What a pipeline stage hands on besides the tokens: embedded text, the six modulations, the timestep embedding."""
     fp32_modules: tuple[str, ...] = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
     """Parts whose parameters stay float32 when the network runs in a lower precision (a parameter whose dotted
     name holds one of these): the time embedding, the modulation tables and the block norms, as diffusers keeps

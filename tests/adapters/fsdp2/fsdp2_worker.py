@@ -41,7 +41,7 @@ from dfm.adapters.torch_dist import destroy, init_process_group, is_checkpointed
 from dfm.domain.batch import Batch
 from dfm.domain.diffusion import FlowMatching
 from dfm.domain.networks.wan import WanTransformer
-from dfm.domain.objective import training_loss
+from dfm.domain.objective import Objective
 from dfm.domain.rng import SampleRNG
 from dfm.domain.specs import WAN_TINY, WanSpec
 from dfm.ports.runtime import LossFn, OptimizerSettings
@@ -104,7 +104,7 @@ def micro_batches(whole: Batch, start: int, stop: int, size: int) -> list[Batch]
 
 
 def loss_fn(step: int) -> LossFn:
-    return lambda model, b: training_loss(model, b, FlowMatching(), SampleRNG(seed=SEED, step=step))
+    return Objective(process=FlowMatching(), rng=SampleRNG(seed=SEED, step=step))
 
 
 def full(state: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
