@@ -274,7 +274,7 @@ class MegatronRuntime(TrainingCore):
 
     def _grad_norm(self) -> tuple[torch.Tensor, bool]:
         found_inf = bool(self._optimizer.prepare_grads())
-        return torch.tensor(float(self._optimizer.get_grad_norm() or 0.0)), found_inf
+        return torch.tensor(float(self._optimizer.get_grad_norm() or 0.0), dtype=torch.float64), found_inf
 
     def _clip(self, max_norm: float, norm: torch.Tensor) -> None:
         for optimizer in getattr(self._optimizer, "chained_optimizers", [self._optimizer]):

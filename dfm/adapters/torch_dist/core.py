@@ -337,7 +337,7 @@ class TrainingCore(abc.ABC):
         self._run_micro_batches(micro_batches, loss_fn, tally)
         names, sums = self._reduce(tally)
         norm, found_inf = self._grad_norm()
-        values = torch.cat([sums.float(), norm.reshape(1).float().to(sums.device)]).tolist()  # one device sync
+        values = torch.cat([sums.double(), norm.reshape(1).double().to(sums.device)]).tolist()  # one device sync
         loss, grad_norm = values[0] / global_batch_size, values[-1]
         metrics = {name: v / global_batch_size for name, v in zip(names, values[1:-1], strict=True)}
         finite = math.isfinite(loss) and math.isfinite(grad_norm) and not found_inf  # reduced: all ranks alike
