@@ -15,6 +15,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.model_loading_utils import load_state_dict as diffusers_load_state_dict
 from safetensors.torch import load_file, save_file
+from support.errors import max_rel
 
 from dfm.adapters.diffusers.wan_weights import (
     CONFIG_NAME,
@@ -51,14 +52,10 @@ def _inputs(spec: WanSpec = WAN_TINY) -> tuple[torch.Tensor, torch.Tensor, torch
     )
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
 @torch.no_grad()
 def _assert_same_function(ours: WanTransformer, theirs: WanTransformer3DModel) -> None:
     x, t, text = _inputs(ours.spec)
-    assert _rel(ours(x, t, text), theirs(x, t, text).sample) <= TOL
+    assert max_rel(ours(x, t, text), theirs(x, t, text).sample) <= TOL
 
 
 def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -43,7 +43,7 @@ def samples(n: int = 8) -> list[FakeSample]:
 def truncated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two shards of 4 samples, the first cut after 1 KiB."""
     path = write_prepared(tmp_path_factory.mktemp("truncated"), samples(), samples_per_shard=4)
-    shard = path / "shard_00000.tar"
+    shard = path / "shard_000000.tar"
     shard.write_bytes(shard.read_bytes()[:1024])
     return path
 
@@ -68,7 +68,7 @@ def test_a_truncated_shard_under_data_strict_is_an_error_line(truncated: Path, t
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "of shard_00000.tar cannot be read" in errors[0], result.stderr
+    assert len(errors) == 1 and "of shard_000000.tar cannot be read" in errors[0], result.stderr
     assert "the shard is truncated or corrupt: prepare it again with `python -m dfm.app.prepare`" in errors[0]
 
 
@@ -76,7 +76,7 @@ def test_a_truncated_shard_is_skipped_with_a_warning_naming_it(truncated: Path, 
     result = cli("train", "--recipe", "wan_tiny_t2v", *energon_overrides(truncated, tmp_path / "run"))
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "bad sample skipped" in line]
-    assert len(warnings) == 4 and all("shard_00000.tar" in w for w in warnings), result.stderr
+    assert len(warnings) == 4 and all("shard_000000.tar" in w for w in warnings), result.stderr
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
 

@@ -15,6 +15,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from structlog.testing import capture_logs
 from support.cli import cli
+from support.errors import norm_rel
 
 from dfm.adapters.diffusers import spec_to_config
 from dfm.adapters.local.runtime import build_network, empty_network
@@ -53,24 +54,20 @@ def latents(run_dir: Path, prompts: list[str], **kw: object) -> torch.Tensor:
         return torch.cat(sample_prompts(request, plan, cfg, model, codecs, torch.device("cpu")))
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
 def test_cfg_as_two_forwards_equals_one_batched_forward(run_dir: Path) -> None:
     separate = latents(run_dir, PROMPTS[:1], cfg="separate")
-    assert rel(separate, latents(run_dir, PROMPTS[:1], cfg="batched")) <= 1e-5
+    assert norm_rel(separate, latents(run_dir, PROMPTS[:1], cfg="batched")) <= 1e-5
     assert torch.equal(latents(run_dir, PROMPTS[:1]), separate)  # auto is separate in one process
 
 
 def test_prompts_batched_together_equal_each_sampled_alone(run_dir: Path) -> None:
     together = latents(run_dir, PROMPTS, batch_size=2)  # a batch of 2, then one of 1
     alone = torch.cat([latents(run_dir, [p], seed=i) for i, p in enumerate(PROMPTS)])  # prompt i: seed + i
-    assert together.shape == alone.shape and rel(together, alone) <= 1e-5
+    assert together.shape == alone.shape and norm_rel(together, alone) <= 1e-5
 
 
 def test_another_attention_backend_samples_the_same_latents(run_dir: Path) -> None:
-    assert rel(latents(run_dir, PROMPTS[:1], attention="math"), latents(run_dir, PROMPTS[:1])) <= 1e-5
+    assert norm_rel(latents(run_dir, PROMPTS[:1], attention="math"), latents(run_dir, PROMPTS[:1])) <= 1e-5
 
 
 def test_bf16_keeps_the_declared_parts_in_float32_and_stays_near_fp32(run_dir: Path) -> None:
@@ -79,7 +76,10 @@ def test_bf16_keeps_the_declared_parts_in_float32_and_stays_near_fp32(run_dir: P
     declared = {n for n, _ in model.named_parameters() if set(n.split(".")) & set(WanTransformer.fp32_modules)}
     assert fp32 == declared and declared  # the time embedding, modulation tables and block norms
     assert {p.dtype for n, p in model.named_parameters() if n not in declared} == {torch.bfloat16}
-    assert rel(latents(run_dir, PROMPTS[:1], precision="bf16"), latents(run_dir, PROMPTS[:1], precision="fp32")) < 0.05
+    assert (
+        norm_rel(latents(run_dir, PROMPTS[:1], precision="bf16"), latents(run_dir, PROMPTS[:1], precision="fp32"))
+        < 0.05
+    )
 
 
 def test_the_bf16_network_errs_from_fp32_as_diffusers_bf16_model_does() -> None:
@@ -105,8 +105,8 @@ def test_the_bf16_network_errs_from_fp32_as_diffusers_bf16_model_does() -> None:
     t, text = torch.tensor([500]), torch.randn(1, 6, spec.text_dim, generator=g)
     with torch.no_grad():
         want = reference(x, t.float(), text)
-        ours_err = rel(ours(x, t, text), want)
-        theirs_err = rel(theirs.eval()(x.bfloat16(), t, text.bfloat16(), return_dict=False)[0], want)
+        ours_err = norm_rel(ours(x, t, text), want)
+        theirs_err = norm_rel(theirs.eval()(x.bfloat16(), t, text.bfloat16(), return_dict=False)[0], want)
     assert 0 < ours_err <= 1.5 * theirs_err, (ours_err, theirs_err)
 
 

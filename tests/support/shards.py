@@ -1,10 +1,11 @@
 """Write prepared datasets (the :mod:`dfm.ports.samples` format) for tests: webdataset shards + energon metadata.
 
 A sample is ``tensors.safetensors`` (``latents [C, F, H, W]``, ``text [L, D]``) and ``meta.json``
-(:class:`~dfm.ports.samples.SampleMeta`). :func:`write_prepared` writes them into ``.tar`` shards with
-webdataset's ``TarWriter`` and then runs energon's Python prepare API (non-interactive) plus the
-``.nv-meta/dataset.yaml`` that the ``energon prepare`` CLI would write (``CrudeWebdataset`` with the
-``dfm_format`` subflavor): the same layout ``python -m dfm.app.prepare`` produces.
+(:class:`~dfm.ports.samples.SampleMeta`). :func:`write_prepared` writes them with the writer of
+``python -m dfm.app.bench data --make-fake`` (:func:`dfm.adapters.energon.fake.write_shards`: webdataset
+``.tar`` shards, energon's prepare API and the ``.nv-meta/dataset.yaml`` the ``energon prepare`` CLI would
+write): the layout ``python -m dfm.app.prepare`` produces. What is the tests' own is the samples: shapes and
+text lengths that vary, and a hook that corrupts some.
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ from pathlib import Path
 
 import attrs
 import torch
-import webdataset as wds
-import yaml
-from megatron.energon.flavors import BaseWebdatasetFactory
 from safetensors.torch import save
 
+from dfm.adapters.energon.fake import write_shards
+from dfm.adapters.energon.task_encoder import SUBFLAVOR
 from dfm.ports.samples import FORMAT_VERSION, LATENTS, META, TENSORS, TEXT, SampleMeta
 
-SUBFLAVOR = "dfm_format"
-"""Subflavor key declared in ``dataset.yaml``; its value is :data:`~dfm.ports.samples.FORMAT_VERSION`."""
+__all__ = ["SUBFLAVOR", "FakeSample", "make_sample", "make_samples", "write_prepared"]
 
 
 @attrs.frozen(kw_only=True)
@@ -90,29 +89,15 @@ def write_prepared(
     samples_per_shard: int = 8,
     corrupt: Callable[[FakeSample, dict[str, bytes]], dict[str, bytes]] | None = None,
 ) -> Path:
-    """Write ``samples`` as prepared webdataset shards under ``root``; returns ``root``.
+    """Write ``samples`` as prepared webdataset shards under ``root`` with dfm's own shard writer; returns ``root``.
 
     Args:
         root: Dataset directory (created).
         samples: What to write, in order.
-        samples_per_shard: Samples per ``.tar`` shard.
+        samples_per_shard: Samples per ``.tar`` shard (``shard_000000.tar``, ``shard_000001.tar``, ...).
         corrupt: Optional hook that may replace the members of a sample before it is written (to write
             bad samples).
     """
-    root.mkdir(parents=True, exist_ok=True)
-    shards: list[str] = []
-    for start in range(0, len(samples), samples_per_shard):
-        name = f"shard_{start // samples_per_shard:05d}.tar"
-        shards.append(name)
-        with wds.TarWriter(str(root / name)) as sink:
-            for sample in samples[start : start + samples_per_shard]:
-                members = sample.members()
-                if corrupt is not None:
-                    members = corrupt(sample, members)
-                sink.write({"__key__": sample.key, **members})
-    BaseWebdatasetFactory.prepare_dataset(
-        root, shards, split_parts_ratio=[("train", 1.0), ("val", 0.0), ("test", 0.0)], workers=1
-    )
-    dataset_yaml = {"__module__": "megatron.energon", "__class__": "CrudeWebdataset", "subflavors": {SUBFLAVOR: 1}}
-    (root / ".nv-meta" / "dataset.yaml").write_text(yaml.safe_dump(dataset_yaml, sort_keys=False))
+    rows = ((s.key, s.members() if corrupt is None else corrupt(s, s.members())) for s in samples)
+    write_shards(root, rows, samples_per_shard=samples_per_shard, workers=1)
     return root

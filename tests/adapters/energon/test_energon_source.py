@@ -170,7 +170,7 @@ def test_bad_samples_are_skipped_and_counted_once(with_bad: tuple[Path, list[Fak
     assert len(src.state_dict()["bad_samples"]) == 2
     warned = [log for log in logs if log["event"] == "bad sample skipped"]
     assert len(warned) == 2 and {w["sample"] for w in warned} == set(src.state_dict()["bad_samples"])
-    assert all(w["sample"].startswith(("shard_00000.tar[", "shard_00001.tar[")) for w in warned)
+    assert all(w["sample"].startswith(("shard_000000.tar[", "shard_000001.tar[")) for w in warned)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def truncated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Fake
     """Four shards of 4 samples; the first (also the one the text width is read from) cut after 1 KiB."""
     samples = make_samples(16, latent_shapes=(SHAPE_A,), text_dim=TEXT_DIM, max_text_len=6)
     path = write_prepared(tmp_path_factory.mktemp("truncated"), samples, samples_per_shard=4)
-    shard = path / "shard_00000.tar"
+    shard = path / "shard_000000.tar"
     shard.write_bytes(shard.read_bytes()[:1024])
     return path, samples
 
@@ -190,10 +190,10 @@ def test_a_truncated_shard_is_skipped_and_counted(truncated: tuple[Path, list[Fa
     with capture_logs() as logs:
         seen = {c for b in take(src, 18) for c in (b.captions or ())}  # 3 passes over the 12 readable samples
     assert seen == {s.meta.caption for s in samples[4:]}
-    assert src.skipped == 4 and all(b.startswith("shard_00000.tar[") for b in src.bad_samples)
+    assert src.skipped == 4 and all(b.startswith("shard_000000.tar[") for b in src.bad_samples)
     warned = [log for log in logs if log["event"] == "bad sample skipped"]
     assert len(warned) == 4
-    assert all("of shard_00000.tar cannot be read" in w["reason"] for w in warned)
+    assert all("of shard_000000.tar cannot be read" in w["reason"] for w in warned)
     assert all("the shard is truncated or corrupt" in w["reason"] for w in warned)
 
 
@@ -209,7 +209,7 @@ def test_a_truncated_shard_raises_naming_it_when_strict(
             next(it)
     message = str(caught.value)
     assert re.fullmatch(
-        r"the sample at byte \d+ of shard_00000\.tar cannot be read \(ReadError: .*\); the shard is truncated or "
+        r"the sample at byte \d+ of shard_000000\.tar cannot be read \(ReadError: .*\); the shard is truncated or "
         r"corrupt: prepare it again with `python -m dfm\.app\.prepare`",
         message,
     ), message  # the message alone, also from a loader worker process (no traceback text)
@@ -218,9 +218,9 @@ def test_a_truncated_shard_raises_naming_it_when_strict(
 def test_worker_message_unwraps_torch_loader_errors() -> None:
     wrapped = (
         "Caught BadSampleError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-        '  File "x.py", line 1, in f\ndfm.ports.samples.BadSampleError: shard_00001.tar: bad\n'
+        '  File "x.py", line 1, in f\ndfm.ports.samples.BadSampleError: shard_000001.tar: bad\n'
     )
-    assert worker_message(wrapped, BadSampleError) == "shard_00001.tar: bad"
+    assert worker_message(wrapped, BadSampleError) == "shard_000001.tar: bad"
     assert worker_message("plain", BadSampleError) == "plain"
 
 

@@ -17,6 +17,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
 from support.distributed import load_worker, pose_as_rank, run_ranks
+from support.errors import max_rel
 from support.tolerances import assert_adam_trained_alike
 
 from dfm.adapters.checkpoint import DCPCheckpointStore
@@ -36,10 +37,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:Us
 
 
 worker = load_worker(WORKER, "fsdp2_worker_shared")
-
-
-def rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-30)
 
 
 def whole(runtime: LocalRuntime) -> dict[str, torch.Tensor]:
@@ -106,7 +103,7 @@ def test_layout_reproduces_the_local_runtime(layout: str, launches: dict[str, An
     assert init.keys() == reference["init"].keys()
     assert all(torch.equal(init[k], reference["init"][k]) for k in init), "init_weights per shard != local draw"
     for key in ("loss", "grad_norm"):
-        errors = [rel(a, b) for a, b in zip(got[key], reference[key], strict=True)]
+        errors = [max_rel(a, b) for a, b in zip(got[key], reference[key], strict=True)]
         assert max(errors) <= RTOL, (key, got[key], reference[key])
     assert got["lr"] == reference["lr"]
     world = 2 if layout in PAIRS[2] else 4
@@ -136,7 +133,7 @@ def test_checkpoint_loads_at_other_layouts_and_locally(launches: dict[str, Any],
     assert all(torch.equal(mine[k], saved[k]) for k in saved)
     assert int(local.state_dict()["ema"]["n_averaged"]) == 3
     step3 = local_steps(local, range(2, 3))  # the local runtime continues the fsdp2 run
-    assert rel(step3["loss"][0], reference["loss"][2]) <= RTOL
+    assert max_rel(step3["loss"][0], reference["loss"][2]) <= RTOL
 
 
 def test_weights_alone_load_from_a_sharded_checkpoint(launches: dict[str, Any]) -> None:
@@ -172,7 +169,7 @@ def test_resume_continues_exactly(launches: dict[str, Any], reference: dict[str,
     final = load_file(str(out / "shard.final.safetensors"))
     again = load_file(str(out / "resumed_shard.safetensors"))
     assert all(torch.equal(again[k], final[k]) for k in final)
-    assert rel(resumed["tensor"]["loss"][0], reference["loss"][2]) <= RTOL
+    assert max_rel(resumed["tensor"]["loss"][0], reference["loss"][2]) <= RTOL
     moved, saved = load_file(str(out / "resumed_tensor.safetensors")), load_file(str(out / "saved.safetensors"))
     assert_adam_trained_alike(moved, final, saved)  # one AdamW step from the checkpoint at another layout
 
@@ -193,7 +190,7 @@ def test_layout_errors_name_the_config_keys(launches: dict[str, Any]) -> None:
 def test_bf16_mixed_precision_tracks_fp32(launches: dict[str, Any], reference: dict[str, Any]) -> None:
     """FSDP's bf16 compute with fp32 master weights and reduction, activation checkpointing, 2 data ranks."""
     got = launches["bf16"]
-    assert max(rel(a, b) for a, b in zip(got["loss"], reference["loss"], strict=True)) <= 2e-2
+    assert max(max_rel(a, b) for a, b in zip(got["loss"], reference["loss"], strict=True)) <= 2e-2
     assert got["param_dtypes"] == ["torch.float32"]
     assert got["output_dtype"] == "torch.bfloat16"
     assert got["compiled"] == [False, False]  # train.compile is ignored on the CPU

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from support.errors import norm_rel
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -75,10 +76,6 @@ def grads(runtime: LocalRuntime) -> dict[str, torch.Tensor]:
     return {
         n: p.grad.clone() for n, p in runtime.inference_model(use_ema=False).named_parameters() if p.grad is not None
     }
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def train(runtime: LocalRuntime, steps: range, batch: Batch | None = None) -> list:
@@ -148,9 +145,9 @@ def test_gradient_accumulation_is_independent_of_the_split() -> None:
         assert result.grad_norm == pytest.approx(results[0].grad_norm, rel=1e-6)
         assert result.metrics == pytest.approx(results[0].metrics, rel=1e-6)
         for n in g:
-            assert rel_err(g[n], grad_sets[0][n]) <= 1e-6, n
+            assert norm_rel(g[n], grad_sets[0][n]) <= 1e-6, n
             if (weights[0][n] - before[n]).norm() > 0:
-                assert rel_err(w[n] - before[n], weights[0][n] - before[n]) <= 1e-6, n
+                assert norm_rel(w[n] - before[n], weights[0][n] - before[n]) <= 1e-6, n
 
 
 def test_loss_decreases_on_a_fixed_batch() -> None:

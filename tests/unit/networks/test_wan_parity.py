@@ -7,6 +7,7 @@ import attrs
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
+from support.errors import max_rel
 
 from dfm.domain.networks.attention import SDPAAttention
 from dfm.domain.networks.wan import WanTransformer
@@ -50,11 +51,6 @@ def _inputs(spec: WanSpec, frames: int, height: int, width: int, text_len: int, 
     return x, t, text
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
 @pytest.mark.parametrize("spec", [WAN_TINY, SPEC_16], ids=["head12", "head16_no_cross_norm"])
 def test_state_dict_keys_and_shapes_equal_diffusers(spec: WanSpec) -> None:
     ref, ours = _reference(spec), WanTransformer(spec)
@@ -79,7 +75,7 @@ def test_outputs_and_gradients_match_diffusers(spec: WanSpec, shape: tuple[int, 
     out_ref = ref(x, t, text).sample
     out = ours(x, t, text)
     assert out.shape == out_ref.shape == (2, spec.out_channels, *shape[:3])
-    assert _rel(out, out_ref) <= TOL
+    assert max_rel(out, out_ref) <= TOL
 
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
     (out_ref * weight).sum().backward()
@@ -88,7 +84,7 @@ def test_outputs_and_gradients_match_diffusers(spec: WanSpec, shape: tuple[int, 
     for name, p in ours.named_parameters():
         g_ref = ref_grads[name].grad
         assert p.grad is not None and g_ref is not None, name
-        assert _rel(p.grad, g_ref) <= TOL, f"{name}: rel error {_rel(p.grad, g_ref):.2e}"
+        assert max_rel(p.grad, g_ref) <= TOL, f"{name}: rel error {max_rel(p.grad, g_ref):.2e}"
 
 
 def test_bf16_matches_diffusers_with_the_same_fp32_islands() -> None:
@@ -102,7 +98,7 @@ def test_bf16_matches_diffusers_with_the_same_fp32_islands() -> None:
     x, t, text = _inputs(WAN_TINY, 3, 6, 8, 7)
     out = ours(x.bfloat16(), t, text.bfloat16())
     assert out.dtype == torch.bfloat16
-    assert _rel(out.float(), ref(x.bfloat16(), t, text.bfloat16()).sample.float()) <= 1e-2
+    assert max_rel(out.float(), ref(x.bfloat16(), t, text.bfloat16()).sample.float()) <= 1e-2
 
 
 def test_bf16_model_runs_forward_and_backward() -> None:
@@ -123,7 +119,7 @@ def test_text_mask_equals_dropping_the_masked_tokens() -> None:
         masked = ours(x, t, text, mask)
         for i, n in enumerate(lengths):
             dropped = ours(x[i : i + 1], t[i : i + 1], text[i : i + 1, :n])
-            assert _rel(masked[i : i + 1], dropped) <= TOL
+            assert max_rel(masked[i : i + 1], dropped) <= TOL
         assert torch.equal(ours(x, t, text, torch.ones(3, 7, dtype=torch.bool)), ours(x, t, text))
 
 
@@ -133,7 +129,7 @@ def test_text_mask_is_not_a_prefix_mask_only_and_ignores_masked_values() -> None
     mask = torch.tensor([[True, False, True, False, True]])
     with torch.no_grad():
         masked = ours(x, t, text, mask)
-        assert _rel(masked, ours(x, t, text[:, mask[0]])) <= TOL
+        assert max_rel(masked, ours(x, t, text[:, mask[0]])) <= TOL
         garbage = text.clone()
         garbage[:, ~mask[0]] = 1e4
         assert torch.equal(ours(x, t, garbage, mask), masked)
@@ -192,7 +188,7 @@ def test_attention_kernel_is_swappable_per_module() -> None:
             attn.kernel = Recording()
         after = ours(x, t, text)
     assert calls == [(2, 2, 4, 12)] * WAN_TINY.num_layers  # self-attention only, [B, H, L, D]
-    assert _rel(after, before) <= TOL
+    assert max_rel(after, before) <= TOL
 
 
 def test_init_is_seeded_by_the_generator_and_leaves_global_rng_alone() -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from diffusers import EDMEulerScheduler
+from support.errors import max_rel
 
 from dfm.domain.diffusion.edm import EDM
 from dfm.domain.samplers import karras_sigmas, sample_edm_euler, sample_edm_heun
@@ -25,10 +26,6 @@ class GaussianDenoiser:
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         self.sigmas.append(sigma)
         return (self.mu + (x.double() - self.mu) * self.sd**2 / (self.sd**2 + sigma**2)).to(x.dtype)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def _diffusers_trajectory(denoise: GaussianDenoiser, x: torch.Tensor, n: int, edm: EDM) -> list[torch.Tensor]:
@@ -67,7 +64,7 @@ def test_edm_euler_matches_diffusers_every_step(n: int, edm: EDM) -> None:
     sigmas = karras_sigmas(n, sigma_min=edm.sigma_min, sigma_max=edm.sigma_max, rho=edm.rho)
     sample_edm_euler(denoise, x.clone(), sigmas, callback=lambda i, total, s: states.append(s))
     assert len(states) == n
-    assert max(_rel(a, b) for a, b in zip(states, expected, strict=True)) <= 1e-5
+    assert max(max_rel(a, b) for a, b in zip(states, expected, strict=True)) <= 1e-5
 
 
 def _error_at_sigma_min(sampler: Callable[..., torch.Tensor], intervals: int) -> float:
@@ -80,7 +77,7 @@ def _error_at_sigma_min(sampler: Callable[..., torch.Tensor], intervals: int) ->
     sampler(GaussianDenoiser(sd=sd), x, sigmas, callback=lambda i, total, s: states.append(s))
     sigma_max, sigma_min = float(sigmas[0]), float(sigmas[-2])
     exact = x * math.sqrt(sd**2 + sigma_min**2) / math.sqrt(sd**2 + sigma_max**2)
-    return _rel(states[intervals - 1], exact)
+    return max_rel(states[intervals - 1], exact)
 
 
 @pytest.mark.parametrize(("sampler", "low", "high"), [(sample_edm_heun, 1.8, 2.3), (sample_edm_euler, 0.8, 1.2)])

@@ -7,14 +7,11 @@ import math
 import pytest
 import torch
 from diffusers import UniPCMultistepScheduler
+from support.errors import max_rel
 from support.oracles import SHAPE, GaussianFlow
 
 from dfm.domain.diffusion.flow import shift_sigma
 from dfm.domain.samplers import flow_sigmas, sample_flow_euler, sample_flow_unipc
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def _diffusers_trajectory(velocity: GaussianFlow, x: torch.Tensor, n: int, **config: object) -> list[torch.Tensor]:
@@ -48,7 +45,7 @@ def test_unipc_matches_diffusers_wan_config(n: int, shift: float, dtype: torch.d
     ours = _our_trajectory(velocity, x.clone(), n, shift)
     assert velocity.calls == n  # one network call per step: the corrector reuses the next evaluation
     assert len(ours) == n and ours[-1].dtype == dtype
-    assert max(_rel(a, b) for a, b in zip(ours, expected, strict=True)) <= 1e-5
+    assert max(max_rel(a, b) for a, b in zip(ours, expected, strict=True)) <= 1e-5
 
 
 @pytest.mark.parametrize(
@@ -70,7 +67,7 @@ def test_unipc_other_orders_and_options_match_diffusers(options: dict) -> None:
     # Without lower_order_final diffusers takes a 2nd/3rd-order step into sigma = 0 and returns NaN;
     # ours steps into 0 at first order, so compare up to the last non-zero level there.
     last = n - 1 if not config["lower_order_final"] else n
-    assert max(_rel(a, b) for a, b in zip(ours[:last], expected[:last], strict=True)) <= 1e-5
+    assert max(max_rel(a, b) for a, b in zip(ours[:last], expected[:last], strict=True)) <= 1e-5
     assert torch.isfinite(ours[-1]).all()
 
 
@@ -80,7 +77,7 @@ def test_unipc_bh1_matches_diffusers_before_its_nan_final_step() -> None:
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
     expected = _diffusers_trajectory(velocity, x.clone(), n, flow_shift=shift, solver_type="bh1")
     ours = _our_trajectory(velocity, x.clone(), n, shift, solver_type="bh1")
-    assert max(_rel(a, b) for a, b in zip(ours[:-1], expected[:-1], strict=True)) <= 1e-5
+    assert max(max_rel(a, b) for a, b in zip(ours[:-1], expected[:-1], strict=True)) <= 1e-5
     assert torch.isnan(expected[-1]).all()  # diffusers: -inf * 0 in B(h) = h at sigma = 0
     assert torch.isfinite(ours[-1]).all()
 
@@ -94,11 +91,11 @@ def test_unipc_converges_at_order_p_plus_one_on_the_exact_flow(order: int) -> No
     for n in (64, 128):
         sigmas = shift_sigma(torch.linspace(0.9, 0.2, n + 1, dtype=torch.float64), 3.0)
         out = sample_flow_unipc(velocity, x, sigmas, order=order, lower_order_final=False)
-        errors.append(_rel(out, velocity.transport(x, float(sigmas[0]), float(sigmas[-1]))))
+        errors.append(max_rel(out, velocity.transport(x, float(sigmas[0]), float(sigmas[-1]))))
     observed = math.log2(errors[0] / errors[1])
     assert order + 0.8 <= observed <= order + 1.3, (errors, observed)
     euler = sample_flow_euler(velocity, x, sigmas)
-    assert errors[1] < _rel(euler, velocity.transport(x, float(sigmas[0]), float(sigmas[-1]))) / 10
+    assert errors[1] < max_rel(euler, velocity.transport(x, float(sigmas[0]), float(sigmas[-1]))) / 10
 
 
 def test_unipc_last_step_returns_the_data_prediction() -> None:

@@ -13,6 +13,7 @@ import attrs
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from support.errors import max_rel
 from support.networks import tiny_network
 
 from dfm.domain.diffusion.flow import FlowMatching
@@ -64,10 +65,6 @@ def _pipeline_latents(theirs: WanTransformer3DModel, sampler: str, shift: float,
     return out.frames
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
-
-
 CASES = [
     pytest.param("unipc", 1.0, 3.0, [5], id="unipc-no-cfg"),
     pytest.param("unipc", 5.0, 3.0, [5], id="unipc-cfg5"),
@@ -109,8 +106,8 @@ def test_latents_equal_wan_pipelines(sampler: str, guidance: float, shift: float
             null_text_mask=negative_mask,
         )
     assert got.shape == want.shape == noise.shape
-    assert _rel(got, want) <= TOL
-    assert _rel(noise, want) > 0.1  # the sampler did move the noise
+    assert max_rel(got, want) <= TOL
+    assert max_rel(noise, want) > 0.1  # the sampler did move the noise
 
 
 def test_masking_the_padding_is_another_model_and_equals_the_trimmed_text() -> None:
@@ -126,6 +123,6 @@ def test_masking_the_padding_is_another_model_and_equals_the_trimmed_text() -> N
         trimmed = sample_latents(ours, FlowMatching(shift=3.0, mask_text_padding=False), noise, text=text[:, :2], **kw)
         attended = sample_latents(ours, FlowMatching(shift=3.0, mask_text_padding=False), noise, text=text, **kw)
     want = _pipeline_latents(theirs, "unipc", 3.0, 6, prompt_embeds=text, latents=noise.clone(), guidance_scale=1.0)
-    assert _rel(masked, trimmed) <= TOL
-    assert _rel(attended, want) <= TOL
-    assert _rel(masked, want) > 50 * TOL  # 9.6e-4 with this tiny random network
+    assert max_rel(masked, trimmed) <= TOL
+    assert max_rel(attended, want) <= TOL
+    assert max_rel(masked, want) > 50 * TOL  # 9.6e-4 with this tiny random network
