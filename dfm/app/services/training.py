@@ -262,10 +262,14 @@ def _state(run: _Run) -> dict[str, Any]:
 
 
 def _data_state(data: DataSource) -> dict[str, Any]:
-    """The data position to checkpoint (collective): the state every rank shares, or, when the ranks'
-    states differ (a loader per data-parallel rank, e.g. energon), ``{"source", "ranks": [state per
-    data-parallel rank]}`` (each state names its ``rank``; a source's ``load_state_dict`` picks its own)."""
-    states = all_gather_json(data.state_dict())
+    """The data position to checkpoint (collective): :func:`checkpoint_data_state` of every rank's state."""
+    return checkpoint_data_state(all_gather_json(data.state_dict()))
+
+
+def checkpoint_data_state(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a checkpoint keeps of the ranks' data ``states``: the state every rank shares, or, when they
+    differ (a loader per data-parallel rank, e.g. energon), ``{"source", "ranks": [state per data-parallel
+    rank]}`` (each state names its ``rank``; a source's ``load_state_dict`` picks its own)."""
     if all(state == states[0] for state in states):
         return states[0]
     by_rank = {int(state["rank"]): state for state in states}

@@ -128,21 +128,6 @@ def test_resume_mid_epoch_reads_exactly_the_next_batches(
         torch.testing.assert_close(a.text, b.text, rtol=0, atol=0)
 
 
-def test_all_ranks_state_form_picks_its_own(one_shape: tuple[Path, list[FakeSample]]) -> None:
-    path, _ = one_shape
-    ranks = [source(path, rank=r, world=2) for r in range(2)]
-    for src in ranks:
-        take(src, 3)
-    combined = json.loads(json.dumps({"source": "energon", "ranks": [s.state_dict() for s in ranks]}))
-    want = [take(s, 2) for s in ranks]
-    for r in range(2):
-        resumed = source(path, rank=r, world=2)
-        resumed.load_state_dict(combined)
-        assert [b.captions for b in take(resumed, 2)] == [b.captions for b in want[r]]
-    with pytest.raises(ValueError, match="rank=0 but this run has rank=1"):
-        source(path, rank=1, world=2).load_state_dict(combined["ranks"][0])
-
-
 def corrupt_two(sample: FakeSample, members: dict[str, bytes]) -> dict[str, bytes]:
     if sample.key == "000005":
         return {**members, TENSORS: b"definitely not safetensors"}

@@ -150,21 +150,6 @@ def test_resume_mid_epoch_reads_exactly_the_next_batches(two_shapes: tuple[Path,
         source(path, global_batch_size=8, seed=4).load_state_dict(state)
 
 
-def test_all_ranks_state_form_picks_its_own(two_shapes: tuple[Path, list[FakeSample]]) -> None:
-    path, _ = two_shapes
-    ranks = [source(path, rank=r, world=2) for r in range(2)]
-    for src in ranks:
-        take(src, 3)
-    combined = json.loads(json.dumps({"source": "hf_datasets", "ranks": [s.state_dict() for s in ranks]}))
-    want = [take(s, 4) for s in ranks]
-    for r in range(2):
-        resumed = source(path, rank=r, world=2)
-        resumed.load_state_dict(combined)
-        assert [b.captions for b in take(resumed, 4)] == [b.captions for b in want[r]]
-    with pytest.raises(ValueError, match="rank=0 but this run has rank=1"):
-        source(path, rank=1, world=2).load_state_dict(combined["ranks"][0])
-
-
 def test_bad_rows_are_skipped_and_counted_once(with_bad: tuple[Path, list[FakeSample]]) -> None:
     path, samples = with_bad
     good = {s.meta.caption for s in samples if s.key not in BAD_KEYS}
