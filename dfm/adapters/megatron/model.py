@@ -3,9 +3,11 @@
 A rank holds ``virtual_pipeline`` chunks (one without a virtual pipeline). The network's blocks are cut
 into ``pipeline x virtual_pipeline`` equal parts; chunk ``v`` of pipeline rank ``r`` holds part
 ``v * pipeline + r`` (megatron's interleaved assignment). The first part also holds the plan's
-``first_stage`` modules, the last part its ``last_stage`` modules. The plan's column/row-parallel
-linears become :class:`ColumnLinear` / :class:`RowLinear` (megatron's ``ColumnParallelLinear`` /
-``RowParallelLinear``, same parameter names), head norms reduce over the tensor-parallel group, and
+``first_stage`` modules, the last part its ``last_stage`` modules. With ``parallel.tensor > 1`` the plan's
+column/row-parallel linears become :class:`ColumnLinear` / :class:`RowLinear` (megatron's
+``ColumnParallelLinear`` / ``RowParallelLinear``, same parameter names) and head norms reduce over the
+tensor-parallel group; with ``parallel.tensor = 1`` they stay the network's own ``nn.Linear`` s and norms,
+which ``torch.compile`` fuses with the ops around them (megatron's layers break a compiled graph); and
 with context parallelism self-attention runs through Ulysses over megatron's context-parallel group.
 Every parameter is then initialised with the one-process weights (:mod:`.init`).
 """
@@ -258,7 +260,10 @@ def build_chunks(
                 f"parallel.tensor={sizes.tensor}: the network's parallel plan does not say how to split these "
                 f"linears: {listing(unassigned)}"
             )
-        local = _parallel_linears(network, plan, config, tp) | _head_norms(network, plan, options, device)
+        # without tensor parallelism the plan's linears and head norms stay the network's own modules: megatron's
+        # parallel layers run through custom autograd functions that torch.compile cannot trace into a block graph
+        local = {} if sizes.tensor == 1 else _parallel_linears(network, plan, config, tp)
+        local |= {} if sizes.tensor == 1 else _head_norms(network, plan, options, device)
         local |= _materialise(network, plan, options, device, set(local))
         pieces |= {_global_name(name, plan.blocks, layout): piece for name, piece in local.items()}
         if cp_group is not None:
