@@ -15,11 +15,11 @@ from pathlib import Path
 
 import attrs
 import torch
-from safetensors.torch import save
 
 from dfm.adapters.energon.fake import write_shards
 from dfm.adapters.energon.task_encoder import SUBFLAVOR
-from dfm.ports.samples import FORMAT_VERSION, LATENTS, META, TENSORS, TEXT, SampleMeta
+from dfm.adapters.formats.samples import encode_sample
+from dfm.ports.samples import FORMAT_VERSION, SampleMeta
 
 __all__ = ["SUBFLAVOR", "FakeSample", "make_sample", "make_samples", "write_prepared"]
 
@@ -35,8 +35,7 @@ class FakeSample:
 
     def members(self) -> dict[str, bytes]:
         """The two members (or columns) of the sample, as bytes."""
-        tensors = save({LATENTS: self.latents.contiguous(), TEXT: self.text.contiguous()})
-        return {TENSORS: tensors, META: self.meta.to_json().encode()}
+        return encode_sample(self.latents, self.text, self.meta)
 
 
 def make_sample(index: int, latent_shape: Sequence[int], text_len: int, text_dim: int, *, seed: int = 0) -> FakeSample:

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 
-from dfm.adapters.checkpoint._dist import is_distributed
+from dfm.adapters.torch_dist.collectives import is_distributed
 from dfm.adapters.torch_dist.dcp_storage import (
     RefusingFileSystemReader,
     load_plain_value,

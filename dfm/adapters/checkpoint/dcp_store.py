@@ -36,7 +36,8 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dfm.adapters.checkpoint import _dcp_io, _layout, _plain, _tree
-from dfm.adapters.checkpoint._dist import (
+from dfm.adapters.checkpoint._layout import FileEntry, VerifyMode
+from dfm.adapters.torch_dist.collectives import (
     RemoteRankError,
     is_distributed,
     on_every_rank,
@@ -44,7 +45,6 @@ from dfm.adapters.checkpoint._dist import (
     process_rank,
     world_size,
 )
-from dfm.adapters.checkpoint._layout import FileEntry, VerifyMode
 from dfm.ports.checkpoint import (
     CheckpointCandidate,
     CheckpointCorruptError,

@@ -15,10 +15,10 @@ import torch
 import webdataset as wds
 import yaml
 from megatron.energon.flavors import BaseWebdatasetFactory
-from safetensors.torch import save
 
 from dfm.adapters.energon.task_encoder import SUBFLAVOR
-from dfm.ports.samples import FORMAT_VERSION, LATENTS, META, TENSORS, TEXT, SampleMeta
+from dfm.adapters.formats.samples import encode_sample
+from dfm.ports.samples import FORMAT_VERSION, SampleMeta
 
 WAN_480P_LATENTS = (16, 21, 60, 104)
 """Latents ``[C, F, H, W]`` of an 81-frame 480 x 832 clip through the WAN 2.1 VAE (stride 4 x 8 x 8)."""
@@ -86,7 +86,7 @@ def fake_members(
         latents_mean=(0.0,) * c,
         latents_std=(1.0,) * c,
     )
-    return {TENSORS: save({LATENTS: latents, TEXT: text}), META: meta.to_json().encode()}
+    return encode_sample(latents, text, meta)
 
 
 def write_fake_dataset(

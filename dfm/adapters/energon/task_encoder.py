@@ -26,8 +26,9 @@ from megatron.energon import Cooker, Sample, SkipSample, TaskEncoder, reraise_ex
 from megatron.energon.worker import WorkerConfig
 
 from dfm.adapters.energon.reading import guard_reads, sample_id
+from dfm.adapters.formats.samples import decode_sample, pad_text
 from dfm.domain.packing import balanced_packs
-from dfm.ports.samples import FORMAT_VERSION, META, TENSORS, BadSampleError, decode_sample, pad_text
+from dfm.ports.samples import FORMAT_VERSION, META, TENSORS, BadSampleError
 
 SUBFLAVOR = "dfm_format"
 """Subflavor that ``dataset.yaml`` of a prepared dataset declares (value :data:`FORMAT_VERSION`)."""

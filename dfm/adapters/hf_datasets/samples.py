@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from dfm.ports.samples import META, TENSORS, TEXT, BadSampleError, DecodedSample, decode_sample, pad_text
+from dfm.adapters.formats.samples import DecodedSample, decode_sample, pad_text
+from dfm.ports.samples import META, TENSORS, TEXT, BadSampleError
 
 __all__ = ["BadSampleError", "Decoded", "decode_row", "pad_text", "text_width"]
 
 
 Decoded = DecodedSample
-"""One checked sample (the format's :class:`~dfm.ports.samples.DecodedSample`)."""
+"""One checked sample (the format's :class:`~dfm.adapters.formats.samples.DecodedSample`)."""
 
 
 def decode_row(row: dict[str, Any], *, text_len: int, text_dim: int, where: str) -> DecodedSample:

@@ -12,12 +12,13 @@
 """
 
 from dfm.adapters.torch_dist.checkpointing import apply_activation_checkpointing, checkpoint_module, is_checkpointed
+from dfm.adapters.torch_dist.collectives import all_gather_json
 from dfm.adapters.torch_dist.core import Tally, TrainingCore
 from dfm.adapters.torch_dist.ema import EMA
 from dfm.adapters.torch_dist.head_norm import HeadNormForward
 from dfm.adapters.torch_dist.mesh import DIM_NAMES, MeshSizes, build_mesh, fsdp_mesh, resolve_sizes, topology
 from dfm.adapters.torch_dist.optim import build_adamw, materialize_state, param_groups
-from dfm.adapters.torch_dist.process_group import DistEnv, all_gather_json, destroy, init_process_group
+from dfm.adapters.torch_dist.process_group import DistEnv, destroy, init_process_group
 from dfm.adapters.torch_dist.schedule import Schedule, check_optimizer_settings, lr_factor
 from dfm.adapters.torch_dist.sequence import (
     GatherSequence,

@@ -9,11 +9,9 @@ on the CPU, ``nccl`` on CUDA (bound to the device ``LOCAL_RANK`` names).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
 
 import attrs
 import structlog
@@ -166,15 +164,3 @@ def destroy() -> None:
     """Destroy the default process group and every subgroup (nothing to do when there is none)."""
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def all_gather_json(value: Any) -> list[Any]:
-    """Every rank's JSON-safe ``value``, by global rank (``[value]`` without a process group). Collective.
-
-    The values travel as JSON text, so what arrives is what a checkpoint's JSON would hold.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    texts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(texts, json.dumps(value))
-    return [json.loads(text) for text in texts]

@@ -25,7 +25,6 @@ from typing import Literal
 import attrs
 import torch
 from attrs import validators as v
-from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from dfm.adapters.energon.writer import (
@@ -35,11 +34,12 @@ from dfm.adapters.energon.writer import (
     remove_unfinished,
     write_energon_metadata,
 )
+from dfm.adapters.formats.samples import encode_sample
 from dfm.adapters.video.clips import ClipError, ClipOptions, is_media_file, load_clip
 from dfm.app.logging import get_logger
 from dfm.app.services.paths import check_output_dir
 from dfm.ports.codecs import LatentCodec, TextEncoder
-from dfm.ports.samples import FORMAT_VERSION, LATENTS, META, TENSORS, TEXT, SampleMeta
+from dfm.ports.samples import FORMAT_VERSION, SampleMeta
 
 log = get_logger("dfm.prepare")
 
@@ -261,8 +261,7 @@ class SampleEncoder:
             latents_mean=self.mean,
             latents_std=self.std,
         )
-        tensors = save_safetensors({LATENTS: latents, TEXT: text})
-        return {TENSORS: tensors, META: meta.to_json().encode()}
+        return encode_sample(latents, text, meta)
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor, caption: str) -> tuple[torch.Tensor, torch.Tensor]:

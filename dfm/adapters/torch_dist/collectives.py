@@ -1,12 +1,15 @@
-"""The few collectives the checkpoint store needs, all no-ops in a single process.
+"""The collectives dfm's adapters and services share, all no-ops in a single process.
 
 Every helper here must be called by every rank of the default process group (when one is
-initialised), in the same order. A failure on any rank is shared, so all ranks raise together
-instead of some waiting forever in the next collective.
+initialised), in the same order. :func:`on_every_rank` and :func:`on_rank_zero` share a failure on any
+rank, so all ranks raise together (a :class:`RemoteRankError`, a ``CheckpointError``: the checkpoint
+store's steps are the ones all ranks take together) instead of some waiting forever in the next
+collective. :func:`all_gather_json` gathers JSON-safe values as the JSON a checkpoint would hold.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -111,3 +114,15 @@ def on_rank_zero(fn: Callable[[], T], *, rank: int) -> T:
     outcomes = [box[0]]
     _raise_first(outcomes, local)
     return outcomes[0][0]
+
+
+def all_gather_json(value: Any) -> list[Any]:
+    """Every rank's JSON-safe ``value``, by global rank (``[value]`` without a process group). Collective.
+
+    The values travel as JSON text, so what arrives is what a checkpoint's JSON would hold.
+    """
+    if not is_distributed():
+        return [value]
+    texts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(texts, json.dumps(value))
+    return [json.loads(text) for text in texts]
