@@ -181,15 +181,9 @@ def _open_source(
 ) -> Any:
     common = {"global_batch_size": batch, "micro_batch_size": batch, "seed": seed, "text_len": text_len}
     try:
-        if source == "energon":
-            from dfm.adapters.energon import EnergonSource
-
-            return EnergonSource(
-                path, text_dim=text_dim, num_workers=num_workers, shuffle_buffer=shuffle_buffer, **common
-            )
-        from dfm.adapters.hf_datasets import HFDatasetSource
-
-        return HFDatasetSource(path, text_dim=text_dim, **common)
+        return bootstrap.open_prepared_source(
+            source, path, text_dim=text_dim, num_workers=num_workers, shuffle_buffer=shuffle_buffer, **common
+        )
     except ValueError as exc:
         raise UserError(str(exc)) from None
 

@@ -310,24 +310,69 @@ def _check_packing(cfg: TrainConfig) -> None:
 def _prepared_source(cfg: TrainConfig, common: dict[str, Any]) -> DataSource:
     """``energon`` or ``hf_datasets``: samples written by ``python -m dfm.app.prepare`` (the data extra)."""
     d = cfg.data
-    shared = {"text_len": d.text_len, "text_dim": cfg.model.text_dim, "strict": d.strict, **common}
     try:
-        if d.source == "energon":
-            from dfm.adapters.energon import EnergonSource
-
-            return EnergonSource(
-                d.path,
-                num_workers=d.num_workers,
-                shuffle_buffer=d.shuffle_buffer,
-                max_samples_per_sequence=d.max_samples_per_sequence,
-                packing=d.packing,
-                **shared,
-            )
-        from dfm.adapters.hf_datasets import HFDatasetSource
-
-        return HFDatasetSource(d.path, **shared)
+        return open_prepared_source(
+            d.source,
+            Path(d.path),
+            text_len=d.text_len,
+            text_dim=cfg.model.text_dim,
+            strict=d.strict,
+            num_workers=d.num_workers,
+            shuffle_buffer=d.shuffle_buffer,
+            max_samples_per_sequence=d.max_samples_per_sequence,
+            packing=d.packing,
+            **common,
+        )
     except ValueError as exc:
         raise ConfigError(f"data.path: {exc}") from None
+
+
+def open_prepared_source(
+    source: str,
+    path: Path,
+    *,
+    num_workers: int = 2,
+    shuffle_buffer: int = 100,
+    max_samples_per_sequence: int = 100,
+    packing: bool = False,
+    **common: Any,
+) -> DataSource:
+    """A prepared data set (``energon`` shards or an ``hf_datasets`` copy) as a data source; ``common`` holds the
+    batch layout (``global_batch_size``, ``micro_batch_size``, ``seed``, ``rank``, ``world``), ``text_len``,
+    ``text_dim`` and ``strict``. The energon options are ignored for ``hf_datasets``.
+
+    Raises:
+        ValueError: For a directory that is not such a data set, or a layout it cannot serve.
+    """
+    if source == "energon":
+        from dfm.adapters.energon import EnergonSource
+
+        return EnergonSource(
+            path,
+            num_workers=num_workers,
+            shuffle_buffer=shuffle_buffer,
+            max_samples_per_sequence=max_samples_per_sequence,
+            packing=packing,
+            **common,
+        )
+    from dfm.adapters.hf_datasets import HFDatasetSource
+
+    return HFDatasetSource(path, **common)
+
+
+def prepare_codecs(
+    vae: str | None, text_encoder: str | None, *, tokenizer: str | None, device: str, dtype: str
+) -> tuple[LatentCodec, TextEncoder]:
+    """The codecs ``python -m dfm.app.prepare`` encodes with: the WAN VAE / UMT5 of local directories, or the toy
+    codecs (pixels as latents, hashed words) where a directory is ``None``.
+
+    Raises:
+        ValueError: For a directory that is not a WAN VAE / UMT5 (or its tokenizer).
+    """
+    codec: LatentCodec = IdentityPixelCodec() if vae is None else WanVAECodec(vae, device=device, dtype=dtype)
+    if text_encoder is None:
+        return codec, HashTextEncoder()
+    return codec, UMT5TextEncoder(text_encoder, tokenizer=tokenizer, device=device, dtype=dtype)
 
 
 def build_checkpoint_store(cfg: TrainConfig) -> CheckpointStore:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from dfm.app import bootstrap
 from dfm.app.cli import UserError, run_main
 from dfm.ports.codecs import LatentCodec, TextEncoder
 
@@ -119,25 +120,13 @@ def _device(name: str, local_rank: int) -> str:
 
 def build_codecs(args: argparse.Namespace, device: str) -> tuple[LatentCodec, TextEncoder]:
     """The VAE and text encoder the arguments name (the toy codecs for ``toy``)."""
-    if args.vae == TOY:
-        from dfm.adapters.synthetic.codecs import IdentityPixelCodec
-
-        vae: LatentCodec = IdentityPixelCodec()
-    else:
-        from dfm.adapters.diffusers.wan_vae import WanVAECodec
-
-        vae = WanVAECodec(args.vae, device=device, dtype=_DTYPE_NAMES[args.dtype])
-    if args.text_encoder == TOY:
-        from dfm.adapters.synthetic.codecs import HashTextEncoder
-
-        text: TextEncoder = HashTextEncoder()
-    else:
-        from dfm.adapters.diffusers.umt5 import UMT5TextEncoder
-
-        text = UMT5TextEncoder(
-            args.text_encoder, tokenizer=args.tokenizer, device=device, dtype=_DTYPE_NAMES[args.dtype]
-        )
-    return vae, text
+    return bootstrap.prepare_codecs(
+        None if args.vae == TOY else args.vae,
+        None if args.text_encoder == TOY else args.text_encoder,
+        tokenizer=args.tokenizer,
+        device=device,
+        dtype=_DTYPE_NAMES[args.dtype],
+    )
 
 
 def write_synthetic_videos(directory: Path, count: int, *, frames: int, height: int, width: int, fps: float) -> Path:
