@@ -203,12 +203,10 @@ def make_fake_data(
     samples_per_shard: int = 16,
 ) -> dict[str, Any]:
     """Write ``samples`` random samples as prepared shards in ``root`` (and ``root/hf`` for ``hf_datasets``)."""
-    from dfm.adapters.energon import write_fake_dataset
-
     if any(root.iterdir()) if root.is_dir() else root.exists():
         raise UserError(f"{root} exists and is not empty; --make-fake writes a new data set")
     t0 = time.perf_counter()
-    write_fake_dataset(
+    bootstrap.write_fake_dataset(
         root,
         samples,
         latent_shape=latent_shape,
@@ -218,9 +216,7 @@ def make_fake_data(
     )
     made = {"made": str(root), "samples": samples, "latent_shape": list(latent_shape), "text_shape": list(text_shape)}
     if source == "hf_datasets":
-        from dfm.adapters.hf_datasets import webdataset_to_hf
-
-        webdataset_to_hf(root, root / "hf")
+        bootstrap.webdataset_to_hf(root, root / "hf")
         made["hf_path"] = str(root / "hf")
     made["seconds"] = round(time.perf_counter() - t0, 2)
     return made

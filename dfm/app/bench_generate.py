@@ -32,9 +32,8 @@ from typing import Any
 import attrs
 import torch
 
-from dfm.adapters.diffusers import save_random_wan_vae
-from dfm.adapters.video import to_uint8_frames
 from dfm.app import bootstrap
+from dfm.app.bootstrap import save_random_wan_vae, to_uint8_frames
 from dfm.app.cli import UserError, add_config_arguments, config_from_args, make_parser, parse_args
 from dfm.app.config import TrainConfig
 from dfm.app.generate import sampling_arguments

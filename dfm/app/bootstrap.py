@@ -6,19 +6,42 @@ Services receive ports; only this module knows which adapter implements which po
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import attrs
 import torch
 
-from dfm.adapters.checkpoint import DCPCheckpointStore
-from dfm.adapters.diffusers import UMT5TextEncoder, WanVAECodec, load_wan_diffusers  # diffusers loads on use
+# The technology the services and CLIs use, named here so that the composition root is the one place that
+# imports adapters (an import-linter contract in pyproject.toml keeps services and CLIs off dfm.adapters).
+from dfm.adapters.checkpoint import DCPCheckpointStore, is_checkpoint_dir, read_meta
+from dfm.adapters.diffusers import (  # diffusers loads on use
+    CONFIG_NAME,
+    UMT5TextEncoder,
+    WanVAECodec,
+    export_wan_distributed,
+    load_wan_diffusers,
+    save_random_wan_vae,
+)
+from dfm.adapters.diffusers.wan_weights import save_wan_diffusers
+from dfm.adapters.formats.samples import encode_sample
 from dfm.adapters.fsdp2 import FSDP2Runtime
-from dfm.adapters.local import LocalRuntime
+from dfm.adapters.local import LocalRuntime, resolve_device
 from dfm.adapters.synthetic import HashTextEncoder, IdentityPixelCodec, MockLatentSource, SyntheticVideoSource
-from dfm.adapters.torch_dist import DistEnv
+from dfm.adapters.synthetic.videos import describe as describe_clip
+from dfm.adapters.synthetic.videos import render as render_clip
+from dfm.adapters.torch_dist import DistEnv, all_gather_json, init_process_group
+from dfm.adapters.torch_dist import destroy as destroy_process_group
 from dfm.adapters.torch_dist.devices import device_type
-from dfm.adapters.tracking import JsonlMetricsSink, NullMetricsSink
+from dfm.adapters.torch_dist.parallel_sampling import (
+    SamplingLayout,
+    choose_layout,
+    sampling_ranks,
+    use_local_device,
+)
+from dfm.adapters.tracking import JsonlMetricsSink, NullMetricsSink, write_text_atomic
+from dfm.adapters.video import Mp4Writer, contact_sheet, save_png, to_uint8_frames
+from dfm.adapters.video.clips import BUCKET_PRESETS, ClipError, ClipOptions, is_media_file, load_clip
 from dfm.app.config import ConfigError, ParallelConfig, TrainConfig
 from dfm.domain.batch import BatchLayout
 from dfm.domain.specs import LatentSpec, ModelSpec, WanSpec
@@ -27,6 +50,38 @@ from dfm.ports.codecs import LatentCodec, TextEncoder
 from dfm.ports.data import DataSource
 from dfm.ports.runtime import OptimizerSettings, ParallelRuntime, Topology
 from dfm.ports.tracking import MetricsSink
+
+__all__ = [
+    "BUCKET_PRESETS",
+    "CONFIG_NAME",
+    "ClipError",
+    "ClipOptions",
+    "DistEnv",
+    "Mp4Writer",
+    "SamplingLayout",
+    "all_gather_json",
+    "choose_layout",
+    "contact_sheet",
+    "describe_clip",
+    "destroy_process_group",
+    "encode_sample",
+    "export_wan_distributed",
+    "init_process_group",
+    "is_checkpoint_dir",
+    "is_media_file",
+    "load_clip",
+    "load_wan_diffusers",
+    "read_meta",
+    "render_clip",
+    "resolve_device",
+    "sampling_ranks",
+    "save_png",
+    "save_random_wan_vae",
+    "save_wan_diffusers",
+    "to_uint8_frames",
+    "use_local_device",
+    "write_text_atomic",
+]
 
 
 def build_runtime(cfg: TrainConfig, device: str = "auto") -> ParallelRuntime:
@@ -358,6 +413,29 @@ def open_prepared_source(
     from dfm.adapters.hf_datasets import HFDatasetSource
 
     return HFDatasetSource(path, **common)
+
+
+def energon_writer() -> ModuleType:
+    """The energon shard writer of ``python -m dfm.app.prepare`` (:mod:`dfm.adapters.energon.writer`; the data
+    extra, imported on use): ``ShardWriter``, ``finished_shards``, ``next_shard_index``, ``remove_unfinished``,
+    ``write_energon_metadata``."""
+    from dfm.adapters.energon import writer
+
+    return writer
+
+
+def write_fake_dataset(root: Path, samples: int, **options: Any) -> Path:
+    """Random samples as prepared energon shards (:func:`dfm.adapters.energon.write_fake_dataset`; the data extra)."""
+    from dfm.adapters.energon import write_fake_dataset as write
+
+    return write(root, samples, **options)
+
+
+def webdataset_to_hf(shards: Path, out: Path) -> int:
+    """Prepared shards as a Hugging Face dataset (:func:`dfm.adapters.hf_datasets.webdataset_to_hf`; the data extra)."""
+    from dfm.adapters.hf_datasets import webdataset_to_hf as convert
+
+    return convert(shards, out)
 
 
 def prepare_codecs(

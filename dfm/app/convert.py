@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from dfm.adapters.diffusers.wan_weights import load_wan_diffusers, save_wan_diffusers
+from dfm.app.bootstrap import load_wan_diffusers, save_wan_diffusers
 from dfm.app.services.checkpoints import build_wan, check_wan_state, export_checkpoint
 from dfm.domain.networks.attention import AttentionKernel
 from dfm.domain.networks.wan import WanTransformer

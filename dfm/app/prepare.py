@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from dfm.app import bootstrap
 from dfm.app.cli import UserError, run_main
 from dfm.ports.codecs import LatentCodec, TextEncoder
 
@@ -95,7 +94,7 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def _buckets(args: argparse.Namespace) -> tuple[tuple[int, int], ...]:
-    from dfm.adapters.video.clips import BUCKET_PRESETS
+    from dfm.app.bootstrap import BUCKET_PRESETS
 
     if (args.height is None) != (args.width is None):
         raise UserError("--height and --width go together")
@@ -120,6 +119,8 @@ def _device(name: str, local_rank: int) -> str:
 
 def build_codecs(args: argparse.Namespace, device: str) -> tuple[LatentCodec, TextEncoder]:
     """The VAE and text encoder the arguments name (the toy codecs for ``toy``)."""
+    from dfm.app import bootstrap
+
     return bootstrap.prepare_codecs(
         None if args.vae == TOY else args.vae,
         None if args.text_encoder == TOY else args.text_encoder,
@@ -131,16 +132,15 @@ def build_codecs(args: argparse.Namespace, device: str) -> tuple[LatentCodec, Te
 
 def write_synthetic_videos(directory: Path, count: int, *, frames: int, height: int, width: int, fps: float) -> Path:
     """Write ``count`` procedural clips (:mod:`dfm.adapters.synthetic.videos`) as mp4 + sidecar captions."""
-    from dfm.adapters.synthetic.videos import describe, render
-    from dfm.adapters.video.io import Mp4Writer, to_uint8_frames
+    from dfm.app.bootstrap import Mp4Writer, describe_clip, render_clip, to_uint8_frames
 
     writer = Mp4Writer()
     for index in range(count):
         path = directory / f"clip_{index:05d}.mp4"
         if path.is_file() and path.with_suffix(".txt").is_file():
             continue  # written by an earlier run
-        spec = describe(index, seed=0, background=True)
-        writer.write(to_uint8_frames(render(spec, frames, height, width)), path, fps)
+        spec = describe_clip(index, seed=0, background=True)
+        writer.write(to_uint8_frames(render_clip(spec, frames, height, width)), path, fps)
         path.with_suffix(".txt").write_text(spec.caption + "\n", encoding="utf-8")
     return directory
 
@@ -148,8 +148,7 @@ def write_synthetic_videos(directory: Path, count: int, *, frames: int, height: 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 user error)."""
     args = build_parser().parse_args(argv)
-    from dfm.adapters.torch_dist.process_group import DistEnv, init_process_group
-    from dfm.adapters.video.clips import ClipOptions
+    from dfm.app.bootstrap import ClipOptions, DistEnv, init_process_group
     from dfm.app.logging import configure_logging
     from dfm.app.services.paths import check_output_dir
     from dfm.app.services.prepare import PrepareRequest, Ranks, check_request, prepare
@@ -210,9 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(args.out / "prepare_report.json")
     if env.world_size > 1:
-        from dfm.adapters.torch_dist.process_group import destroy
+        from dfm.app.bootstrap import destroy_process_group
 
-        destroy()
+        destroy_process_group()
     return 0
 
 

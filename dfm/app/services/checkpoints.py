@@ -25,11 +25,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dfm.adapters.checkpoint import read_meta
-from dfm.adapters.diffusers import CONFIG_NAME, export_wan_distributed, load_wan_diffusers
-from dfm.adapters.local import resolve_device
-from dfm.adapters.torch_dist import DistEnv
 from dfm.app import bootstrap
+from dfm.app.bootstrap import (
+    CONFIG_NAME,
+    DistEnv,
+    export_wan_distributed,
+    load_wan_diffusers,
+    read_meta,
+    resolve_device,
+)
 from dfm.app.config import TrainConfig, config_from_yaml, config_to_yaml
 from dfm.app.logging import get_logger
 from dfm.app.services.resume import restore_first, select_path

@@ -17,11 +17,19 @@ import attrs
 import torch
 from tqdm import tqdm
 
-from dfm.adapters.checkpoint import read_meta
-from dfm.adapters.torch_dist import DistEnv
-from dfm.adapters.torch_dist.parallel_sampling import SamplingLayout, choose_layout, sampling_ranks, use_local_device
-from dfm.adapters.video import Mp4Writer, contact_sheet, save_png, to_uint8_frames
 from dfm.app import bootstrap
+from dfm.app.bootstrap import (
+    DistEnv,
+    Mp4Writer,
+    SamplingLayout,
+    choose_layout,
+    contact_sheet,
+    read_meta,
+    sampling_ranks,
+    save_png,
+    to_uint8_frames,
+    use_local_device,
+)
 from dfm.app.config import ConfigError, TrainConfig, config_from_yaml
 from dfm.app.logging import get_logger
 from dfm.app.services.checkpoints import EXPORTED_CONFIG, is_exported_dir, load_for_inference

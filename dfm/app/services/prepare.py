@@ -27,15 +27,7 @@ import torch
 from attrs import validators as v
 from tqdm import tqdm
 
-from dfm.adapters.energon.writer import (
-    ShardWriter,
-    finished_shards,
-    next_shard_index,
-    remove_unfinished,
-    write_energon_metadata,
-)
-from dfm.adapters.formats.samples import encode_sample
-from dfm.adapters.video.clips import ClipError, ClipOptions, is_media_file, load_clip
+from dfm.app.bootstrap import ClipError, ClipOptions, encode_sample, energon_writer, is_media_file, load_clip
 from dfm.app.logging import get_logger
 from dfm.app.services.paths import check_output_dir
 from dfm.ports.codecs import LatentCodec, TextEncoder
@@ -301,16 +293,18 @@ def _skip(report: RankReport, path: Path, err: SkipInputError, strict: bool) -> 
 def prepare_rank(request: PrepareRequest, encoder: SampleEncoder, files: list[Path], ranks: Ranks) -> RankReport:
     """Prepare this rank's share of ``files`` into its own shards, skipping inputs of finished shards."""
     report = RankReport()
-    remove_unfinished(request.out, ranks.rank)
-    done = {source for manifest in finished_shards(request.out) for source in manifest.inputs}
+    energon_writer().remove_unfinished(request.out, ranks.rank)
+    done = {source for manifest in energon_writer().finished_shards(request.out) for source in manifest.inputs}
     mine = files[ranks.rank :: ranks.world_size]
     todo = [path for path in mine if str(path) not in done]
     report.assigned, report.resumed = len(mine), len(mine) - len(todo)
     if report.resumed:
         log.info("resuming: inputs already in finished shards are skipped", count=report.resumed)
-    start = next_shard_index(request.out, ranks.rank)
+    start = energon_writer().next_shard_index(request.out, ranks.rank)
     bar = tqdm(todo, desc="prepare", unit="file", disable=not request.progress or ranks.rank != 0)
-    with ShardWriter(request.out, rank=ranks.rank, samples_per_shard=request.samples_per_shard, start_index=start) as w:
+    with energon_writer().ShardWriter(
+        request.out, rank=ranks.rank, samples_per_shard=request.samples_per_shard, start_index=start
+    ) as w:
         for path in bar:
             try:
                 members = encoder(path)
@@ -326,7 +320,7 @@ def prepare_rank(request: PrepareRequest, encoder: SampleEncoder, files: list[Pa
 def _merge_reports(out: Path, world_size: int, total: int) -> dict[str, object]:
     ranks = [json.loads((out / REPORT_DIR / f"r{r:03d}.json").read_text()) for r in range(world_size)]
     skipped = [item for rank in ranks for item in rank["skipped"]]
-    manifests = finished_shards(out)
+    manifests = energon_writer().finished_shards(out)
     by_kind: dict[str, int] = {}
     for item in skipped:
         by_kind[item["kind"]] = by_kind.get(item["kind"], 0) + 1
@@ -382,13 +376,13 @@ def prepare(
     ranks.barrier()
     summary = None
     if ranks.rank == 0:
-        remove_unfinished(request.out)
+        energon_writer().remove_unfinished(request.out)
         summary = _merge_reports(request.out, ranks.world_size, len(files))
         _write_json(request.out / REPORT, summary)
         log.info("prepared", **{k: summary[k] for k in ("inputs", "prepared", "resumed", "skipped", "shards")})
-        shards = [m.shard for m in finished_shards(request.out)]
+        shards = [m.shard for m in energon_writer().finished_shards(request.out)]
         if not shards:
             raise PrepareError(f"no input could be prepared (see {request.out / REPORT})")
-        write_energon_metadata(request.out, shards, subflavors=SUBFLAVORS)
+        energon_writer().write_energon_metadata(request.out, shards, subflavors=SUBFLAVORS)
     ranks.barrier()
     return summary

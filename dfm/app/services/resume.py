@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import attrs
 
-from dfm.adapters.checkpoint import is_checkpoint_dir
+from dfm.app.bootstrap import is_checkpoint_dir
 from dfm.app.logging import get_logger
 from dfm.ports.checkpoint import (
     CheckpointCandidate,

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from dfm.adapters.torch_dist import all_gather_json
+from dfm.app.bootstrap import all_gather_json
 from dfm.domain.batch import Batch, PackedBatch
 from dfm.domain.specs import ModelSpec, batch_training_flops, batch_video_tokens
 from dfm.ports.runtime import Topology

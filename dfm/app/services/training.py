@@ -21,9 +21,8 @@ import attrs
 import torch
 import yaml
 
-from dfm.adapters.torch_dist import all_gather_json
-from dfm.adapters.tracking import write_text_atomic
 from dfm.app import bootstrap
+from dfm.app.bootstrap import all_gather_json, write_text_atomic
 from dfm.app.config import ConfigError, TrainConfig, config_to_yaml
 from dfm.app.logging import bind_step, configure_logging, get_logger
 from dfm.app.services.resume import restore_first, select
