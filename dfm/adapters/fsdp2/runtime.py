@@ -29,6 +29,7 @@ from dfm.adapters.torch_dist.grads import set_gradient_sync
 from dfm.adapters.torch_dist.mesh import build_mesh, resolve_sizes, topology
 from dfm.adapters.torch_dist.optim import build_adamw
 from dfm.adapters.torch_dist.process_group import DEFAULT_TIMEOUT, DistEnv, destroy, init_process_group
+from dfm.adapters.torch_dist.train_state import load_model_and_optimizer_state, model_and_optimizer_state
 from dfm.domain.specs import ModelSpec
 from dfm.ports.runtime import OptimizerSettings
 
@@ -170,10 +171,10 @@ class FSDP2Runtime(TrainingCore):
         return tally.names, sums
 
     def _model_and_optimizer_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        return fsdp_state.model_state(self._network), fsdp_state.optimizer_state(self._network, self._optimizer)
+        return model_and_optimizer_state(self._network, self._optimizer)
 
     def _load_model_and_optimizer(self, model: Mapping[str, Any], optimizer: Mapping[str, Any]) -> None:
-        fsdp_state.load(self._network, self._optimizer, model, optimizer)
+        load_model_and_optimizer_state(self._network, self._optimizer, model, optimizer)
 
     def _weight_leaves(self, which: Which) -> dict[str, torch.Tensor]:
         return fsdp_state.model_state(self._network)

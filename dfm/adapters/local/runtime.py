@@ -16,7 +16,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from dfm.adapters.local.state import load_model_and_optimizer_state, model_and_optimizer_state
 from dfm.adapters.torch_dist.checkpointing import apply_activation_checkpointing
 from dfm.adapters.torch_dist.core import (
     PRECISIONS,
@@ -28,6 +27,7 @@ from dfm.adapters.torch_dist.core import (
 )
 from dfm.adapters.torch_dist.optim import build_adamw
 from dfm.adapters.torch_dist.state import check_compatible
+from dfm.adapters.torch_dist.train_state import load_model_and_optimizer_state, model_and_optimizer_state
 from dfm.domain.networks.attention import SDPAAttention
 from dfm.domain.networks.registry import network_class
 from dfm.domain.specs import ModelSpec

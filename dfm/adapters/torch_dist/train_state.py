@@ -1,10 +1,11 @@
-"""Checkpointable state of a model and its optimizer, keyed by fully-qualified parameter names.
+"""Checkpointable state of a model and its optimizer, keyed by fully-qualified parameter names (local, fsdp2).
 
 ``torch.distributed.checkpoint.state_dict.get_state_dict`` gives the model and optimizer state in the
-layout FSDP2 uses (optimizer state keyed by parameter name, not index), so a checkpoint written by the
-local runtime has the structure a sharded runtime reads; it needs no process group for a plain module.
-The tensors returned alias the live ones, so ``torch.distributed.checkpoint.load`` into them restores
-in place; loading copies values into the live tensors.
+layout FSDP2 uses (optimizer state keyed by parameter name, not index; a sharded network's tensors as
+``DTensor`` s), so the ``local`` and ``fsdp2`` runtimes write the same structure and read each other's
+checkpoints; a plain module needs no process group. The tensors returned alias the live ones, so
+``torch.distributed.checkpoint.load`` into them restores in place; loading copies values into the live
+tensors (an in-memory state of another runtime is never shared).
 """
 
 from __future__ import annotations
