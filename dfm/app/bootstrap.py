@@ -103,8 +103,16 @@ def build_runtime(cfg: TrainConfig, device: str = "auto") -> ParallelRuntime:
         "attention_backend": t.attention_backend,
         "seed": cfg.seed,
     }
+    if t.fp8 and cfg.runtime == "megatron":
+        raise ConfigError(
+            "train.fp8: the megatron runtime has no FP8 path (megatron's FP8 needs Transformer Engine, which dfm "
+            "does not use); use runtime=fsdp2 or runtime=local, or set train.fp8=false"
+        )
     if cfg.runtime == "local":
-        return LocalRuntime(**knobs)
+        try:
+            return LocalRuntime(**knobs, fp8=t.fp8)
+        except ValueError as exc:  # the messages name the train.* keys
+            raise ConfigError(str(exc)) from None
     if cfg.runtime == "fsdp2":
         p = cfg.parallel
         sizes = {
@@ -115,7 +123,7 @@ def build_runtime(cfg: TrainConfig, device: str = "auto") -> ParallelRuntime:
             "pipeline": p.pipeline,
         }
         try:
-            runtime = FSDP2Runtime(**sizes, compile=t.compile, **knobs)
+            runtime = FSDP2Runtime(**sizes, compile=t.compile, fp8=t.fp8, **knobs)
             runtime.check_model(cfg.model)
         except ValueError as exc:  # the messages name the parallel.* / train.* keys
             raise ConfigError(str(exc)) from None

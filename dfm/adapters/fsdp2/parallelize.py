@@ -25,6 +25,7 @@ from torch.distributed.tensor.experimental import implicit_replication
 from dfm.adapters.fsdp2.context_parallel import StagedForward
 from dfm.adapters.fsdp2.tensor_parallel import apply_tensor_parallel
 from dfm.adapters.torch_dist.checkpointing import apply_activation_checkpointing
+from dfm.adapters.torch_dist.fp8 import convert_to_fp8
 from dfm.adapters.torch_dist.grads import use_sum_reduction
 from dfm.adapters.torch_dist.mesh import fsdp_mesh
 from dfm.adapters.torch_dist.sequence import use_ulysses_attention
@@ -47,6 +48,8 @@ class ShardingOptions:
     """``torch.compile`` each block (in place)."""
     attention_backend: str = "auto"
     """SDPA backend of the (inner) attention kernels."""
+    fp8: bool = False
+    """Train the plan's linears with torchao's float8 recipe (:mod:`dfm.adapters.torch_dist.fp8`)."""
 
     def mixed_precision(self) -> MixedPrecisionPolicy:
         """bf16 compute with float32 gradient reduction, or no casts; inputs are cast by :class:`StagedForward`."""
@@ -109,6 +112,8 @@ def build_sharded_network(
     plan = model.parallel_plan
     if mesh["tp"].size() > 1:
         apply_tensor_parallel(model, plan, mesh["tp"])
+    if options.fp8:  # before checkpointing, compile and sharding, as torchao's recipes convert
+        convert_to_fp8(model, plan)
     cp_group = mesh["cp"].get_group() if mesh["cp"].size() > 1 else None
     if cp_group is not None:
         use_ulysses_attention(model, plan, cp_group, options.attention_backend)

@@ -25,6 +25,7 @@ from dfm.adapters.fsdp2 import state as fsdp_state
 from dfm.adapters.fsdp2.parallelize import ShardingOptions, build_sharded_network
 from dfm.adapters.torch_dist.core import Tally, TrainingCore, Which, check_options, compute_dtype
 from dfm.adapters.torch_dist.devices import device_type
+from dfm.adapters.torch_dist.fp8 import check_fp8
 from dfm.adapters.torch_dist.grads import set_gradient_sync
 from dfm.adapters.torch_dist.mesh import build_mesh, resolve_sizes, topology
 from dfm.adapters.torch_dist.optim import build_adamw
@@ -62,6 +63,8 @@ class FSDP2Runtime(TrainingCore):
         compile: ``torch.compile`` each block (on CUDA; ignored on the CPU).
         seed: Seed of the initial weights (the local runtime's weights for the same seed).
         timeout: How long a collective waits for the other ranks.
+        fp8: Train the plan's linears with torchao's float8 recipe (:mod:`dfm.adapters.torch_dist.fp8`; CUDA,
+            without tensor parallelism).
 
     Raises:
         ValueError: Naming the config key, for sizes that do not fit the world, or an invalid option.
@@ -85,8 +88,13 @@ class FSDP2Runtime(TrainingCore):
         compile: bool = False,
         seed: int = 0,
         timeout: timedelta = DEFAULT_TIMEOUT,
+        fp8: bool = False,
     ) -> None:
         kind = device_type(device)
+        if fp8 and kind != "cuda":
+            check_fp8(torch.device(kind))  # refused before any process group is made
+        if fp8 and tensor > 1:
+            raise ValueError("train.fp8 does not combine with parallel.tensor > 1 yet; use data or context parallelism")
         check_options(
             precision=precision,
             grad_clip=grad_clip,
@@ -110,6 +118,12 @@ class FSDP2Runtime(TrainingCore):
         self.mesh = build_mesh(kind, sizes)
         self.topology = topology(self.mesh, self.device)
         self._dp_group = self.mesh["dp"].get_group()
+        if fp8:
+            check_fp8(self.device)
+            if tensor > 1:
+                raise ValueError(
+                    "train.fp8 does not combine with parallel.tensor > 1 yet; use data/context parallelism"
+                )
         dtype = compute_dtype(precision, kind)
         self.options = ShardingOptions(
             param_dtype=None if dtype == torch.float32 else dtype,
@@ -117,6 +131,7 @@ class FSDP2Runtime(TrainingCore):
             activation_checkpointing_every_k=activation_checkpointing_every_k,
             compile=compile and kind == "cuda",
             attention_backend=attention_backend,
+            fp8=fp8,
         )
         self._spec: ModelSpec | None = None
 

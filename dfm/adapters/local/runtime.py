@@ -25,6 +25,7 @@ from dfm.adapters.torch_dist.core import (
     check_options,
     compute_dtype,
 )
+from dfm.adapters.torch_dist.fp8 import check_fp8, convert_to_fp8
 from dfm.adapters.torch_dist.optim import build_adamw
 from dfm.adapters.torch_dist.state import check_compatible
 from dfm.adapters.torch_dist.train_state import load_model_and_optimizer_state, model_and_optimizer_state
@@ -117,6 +118,7 @@ class LocalRuntime(TrainingCore):
         activation_checkpointing_every_k: Checkpoint every k-th block only (1 = all blocks).
         attention_backend: SDPA backend (``"auto"``, ``"math"``, ``"flash"``, ``"efficient"``, ``"cudnn"``).
         seed: Seed of the initial weights (the same seed always gives the same weights).
+        fp8: Train the plan's linears with torchao's float8 recipe (:mod:`dfm.adapters.torch_dist.fp8`; CUDA).
 
     Raises:
         ValueError: For an invalid choice of any argument.
@@ -133,6 +135,7 @@ class LocalRuntime(TrainingCore):
         activation_checkpointing_every_k: int = 1,
         attention_backend: str = "auto",
         seed: int = 0,
+        fp8: bool = False,
     ) -> None:
         check_options(
             precision=precision,
@@ -148,6 +151,9 @@ class LocalRuntime(TrainingCore):
         self.activation_checkpointing = activation_checkpointing
         self.every_k = activation_checkpointing_every_k
         self.topology = Topology(device=str(self.device))
+        if fp8:
+            check_fp8(self.device)
+        self.fp8 = fp8
         self._spec: ModelSpec | None = None
 
     def _build(self, spec: ModelSpec, inference_dtype: torch.dtype | None) -> nn.Module:
@@ -155,6 +161,8 @@ class LocalRuntime(TrainingCore):
         if inference_dtype is None:
             generator = torch.Generator(device="cpu").manual_seed(self.seed)
             self._network = build_network(spec, self.attention, generator).to(self.device).train()
+            if self.fp8:
+                convert_to_fp8(self._network, self._network.parallel_plan)
         else:
             self._network = empty_network(spec, self.attention, self.device, inference_dtype)
         return self._network

@@ -41,6 +41,10 @@ class TrainingConfig:
     """SDPA kernel: ``auto`` lets the runtime choose (cuDNN preferred on Hopper), or force one."""
     compile: bool = False
     """``torch.compile`` each transformer block (CUDA only; the ``fsdp2`` and ``megatron`` runtimes; ignored on CPU)."""
+    fp8: bool = False
+    """Train the network's planned linears (attention projections, feed-forward) with torchao's float8 recipe:
+    FP8 GEMMs, weights and optimizer state unchanged. NVIDIA GPUs with FP8 tensor cores (compute capability 8.9+)
+    and the ``local`` or ``fsdp2`` runtime (without tensor parallelism); needs ``pip install torchao``."""
     precision: Precision = attrs.field(default="auto", validator=choice(Precision))
     """Compute precision: ``fp32``, ``bf16`` (mixed, fp32 master weights) or ``auto`` (bf16 on GPU, fp32 on CPU)."""
     ema_decay: float | None = attrs.field(default=None, validator=optional(v.and_(v.gt(0.0), v.lt(1.0))))
