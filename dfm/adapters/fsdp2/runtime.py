@@ -57,7 +57,8 @@ class FSDP2Runtime(TrainingCore):
             bf16 compute, float32 weights, optimizer state and gradient reduction).
         grad_clip: Clip the global gradient norm to this; ``None`` disables clipping.
         ema_decay: Keep a sharded EMA of the weights with this decay; ``None``: none.
-        activation_checkpointing: ``"off"``, ``"full"`` or ``"selective"`` (attention outputs kept).
+        activation_checkpointing: ``"off"``, ``"full"``, ``"selective"`` (attention outputs kept) or
+            ``"selective_matmul"`` (the linears' outputs too).
         activation_checkpointing_every_k: Checkpoint every k-th block (1 = all).
         attention_backend: SDPA backend (``"auto"``, ``"math"``, ``"flash"``, ``"efficient"``, ``"cudnn"``).
         compile: ``torch.compile`` each block (on CUDA; ignored on the CPU).

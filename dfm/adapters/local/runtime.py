@@ -35,7 +35,7 @@ from dfm.domain.specs import ModelSpec
 from dfm.ports.runtime import OptimizerSettings, Topology
 
 Precision = Literal["auto", "fp32", "bf16"]
-ActivationCheckpointing = Literal["off", "full", "selective"]
+ActivationCheckpointing = Literal["off", "full", "selective", "selective_matmul"]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -114,7 +114,8 @@ class LocalRuntime(TrainingCore):
         grad_clip: Clip the global gradient norm to this value; ``None`` disables clipping.
         ema_decay: Keep an EMA of the weights with this decay (:mod:`dfm.adapters.torch_dist.ema`); ``None``: none.
         activation_checkpointing: ``"off"``, ``"full"`` (recompute whole blocks in the backward pass) or
-            ``"selective"`` (recompute them but keep the attention outputs).
+            ``"selective"`` (recompute them but keep the attention outputs) or ``"selective_matmul"`` (keep the
+            linears' outputs too).
         activation_checkpointing_every_k: Checkpoint every k-th block only (1 = all blocks).
         attention_backend: SDPA backend (``"auto"``, ``"math"``, ``"flash"``, ``"efficient"``, ``"cudnn"``).
         seed: Seed of the initial weights (the same seed always gives the same weights).

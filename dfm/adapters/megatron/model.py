@@ -74,9 +74,9 @@ class Options:
     attention_backend: str = "auto"
     """SDPA backend of the attention kernels."""
     activation_checkpointing: str = "off"
-    """``"off"``, ``"full"`` or ``"selective"`` (recompute blocks in the backward pass)."""
+    """``"off"``, ``"full"``, ``"selective"`` or ``"selective_matmul"`` (recompute blocks in the backward pass)."""
     activation_checkpointing_every_k: int = 1
-    """With ``"full"`` or ``"selective"``, recompute every k-th block of a chunk."""
+    """With checkpointing on, recompute every k-th block of a chunk."""
     compile: bool = False
     """``torch.compile`` each block (after activation checkpointing, as the fsdp2 runtime does)."""
     sequence_parallel: bool = False

@@ -62,8 +62,8 @@ class MegatronRuntime(TrainingCore):
             compute, float32 main weights in the optimizer and float32 gradient reduction).
         grad_clip: Clip the global gradient norm to this; ``None`` disables clipping.
         ema_decay: Keep an EMA of this rank's weights (float32); ``None``: none.
-        activation_checkpointing: ``"off"``, ``"full"`` or ``"selective"``; ``activation_checkpointing_every_k``:
-            every k-th block.
+        activation_checkpointing: ``"off"``, ``"full"``, ``"selective"`` or ``"selective_matmul"``;
+            ``activation_checkpointing_every_k``: every k-th block.
         compile: ``torch.compile`` each block, as the fsdp2 runtime does (on CUDA; ignored on the CPU).
         attention_backend: SDPA backend.
         seed: Seed of the initial weights (the local runtime's weights for the same seed).

@@ -42,7 +42,7 @@ from dfm.ports.runtime import LossFn, OptimizerSettings, StepResult, Topology, W
 
 Which = Literal["ema", "model"]
 PRECISIONS = ("auto", "fp32", "bf16")
-CHECKPOINTING = ("off", "full", "selective")
+CHECKPOINTING = ("off", "full", "selective", "selective_matmul")
 STATE_ENTRIES = ("model", "optimizer", "scheduler")
 """The entries every runtime's :meth:`TrainingCore.state_dict` has (``"ema"`` too when it keeps one)."""
 

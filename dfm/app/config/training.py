@@ -9,7 +9,7 @@ from attrs import validators as v
 
 from dfm.app.config.checks import choice, finite_positive, optional, positive
 
-ActivationCheckpointing = Literal["off", "full", "selective"]
+ActivationCheckpointing = Literal["off", "full", "selective", "selective_matmul"]
 AttentionBackend = Literal["auto", "math", "flash", "efficient", "cudnn"]
 Precision = Literal["fp32", "bf16", "auto"]
 
@@ -34,7 +34,8 @@ class TrainingConfig:
         default="off", validator=choice(ActivationCheckpointing)
     )
     """``off``: keep activations; ``full``: recompute whole blocks in the backward pass; ``selective``: recompute
-    them but keep the attention kernels' outputs (the most expensive op at long sequences runs once)."""
+    them but keep the attention kernels' outputs (the most expensive op at long sequences runs once);
+    ``selective_matmul``: keep the linears' outputs too (only element-wise work is recomputed; more memory)."""
     activation_checkpointing_every_k: int = attrs.field(default=1, validator=positive)
     """With ``full`` or ``selective``, checkpoint every k-th block only (1 = every block)."""
     attention_backend: AttentionBackend = attrs.field(default="auto", validator=choice(AttentionBackend))

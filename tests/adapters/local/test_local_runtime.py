@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dfm.adapters.local import LocalRuntime, is_checkpointed, lr_factor
-from dfm.adapters.torch_dist.checkpointing import SAVED_OPS
+from dfm.adapters.torch_dist.checkpointing import MATMUL_OPS, SAVED_OPS
 from dfm.domain.batch import Batch
 from dfm.domain.diffusion import EDM, FlowMatching
 from dfm.domain.objective import LossOutput, training_loss
@@ -238,33 +238,38 @@ def test_ema_is_the_closed_form_average_of_the_trajectory() -> None:
 
 
 class _AttentionCalls(TorchDispatchMode):
-    """Counts the fused attention kernels dispatched (forward and recompute) while active."""
+    """Counts the fused attention kernels and the GEMMs dispatched (forward and recompute) while active."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.matmuls = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         self.count += func in SAVED_OPS
+        self.matmuls += func in MATMUL_OPS
         return func(*args, **(kwargs or {}))
 
 
 def test_activation_checkpointing_keeps_gradients_and_keys() -> None:
-    ffn = {"off": 0, "full": 0, "selective": 0}
-    attention, runtimes = {}, {}
+    ffn = {"off": 0, "full": 0, "selective": 0, "selective_matmul": 0}
+    attention, matmuls, runtimes = {}, {}, {}
     for mode in ffn:
         runtime = built(activation_checkpointing=mode, ema_decay=0.99)
         model = runtime.inference_model(use_ema=False)
         model.blocks[0].ffn.register_forward_hook(lambda *_, m=mode: ffn.__setitem__(m, ffn[m] + 1))
         with _AttentionCalls() as calls:
             train(runtime, range(1), make_batch(2))
-        attention[mode], runtimes[mode] = calls.count, runtime
-    assert ffn == {"off": 2, "full": 4, "selective": 4}  # two micro-batches; the FFN is recomputed in both modes
+        attention[mode], matmuls[mode], runtimes[mode] = calls.count, calls.matmuls, runtime
+    # two micro-batches; every checkpointing mode runs the FFN module again (selective_matmul replays its GEMMs)
+    assert ffn == {"off": 2, "full": 4, "selective": 4, "selective_matmul": 4}
     blocks = len(runtimes["off"].inference_model(use_ema=False).blocks)
     # self- and cross-attention per block and micro-batch; full runs them again, selective keeps their outputs
-    assert attention == {"off": 4 * blocks, "full": 8 * blocks, "selective": 4 * blocks}
+    assert attention == {"off": 4 * blocks, "full": 8 * blocks, "selective": 4 * blocks, "selective_matmul": 4 * blocks}
+    # the GEMMs inside the blocks run again under full and selective, not under selective_matmul
+    assert matmuls["selective_matmul"] == matmuls["off"] < matmuls["selective"] == matmuls["full"]
     g_off = grads(runtimes["off"])
-    for mode in ("full", "selective"):
+    for mode in ("full", "selective", "selective_matmul"):
         g = grads(runtimes[mode])
         assert g.keys() == g_off.keys()
         for n in g_off:
