@@ -145,6 +145,7 @@ class MegatronRuntime(TrainingCore):
         self._ddp: list[DistributedDataParallel] = []
         self._settings: OptimizerSettings | None = None
         self._blocks = "blocks"
+        self._spec: ModelSpec | None = None
 
     def check_model(self, spec: ModelSpec) -> None:
         """Check that the model's heads, widths and layers divide by the layout.
@@ -177,6 +178,7 @@ class MegatronRuntime(TrainingCore):
         self._config = transformer_config(spec, self.sizes, options, self.device)
         seed = self.seed if inference_dtype is None else None
         self._chunks = build_chunks(spec, self.sizes, self._config, self.device, options, seed)
+        self._spec = spec
         self._blocks = type(self._chunks[0].network).parallel_plan.blocks
         for chunk in self._chunks if inference_dtype is not None else []:
             chunk.requires_grad_(False).eval()
@@ -330,10 +332,30 @@ class MegatronRuntime(TrainingCore):
     # Inference and reporting ------------------------------------------------------------------------
 
     def _inference_network(self, use_ema: bool) -> nn.Module:
-        raise RuntimeError(
-            "the megatron runtime does not sample in-process; generate from its checkpoint with "
-            "`python -m dfm.app.generate --checkpoint RUN_DIR` (it loads into one process)"
-        )
+        """The model chunk (pipeline 1: it is the whole network; collective under tensor or context parallelism),
+        or, for the EMA, a second chunk without checkpointing or compile holding the EMA weights in this runtime's
+        dtype (copied at each call).
+
+        Raises:
+            RuntimeError: Under pipeline parallelism (sample from the checkpoint in one process instead).
+        """
+        self._require_built()
+        if self.sizes.pipeline > 1:
+            raise RuntimeError(
+                "with parallel.pipeline > 1 the megatron runtime does not sample in-process; generate from its "
+                "checkpoint with `python -m dfm.app.generate --checkpoint RUN_DIR` (it loads into one process)"
+            )
+        if not (use_ema and self._ema is not None):
+            return self._chunks[0]
+        if self._ema_network is None:
+            assert self._spec is not None
+            options = attrs.evolve(self.options, activation_checkpointing="off", compile=False)
+            (chunk,) = build_chunks(self._spec, self.sizes, self._config, self.device, options, seed=None)
+            self._ema_network = chunk.requires_grad_(False)
+        with torch.no_grad():
+            for name, param in mstate.named_parameters([self._ema_network], self._blocks):
+                param.copy_(self._ema.average[name])
+        return self._ema_network
 
     def close(self) -> None:
         """Destroy megatron's groups, and the process group if this runtime created it."""

@@ -265,7 +265,28 @@ def legacy(out: Path) -> dict[str, Any]:
     return result
 
 
-CASES = {"resume": resume, "retune": retune, "legacy": legacy}
+def inference(out: Path) -> dict[str, Any]:
+    """Tensor=2 with an EMA after 2 steps: the in-process inference networks (raw and EMA) against one process."""
+    from dfm.domain.networks.wan import WanTransformer
+
+    runtime = runtime_for({"tensor": 2})
+    runtime.load_weights(start_weights())
+    train(runtime, range(2))
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, SPEC.in_channels, 2, 4, 4, generator=g).to(shared.DEVICE)
+    t, text = torch.tensor([100.0, 700.0], device=x.device), torch.randn(2, 5, SPEC.text_dim, generator=g).to(x.device)
+    errors = {}
+    for which, use_ema in (("model", False), ("ema", True)):
+        reference = WanTransformer(SPEC, generator=torch.Generator().manual_seed(0)).to(x.device)
+        reference.load_state_dict({k: v.to(x.device) for k, v in whole_weights(runtime, use_ema=use_ema).items()})
+        with torch.no_grad():
+            got, want = runtime.inference_model(use_ema=use_ema)(x, t, text), reference(x, t, text)
+        errors[which] = float((got - want).abs().max() / want.abs().max())
+    runtime.close()
+    return errors
+
+
+CASES = {"resume": resume, "retune": retune, "legacy": legacy, "inference": inference}
 
 
 def main(argv: list[str]) -> dict[str, Any]:

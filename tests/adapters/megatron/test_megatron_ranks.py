@@ -35,7 +35,7 @@ shared = worker.shared
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("megatron")
-    ranks = run_ranks(WORKER, 2, [str(out), *LAYOUTS, "resume", "retune", "legacy"], timeout=400)
+    ranks = run_ranks(WORKER, 2, [str(out), *LAYOUTS, "resume", "retune", "legacy", "inference"], timeout=400)
     return out, ranks[0]
 
 
@@ -154,3 +154,10 @@ def test_a_layout_version_1_checkpoint_loads_and_crafted_ones_run_nothing(launch
     assert "refusing to load it" in got["common-pt"]
     assert "refers to posix.system, which DCP metadata never contains" in got["metadata"]
     assert got["marker"] is False
+
+
+def test_the_inference_model_is_the_network_with_its_raw_or_ema_weights(launch: tuple[Path, dict[str, Any]]) -> None:
+    """Tensor=2 after 2 steps with an EMA: ``inference_model`` (the chunk, or a chunk holding the EMA) computes what
+    one process's network with the gathered weights computes (fp32, <= 1e-5 of the output's scale)."""
+    _, result = launch
+    assert result["inference"]["model"] < 1e-5 and result["inference"]["ema"] < 1e-5, result["inference"]
