@@ -71,6 +71,22 @@ def _raise_first(outcomes: list[tuple[Any, tuple[str, int | None, bool] | None]]
             raise kind(f"rank {rank} failed: {message}", rank=rank, errno=code) from None
 
 
+def _attempt(fn: Callable[[], T], run: bool) -> tuple[Any, BaseException | None, Any]:
+    """``(result, exception, transportable failure)`` of ``fn()`` (nothing when not ``run``); without a process
+    group this rank's exception is raised at once."""
+    result: Any = None
+    local: BaseException | None = None
+    failure = None
+    if run:
+        try:
+            result = fn()
+        except Exception as exc:
+            local, failure = exc, _failure(exc)
+    if local is not None and not is_distributed():
+        raise local
+    return result, local, failure
+
+
 def on_every_rank(fn: Callable[[], T]) -> list[T]:
     """Runs ``fn`` on every rank and returns every rank's result (index = rank).
 
@@ -78,16 +94,8 @@ def on_every_rank(fn: Callable[[], T]) -> list[T]:
         Exception: This rank's own exception if ``fn`` raised here; else a ``RemoteRankError`` if it raised
             on another rank.
     """
-    local: BaseException | None = None
-    result: Any = None
-    failure = None
-    try:
-        result = fn()
-    except Exception as exc:
-        local, failure = exc, _failure(exc)
+    result, local, failure = _attempt(fn, True)
     if not is_distributed():
-        if local is not None:
-            raise local
         return [result]
     outcomes: list[Any] = [None] * world_size()
     dist.all_gather_object(outcomes, (result, failure))
@@ -97,17 +105,8 @@ def on_every_rank(fn: Callable[[], T]) -> list[T]:
 
 def on_rank_zero(fn: Callable[[], T], *, rank: int) -> T:
     """Runs ``fn`` on rank 0 only and gives its result (or its failure) to every rank."""
-    local: BaseException | None = None
-    result: Any = None
-    failure = None
-    if rank == 0:
-        try:
-            result = fn()
-        except Exception as exc:
-            local, failure = exc, _failure(exc)
+    result, local, failure = _attempt(fn, rank == 0)
     if not is_distributed():
-        if local is not None:
-            raise local
         return result
     box: list[Any] = [(result, failure)]
     dist.broadcast_object_list(box, src=0)
