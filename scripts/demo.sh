@@ -13,4 +13,5 @@ echo "== dfm demo: generating =="
   --prompt "a blue square moving up quickly" \
   --prompt "a yellow triangle moving left quickly" \
   --out "$run_dir/samples/demo.mp4"
-echo "== dfm demo: videos $run_dir/samples/demo_0{0,1,2}.mp4, contact sheet $run_dir/samples/demo.png =="
+"$py" -m dfm.app.plot "$run_dir" > /dev/null
+echo "== dfm demo: videos $run_dir/samples/demo_0{0,1,2}.mp4, contact sheet $run_dir/samples/demo.png, training curves $run_dir/curves.png =="

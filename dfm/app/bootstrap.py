@@ -39,7 +39,7 @@ from dfm.adapters.torch_dist.parallel_sampling import (
     sampling_ranks,
     use_local_device,
 )
-from dfm.adapters.tracking import JsonlMetricsSink, NullMetricsSink, write_text_atomic
+from dfm.adapters.tracking import JsonlMetricsSink, NullMetricsSink, read_metrics, save_curves_png, write_text_atomic
 from dfm.adapters.video import Mp4Writer, contact_sheet, save_png, to_uint8_frames
 from dfm.adapters.video.clips import BUCKET_PRESETS, ClipError, ClipOptions, is_media_file, load_clip
 from dfm.app.config import ConfigError, ParallelConfig, TrainConfig
@@ -72,9 +72,11 @@ __all__ = [
     "load_clip",
     "load_wan_diffusers",
     "read_meta",
+    "read_metrics",
     "render_clip",
     "resolve_device",
     "sampling_ranks",
+    "save_curves_png",
     "save_png",
     "save_random_wan_vae",
     "save_wan_diffusers",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import attrs
 import torch
 import yaml
+from tqdm import tqdm
 
 from dfm.app import bootstrap
 from dfm.app.bootstrap import all_gather_json, write_text_atomic
@@ -180,14 +182,20 @@ def _loop(run: _Run) -> TrainResult:
         run_dir=cfg.run.dir,
         device=run.runtime.topology.device,
     )
+    bar = _progress_bar(cfg, run.step, run.runtime.topology.is_main)
     with StopRequest() as stop:
         while run.step < cfg.train.max_steps and not stop.requested:
             result, work = _one_step(run)
             meter.add(result, work)
+            if bar is not None:
+                bar.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
+                bar.update(1)
             if run.step % cfg.train.log_interval == 0 or run.step == cfg.train.max_steps:
                 _log_metrics(run, meter.flush(run.step))
             if run.step % cfg.checkpoint.interval == 0 and run.step < cfg.train.max_steps:
                 _save(run)
+        if bar is not None:
+            bar.close()
         if run.last_checkpoint is None or run.last_checkpoint.step != run.step:
             _save(run)
         if stop.requested:
@@ -364,6 +372,14 @@ def _compare_settings(cfg: TrainConfig, meta: Mapping[str, Any], info: Checkpoin
             old=None if was is missing else was,
             new=None if new is missing else new,
         )
+
+
+def _progress_bar(cfg: TrainConfig, start: int, is_main: bool) -> tqdm | None:
+    """On a terminal (rank 0's stderr), a bar of the optimizer steps with steps/s, ETA and the last loss; ``None``
+    elsewhere (files and pipes get the JSON or console lines only)."""
+    if not (is_main and sys.stderr.isatty()):
+        return None
+    return tqdm(total=cfg.train.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
 def _log_metrics(run: _Run, metrics: Mapping[str, float | None]) -> None:
