@@ -23,6 +23,7 @@ from dfm.adapters.diffusers import (  # diffusers loads on use
     load_wan_diffusers,
     save_random_wan_vae,
 )
+from dfm.adapters.diffusers.lora import merge_adapters, read_lora_file, write_lora_file
 from dfm.adapters.diffusers.wan_weights import save_wan_diffusers
 from dfm.adapters.formats.samples import encode_sample
 from dfm.adapters.fsdp2 import FSDP2Runtime
@@ -33,6 +34,7 @@ from dfm.adapters.synthetic.videos import render as render_clip
 from dfm.adapters.torch_dist import DistEnv, all_gather_json, init_process_group
 from dfm.adapters.torch_dist import destroy as destroy_process_group
 from dfm.adapters.torch_dist.devices import device_type
+from dfm.adapters.torch_dist.lora import adapter_key, adapter_template, from_adapter_key
 from dfm.adapters.torch_dist.parallel_sampling import (
     SamplingLayout,
     choose_layout,
@@ -59,6 +61,8 @@ __all__ = [
     "DistEnv",
     "Mp4Writer",
     "SamplingLayout",
+    "adapter_key",
+    "adapter_template",
     "all_gather_json",
     "choose_layout",
     "contact_sheet",
@@ -66,11 +70,14 @@ __all__ = [
     "destroy_process_group",
     "encode_sample",
     "export_wan_distributed",
+    "from_adapter_key",
     "init_process_group",
     "is_checkpoint_dir",
     "is_media_file",
     "load_clip",
     "load_wan_diffusers",
+    "merge_adapters",
+    "read_lora_file",
     "read_meta",
     "read_metrics",
     "render_clip",
@@ -82,6 +89,7 @@ __all__ = [
     "save_wan_diffusers",
     "to_uint8_frames",
     "use_local_device",
+    "write_lora_file",
     "write_text_atomic",
 ]
 
@@ -110,9 +118,20 @@ def build_runtime(cfg: TrainConfig, device: str = "auto") -> ParallelRuntime:
             "train.fp8: the megatron runtime has no FP8 path (megatron's FP8 needs Transformer Engine, which dfm "
             "does not use); use runtime=fsdp2 or runtime=local, or set train.fp8=false"
         )
+    if cfg.lora.enabled and cfg.runtime == "megatron":
+        raise ConfigError(
+            "lora.rank: the megatron runtime does not train LoRA adapters; use runtime=fsdp2 (data, tensor and "
+            "context parallel) or runtime=local, or unset lora.rank for full training"
+        )
+    lora = cfg.lora.settings()
+    if lora is not None:
+        try:
+            adapter_template(cfg.model, lora)  # the targets against the network, on the meta device
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if cfg.runtime == "local":
         try:
-            return LocalRuntime(**knobs, fp8=t.fp8)
+            return LocalRuntime(**knobs, fp8=t.fp8, lora=lora)
         except ValueError as exc:  # the messages name the train.* keys
             raise ConfigError(str(exc)) from None
     if cfg.runtime == "fsdp2":
@@ -125,7 +144,7 @@ def build_runtime(cfg: TrainConfig, device: str = "auto") -> ParallelRuntime:
             "pipeline": p.pipeline,
         }
         try:
-            runtime = FSDP2Runtime(**sizes, compile=t.compile, fp8=t.fp8, **knobs)
+            runtime = FSDP2Runtime(**sizes, compile=t.compile, fp8=t.fp8, lora=lora, **knobs)
             runtime.check_model(cfg.model)
         except ValueError as exc:  # the messages name the parallel.* / train.* keys
             raise ConfigError(str(exc)) from None

@@ -6,6 +6,12 @@ Usage::
     python -m dfm.app.convert export --from wan.safetensors --out DIFFUSERS_DIR
     python -m dfm.app.convert export --checkpoint RUN_DIR --out DIFFUSERS_DIR [--no-ema] [--dtype bf16]
     torchrun --nproc-per-node N -m dfm.app.convert export --checkpoint RUN_DIR --out DIFFUSERS_DIR
+    python -m dfm.app.convert export-lora --checkpoint LORA_RUN_DIR --out adapter.safetensors [--no-ema]
+    python -m dfm.app.convert merge-lora --base DIFFUSERS_DIR --lora adapter.safetensors[:SCALE] --out DIFFUSERS_DIR
+
+A LoRA run's checkpoints hold its adapters alone: ``export-lora`` writes them as a diffusers-format LoRA file
+(``WanPipeline.load_lora_weights`` loads it); ``merge-lora`` folds adapter files into a diffusers directory's
+weights; ``export --checkpoint LORA_RUN_DIR`` writes the run's base with its adapters folded in.
 
 A *dfm weights file* is one safetensors file of the network's state dict (diffusers parameter names)
 whose metadata holds the model spec as JSON (key ``dfm.spec``), so it is self-describing. A *diffusers
@@ -32,6 +38,7 @@ from safetensors.torch import save_file
 
 from dfm.app.bootstrap import load_wan_diffusers, save_wan_diffusers
 from dfm.app.services.checkpoints import build_wan, check_wan_state, export_checkpoint
+from dfm.app.services.lora import LoraFile, export_lora, merge_lora
 from dfm.domain.networks.attention import AttentionKernel
 from dfm.domain.networks.wan import WanTransformer
 from dfm.domain.specs import WanSpec
@@ -219,6 +226,30 @@ def _export(args: argparse.Namespace) -> str:
     return f"exported {args.source} ({_describe(spec, model.state_dict())}) -> {out}"
 
 
+def _export_lora(args: argparse.Namespace) -> str:
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    done = export_lora(args.checkpoint, args.out, use_ema=not args.no_ema)
+    weights = "EMA adapters" if done.weights == "ema" else "adapters"
+    return f"exported {weights} of {done.checkpoint} (step {done.step}, {done.tensors} tensors) -> {done.out}"
+
+
+def _merge_lora(args: argparse.Namespace) -> str:
+    out = merge_lora(args.base, args.lora, args.out, dtype=DTYPES[args.dtype], overwrite=args.overwrite)
+    return f"merged {', '.join(f'{f.path} x{f.scale:g}' for f in args.lora)} into {args.base} -> {out}"
+
+
+def lora_arg(text: str) -> LoraFile:
+    """``FILE`` or ``FILE:SCALE`` (a LoRA file and the scale its update is applied with)."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path and not Path(text).exists():
+        try:
+            return LoraFile(path=Path(path), scale=float(scale))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected FILE or FILE:SCALE with a number SCALE") from None
+    return LoraFile(path=Path(text))
+
+
 def _describe(spec: WanSpec, state: Mapping[str, torch.Tensor]) -> str:
     params = sum(t.numel() for t in state.values())
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
@@ -238,6 +269,8 @@ _EXAMPLES = """examples:
   python -m dfm.app.convert export --checkpoint runs/demo --out exported/demo
   torchrun --nproc-per-node 8 -m dfm.app.convert export --checkpoint runs/wan14b --out exported/wan14b \\
       --dtype bf16 --max-shard-size 5GB
+  python -m dfm.app.convert export-lora --checkpoint runs/my_lora --out my_lora.safetensors
+  python -m dfm.app.convert merge-lora --base exported/transformer --lora my_lora.safetensors:0.8 --out merged
 
 errors (a missing or malformed file, weights that do not fit the config, a checkpoint that cannot be
 exported) print one line to stderr and exit with status 2."""
@@ -253,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{import,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{import,export,export-lora,merge-lora}")
     imp = sub.add_parser(
         "import",
         help="diffusers directory -> dfm weights file",
@@ -329,7 +362,41 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--overwrite", action="store_true", help="replace an existing output")
         p.set_defaults(run=_import if p is imp else _export)
+    _lora_parsers(sub)
     return parser
+
+
+def _lora_parsers(sub: argparse._SubParsersAction) -> None:
+    exp = sub.add_parser(
+        "export-lora",
+        help="LoRA run checkpoint -> diffusers-format adapter file",
+        description="Write a LoRA run's adapters (EMA when kept) as one safetensors file in the diffusers naming "
+        "(transformer.<module>.lora_A/lora_B.weight, alpha/rank folded into lora_B), which "
+        "WanPipeline.load_lora_weights and WanTransformer3DModel.load_lora_adapter load.",
+    )
+    exp.add_argument(
+        "--checkpoint", required=True, type=Path, metavar="RUN_DIR|CHECKPOINT", help="LoRA run or checkpoint"
+    )
+    exp.add_argument("--out", required=True, type=Path, metavar="FILE.safetensors", help="adapter file to write")
+    exp.add_argument("--no-ema", action="store_true", help="export the raw adapters even when EMA ones exist")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    exp.set_defaults(run=_export_lora)
+    merge = sub.add_parser(
+        "merge-lora",
+        help="diffusers directory + LoRA files -> diffusers directory with the adapters folded in",
+        description="Add scale * B A of each LoRA file (diffusers, WAN/kohya or musubi naming) to the weights of a "
+        "diffusers WanTransformer3DModel directory and write the result as another (dfm_config.yaml copied along).",
+    )
+    merge.add_argument(
+        "--base", required=True, type=Path, metavar="DIR", help="diffusers WanTransformer3DModel directory"
+    )
+    merge.add_argument(
+        "--lora", required=True, action="append", type=lora_arg, metavar="FILE[:SCALE]", help="adapter file; repeat"
+    )
+    merge.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory to write")
+    merge.add_argument("--dtype", choices=list(DTYPES), default="keep", help="cast floating weights")
+    merge.add_argument("--overwrite", action="store_true", help="replace the WAN files of an --out holding some")
+    merge.set_defaults(run=_merge_lora)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -338,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "max_shard_gb", None) is not None and args.max_shard_gb <= 0:
         parser.error("--max-shard-gb must be positive")  # exits with status 2
-    if getattr(args, "no_ema", False) and args.checkpoint is None:
+    if getattr(args, "no_ema", False) and getattr(args, "checkpoint", None) is None:
         parser.error("--no-ema applies to --checkpoint (a dfm weights file holds one set of weights)")
     try:
         text = args.run(args)

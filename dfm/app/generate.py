@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from dfm.app.cli import UserError, make_parser, run_main
@@ -71,6 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tokenizer", default=None, help="tokenizer directory replacing the checkpoint's codecs.tokenizer")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights even when EMA weights exist")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="LoRA adapter file folded into the weights (diffusers/PEFT naming as convert export-lora writes, or "
+        "WAN/kohya 'diffusion_model.' and musubi 'lora_unet_' naming); repeat for several",
+    )
+    p.add_argument(
+        "--lora-scale",
+        action="append",
+        type=float,
+        default=[],
+        metavar="S",
+        help="strength of each --lora in order (one value: all of them; default 1.0)",
+    )
     p.add_argument("--out", required=True, help="output .mp4 (several prompts: OUT_00.mp4, OUT_01.mp4, ...)")
     p.add_argument(
         "--cache",
@@ -141,6 +158,18 @@ def sampling_arguments(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in SAMPLING_ARGUMENTS}
 
 
+def lora_pairs(files: Sequence[str], scales: Sequence[float]) -> list[tuple[Path, float]]:
+    """``--lora`` files paired with their ``--lora-scale`` (none: 1.0 each; one: for all; else one per file).
+
+    Raises:
+        ValueError: A count of scales that fits neither rule.
+    """
+    if (len(scales) > 1 and len(scales) != len(files)) or (scales and not files):
+        raise ValueError(f"--lora-scale: {len(scales)} values for {len(files)} --lora files (give one, or one each)")
+    values = list(scales) * len(files) if len(scales) == 1 else list(scales) or [1.0] * len(files)
+    return [(Path(f), s) for f, s in zip(files, values, strict=True)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 user error)."""
     args = build_parser().parse_args(argv)
@@ -169,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             vae_tiling=args.vae_tiling,
             cfg_parallel=args.cfg_parallel,
             context_parallel=args.context_parallel,
+            loras=lora_pairs(args.lora, args.lora_scale),
         )
         paths = generate(request)
     except ValueError as exc:  # bad request values, a sampler that does not fit the model: the user's to fix

@@ -67,6 +67,33 @@ class OptimizerSettings:
 
 
 @attrs.frozen(kw_only=True)
+class LoraSettings:
+    """Low-rank adapters trained on a frozen network: ``W x + (alpha / rank) * B A x`` on each targeted linear.
+
+    Only ``A`` (``rank x in``) and ``B`` (``out x rank``) train; they are all the optimizer, the EMA and the
+    checkpoint hold. ``B`` starts at zero, so training starts from the frozen network's outputs.
+    """
+
+    rank: int
+    """``r``: the adapters' inner width."""
+    alpha: float
+    """Scale numerator: the update is ``alpha / rank * B A``."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (training only)."""
+    targets: tuple[str, ...] | None = None
+    """``fnmatch`` globs over module names of the linears to adapt; ``None``: the network's parallel plan's
+    column- and row-parallel linears (attention q/k/v/out and the feed-forward)."""
+    base_dtype: torch.dtype = torch.float32
+    """The frozen weights' dtype (``torch.bfloat16`` halves their memory; the adapters stay float32; the parts a
+    network keeps in float32 — norms, time embedding — stay float32)."""
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank``."""
+        return self.alpha / self.rank
+
+
+@attrs.frozen(kw_only=True)
 class StepResult:
     """What one optimizer step reports."""
 

@@ -27,11 +27,13 @@ from dfm.adapters.fsdp2.tensor_parallel import apply_tensor_parallel
 from dfm.adapters.torch_dist.checkpointing import apply_activation_checkpointing
 from dfm.adapters.torch_dist.fp8 import convert_to_fp8
 from dfm.adapters.torch_dist.grads import use_sum_reduction
+from dfm.adapters.torch_dist.lora import base_structure, cast_frozen, init_lora, inject_lora, lora_parallel_plan
 from dfm.adapters.torch_dist.mesh import fsdp_mesh
 from dfm.adapters.torch_dist.sequence import use_ulysses_attention
 from dfm.domain.networks.attention import SDPAAttention
 from dfm.domain.networks.registry import network_class
 from dfm.domain.specs import ModelSpec
+from dfm.ports.runtime import LoraSettings
 
 
 @attrs.frozen(kw_only=True)
@@ -50,6 +52,8 @@ class ShardingOptions:
     """SDPA backend of the (inner) attention kernels."""
     fp8: bool = False
     """Train the plan's linears with torchao's float8 recipe (:mod:`dfm.adapters.torch_dist.fp8`)."""
+    lora: LoraSettings | None = None
+    """Wrap the targeted linears in LoRA adapters and freeze the rest (:mod:`dfm.adapters.torch_dist.lora`)."""
 
     def mixed_precision(self) -> MixedPrecisionPolicy:
         """bf16 compute with float32 gradient reduction, or no casts; inputs are cast by :class:`StagedForward`."""
@@ -110,8 +114,11 @@ def build_sharded_network(
     """
     model = meta_network(spec, options.attention_backend).to(dtype)
     plan = model.parallel_plan
+    if options.lora is not None:  # before anything splits the linears the adapters wrap
+        inject_lora(model, options.lora)
+        cast_frozen(model, options.lora.base_dtype)
     if mesh["tp"].size() > 1:
-        apply_tensor_parallel(model, plan, mesh["tp"])
+        apply_tensor_parallel(model, lora_parallel_plan(model, plan) if options.lora else plan, mesh["tp"])
     if options.fp8:  # before checkpointing, compile and sharding, as torchao's recipes convert
         convert_to_fp8(model, plan)
     cp_group = mesh["cp"].get_group() if mesh["cp"].size() > 1 else None
@@ -135,5 +142,8 @@ def build_sharded_network(
     model.to_empty(device=device)
     if seed is not None:
         with torch.no_grad(), implicit_replication():
-            model.init_weights(torch.Generator(device="cpu").manual_seed(seed))
+            with base_structure(model):  # the network's own init, over its own modules
+                model.init_weights(torch.Generator(device="cpu").manual_seed(seed))
+            if options.lora is not None:
+                init_lora(model, seed)
     return model

@@ -23,16 +23,17 @@ from torch import nn
 
 from dfm.adapters.fsdp2 import state as fsdp_state
 from dfm.adapters.fsdp2.parallelize import ShardingOptions, build_sharded_network
-from dfm.adapters.torch_dist.core import Tally, TrainingCore, Which, check_options, compute_dtype
+from dfm.adapters.torch_dist.core import PRECISIONS, Tally, TrainingCore, Which, check_options, compute_dtype
 from dfm.adapters.torch_dist.devices import device_type
 from dfm.adapters.torch_dist.fp8 import check_fp8
 from dfm.adapters.torch_dist.grads import set_gradient_sync
+from dfm.adapters.torch_dist.lora import check_lora_options
 from dfm.adapters.torch_dist.mesh import build_mesh, resolve_sizes, topology
 from dfm.adapters.torch_dist.optim import build_adamw
 from dfm.adapters.torch_dist.process_group import DEFAULT_TIMEOUT, DistEnv, destroy, init_process_group
 from dfm.adapters.torch_dist.train_state import load_model_and_optimizer_state, model_and_optimizer_state
 from dfm.domain.specs import ModelSpec
-from dfm.ports.runtime import OptimizerSettings
+from dfm.ports.runtime import LoraSettings, OptimizerSettings
 
 
 class FSDP2Runtime(TrainingCore):
@@ -66,6 +67,7 @@ class FSDP2Runtime(TrainingCore):
         timeout: How long a collective waits for the other ranks.
         fp8: Train the plan's linears with torchao's float8 recipe (:mod:`dfm.adapters.torch_dist.fp8`; CUDA,
             without tensor parallelism).
+        lora: Train LoRA adapters on the frozen network (:mod:`dfm.adapters.torch_dist.lora`); ``None``: all weights.
 
     Raises:
         ValueError: Naming the config key, for sizes that do not fit the world, or an invalid option.
@@ -90,8 +92,10 @@ class FSDP2Runtime(TrainingCore):
         seed: int = 0,
         timeout: timedelta = DEFAULT_TIMEOUT,
         fp8: bool = False,
+        lora: LoraSettings | None = None,
     ) -> None:
         kind = device_type(device)
+        check_lora_options(lora, fp8=fp8, compute=compute_dtype(precision, kind) if precision in PRECISIONS else None)
         if fp8 and kind != "cuda":
             check_fp8(torch.device(kind))  # refused before any process group is made
         if fp8 and tensor > 1:
@@ -103,7 +107,7 @@ class FSDP2Runtime(TrainingCore):
             checkpointing=activation_checkpointing,
             every_k=activation_checkpointing_every_k,
         )
-        super().__init__(grad_clip=grad_clip, ema_decay=ema_decay, seed=seed)
+        super().__init__(grad_clip=grad_clip, ema_decay=ema_decay, seed=seed, lora=lora)
         self._parallel = {
             "data_replicate": data_replicate,
             "data_shard": data_shard,
@@ -133,6 +137,7 @@ class FSDP2Runtime(TrainingCore):
             compile=compile and kind == "cuda",
             attention_backend=attention_backend,
             fp8=fp8,
+            lora=lora,
         )
         self._spec: ModelSpec | None = None
 

@@ -26,13 +26,14 @@ from dfm.adapters.torch_dist.core import (
     compute_dtype,
 )
 from dfm.adapters.torch_dist.fp8 import check_fp8, convert_to_fp8
+from dfm.adapters.torch_dist.lora import cast_frozen, check_lora_options, init_lora, inject_lora
 from dfm.adapters.torch_dist.optim import build_adamw
 from dfm.adapters.torch_dist.state import check_compatible
 from dfm.adapters.torch_dist.train_state import load_model_and_optimizer_state, model_and_optimizer_state
 from dfm.domain.networks.attention import SDPAAttention
 from dfm.domain.networks.registry import network_class
 from dfm.domain.specs import ModelSpec
-from dfm.ports.runtime import OptimizerSettings, Topology
+from dfm.ports.runtime import LoraSettings, OptimizerSettings, Topology
 
 Precision = Literal["auto", "fp32", "bf16"]
 ActivationCheckpointing = Literal["off", "full", "selective", "selective_matmul"]
@@ -120,6 +121,7 @@ class LocalRuntime(TrainingCore):
         attention_backend: SDPA backend (``"auto"``, ``"math"``, ``"flash"``, ``"efficient"``, ``"cudnn"``).
         seed: Seed of the initial weights (the same seed always gives the same weights).
         fp8: Train the plan's linears with torchao's float8 recipe (:mod:`dfm.adapters.torch_dist.fp8`; CUDA).
+        lora: Train LoRA adapters on the frozen network (:mod:`dfm.adapters.torch_dist.lora`); ``None``: all weights.
 
     Raises:
         ValueError: For an invalid choice of any argument.
@@ -137,6 +139,7 @@ class LocalRuntime(TrainingCore):
         attention_backend: str = "auto",
         seed: int = 0,
         fp8: bool = False,
+        lora: LoraSettings | None = None,
     ) -> None:
         check_options(
             precision=precision,
@@ -145,9 +148,10 @@ class LocalRuntime(TrainingCore):
             checkpointing=activation_checkpointing,
             every_k=activation_checkpointing_every_k,
         )
-        super().__init__(grad_clip=grad_clip, ema_decay=ema_decay, seed=seed)
+        super().__init__(grad_clip=grad_clip, ema_decay=ema_decay, seed=seed, lora=lora)
         self.device = resolve_device(device)
         self.autocast_dtype = resolve_precision(precision, self.device)
+        check_lora_options(lora, fp8=fp8, compute=self.autocast_dtype or torch.float32)
         self.attention = SDPAAttention(attention_backend)
         self.activation_checkpointing = activation_checkpointing
         self.every_k = activation_checkpointing_every_k
@@ -161,7 +165,12 @@ class LocalRuntime(TrainingCore):
         self._spec = spec
         if inference_dtype is None:
             generator = torch.Generator(device="cpu").manual_seed(self.seed)
-            self._network = build_network(spec, self.attention, generator).to(self.device).train()
+            network = build_network(spec, self.attention, generator)
+            if self.lora is not None:
+                inject_lora(network, self.lora)
+                init_lora(network, self.seed)
+                cast_frozen(network, self.lora.base_dtype)
+            self._network = network.to(self.device).train()
             if self.fp8:
                 convert_to_fp8(self._network, self._network.parallel_plan)
         else:

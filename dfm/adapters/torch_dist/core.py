@@ -34,11 +34,12 @@ from torch import nn
 from dfm.adapters.torch_dist.devices import batch_to_device, check_rank_share, peak_memory_gib
 from dfm.adapters.torch_dist.ema import EMA, PREFIX, check_decay
 from dfm.adapters.torch_dist.grads import clip_grads, total_grad_norm
+from dfm.adapters.torch_dist.lora import is_adapter, peft_names
 from dfm.adapters.torch_dist.schedule import Schedule
 from dfm.domain.batch import Batch
 from dfm.domain.objective import LossOutput
 from dfm.domain.specs import ModelSpec
-from dfm.ports.runtime import LossFn, OptimizerSettings, StepResult, Topology, WeightsReader
+from dfm.ports.runtime import LoraSettings, LossFn, OptimizerSettings, StepResult, Topology, WeightsReader
 
 Which = Literal["ema", "model"]
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -122,6 +123,8 @@ class TrainingCore(abc.ABC):
         grad_clip: Clip the global gradient norm to this; ``None`` disables clipping.
         ema_decay: Keep an EMA of the weights with this decay; ``None``: none.
         seed: Seed of the initial weights (the same seed gives the same weights in every runtime).
+        lora: Train LoRA adapters on the frozen network (:mod:`dfm.adapters.torch_dist.lora`); ``None``: all weights.
+            The optimizer, the EMA and the state's ``model`` entry then hold the adapters alone.
     """
 
     topology: Topology
@@ -129,8 +132,10 @@ class TrainingCore(abc.ABC):
     schedule_key = "last_epoch"
     """The name of the step counter in the state's ``"scheduler"`` entry."""
 
-    def __init__(self, *, grad_clip: float | None, ema_decay: float | None, seed: int) -> None:
-        self.grad_clip, self.ema_decay, self.seed = grad_clip, ema_decay, seed
+    def __init__(
+        self, *, grad_clip: float | None, ema_decay: float | None, seed: int, lora: LoraSettings | None = None
+    ) -> None:
+        self.grad_clip, self.ema_decay, self.seed, self.lora = grad_clip, ema_decay, seed, lora
         self._schedule: Schedule | None = None
         self._ema: EMA | None = None
         self._ema_network: nn.Module | None = None
@@ -255,32 +260,58 @@ class TrainingCore(abc.ABC):
         self._schedule = schedule
         self._set_lr(schedule.lr())
         if self.ema_decay is not None:
-            average, self._ema_network = self._average()
+            average, self._ema_network = self._adapter_average() if self.lora is not None else self._average()
             self._ema = EMA(average, self.ema_decay)
             self._ema.reset(self._named_parameters())
+
+    def _adapter_average(self) -> tuple[dict[str, torch.Tensor], None]:
+        """Float32 copies of the trained (adapter) parameters, sharded like them: the EMA of a LoRA run."""
+        with torch.no_grad():
+            trained = {n: p.detach().float().clone() for n, p in self._named_parameters() if p.requires_grad}
+        return trained, None
 
     # Weights ----------------------------------------------------------------------------------------
 
     def weights(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
-        """This rank's weights by name, aliasing them: the EMA's when attached and ``use_ema``, else the network's."""
+        """This rank's weights by name, aliasing them: the EMA's when attached and ``use_ema``, else the network's.
+
+        With LoRA: every parameter under peft's names, the adapters' from the EMA when it is used.
+        """
         self._require_built()
+        own = {name: param.detach() for name, param in self._named_parameters()}
         if use_ema and self._ema is not None:
-            return dict(self._ema.average)
-        return {name: param.detach() for name, param in self._named_parameters()}
+            return own | dict(self._ema.average) if self.lora is not None else dict(self._ema.average)
+        return own
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Load whole weights held by every rank (imported diffusers weights, say); strict. Collective.
 
         Each rank keeps its part, cast to the network's dtype. With an optimizer attached only before the
-        first step, and the EMA restarts at these weights.
+        first step, and the EMA restarts at these weights. A LoRA runtime takes the base weights (the network's
+        own names), the adapters (peft's names, ``...lora_A.default.weight``) or both; a group left out stays.
 
         Raises:
             ValueError: Naming the missing and unexpected keys and the shape mismatches, if any.
             RuntimeError: Before :meth:`build_network`, or once a step was taken.
         """
         self._require_fresh()
+        if self.lora is not None:
+            weights = self._with_adapters(weights)
         self._set_weights(weights, whole=True)
         self._after_weights_loaded()
+
+    def _with_adapters(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole weights for the LoRA network from the base's (the network's names), the adapters' (peft's) or both.
+
+        A group that ``weights`` lacks entirely keeps the network's current values; a partial group is an error.
+        """
+        renamed = peft_names(weights, self._network)
+        given = {is_adapter(name) for name in renamed}
+        with torch.no_grad():
+            for name, param in self._named_parameters():
+                if is_adapter(name) not in given:
+                    renamed[name] = param.full_tensor() if hasattr(param, "full_tensor") else param.detach()
+        return renamed
 
     def restore_weights(self, read: WeightsReader, *, use_ema: bool = True) -> Which:
         """Load a checkpoint's EMA weights (when ``ema_decay`` is set and ``use_ema``) or model weights. Collective.
@@ -296,6 +327,11 @@ class TrainingCore(abc.ABC):
             RuntimeError: Before :meth:`build_network`, or once a step was taken.
         """
         self._require_fresh()
+        if self.lora is not None:
+            raise RuntimeError(
+                "a LoRA runtime's checkpoints hold the adapters alone: resume with load_state_dict, or sample "
+                "the base weights with the adapters merged (convert merge-lora, generate --lora)"
+            )
         which: Which = "ema" if use_ema and self.ema_decay is not None else "model"
         prefix = PREFIX if which == "ema" else ""
         state: dict[str, Any] = {which: {prefix + k: v for k, v in self._weight_leaves(which).items()}}

@@ -45,7 +45,10 @@ def check_fp8(device: torch.device) -> None:
 def convert_to_fp8(model: nn.Module, plan: ParallelPlan) -> list[str]:
     """Swap the plan's linears whose sizes FP8 GEMMs take (multiples of 16) for torchao ``Float8Linear`` s.
 
-    Call it before sharding, activation checkpointing and compilation (as torchao's own recipes do).
+    Call it before sharding, activation checkpointing and compilation (as torchao's own recipes do). The token
+    count need not be a multiple of 16 (WAN 1.3B at 81 x 480 x 832 has 32,760): the weight-gradient GEMM, whose
+    inner dimension is the tokens, is zero-padded to one (torchao's ``pad_inner_dim``), which ``_scaled_mm``
+    requires.
 
     Returns:
         The names of the converted linears.
@@ -62,5 +65,6 @@ def convert_to_fp8(model: nn.Module, plan: ParallelPlan) -> list[str]:
         and module.out_features % 16 == 0
     ]
     wanted = set(chosen)
-    convert_to_float8_training(model, config=Float8LinearConfig(), module_filter_fn=lambda _, fqn: fqn in wanted)
+    config = Float8LinearConfig(pad_inner_dim=True)
+    convert_to_float8_training(model, config=config, module_filter_fn=lambda _, fqn: fqn in wanted)
     return chosen

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 from dfm.adapters.torch_dist.state import check_compatible, listing
 
@@ -23,11 +23,13 @@ from dfm.adapters.torch_dist.state import check_compatible, listing
 def model_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """``(model_state, optimizer_state)`` with fully-qualified names as keys (aliasing the live tensors).
 
+    The model state holds the trained parameters only (frozen ones, e.g. under LoRA the base, are left out).
+
     The optimizer state is ``{"state": {name: {"step", "exp_avg", ...}}, "param_groups": [{..., "params":
     [names]}]}``; it must already exist (see :func:`dfm.adapters.torch_dist.optim.materialize_state`).
     """
     assert optimizer.state, "the optimizer state must be materialized before it is checkpointed"
-    return get_state_dict(model, optimizer)
+    return get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
 
 
 def load_model_and_optimizer_state(
@@ -43,14 +45,21 @@ def load_model_and_optimizer_state(
     Raises:
         ValueError: If the model keys or shapes differ, or the optimizer state names other parameters.
     """
-    check_compatible(model.state_dict(), model_state, "checkpointed model weights")
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    check_compatible(trained_state(model), model_state, "checkpointed model weights")
     missing = [k for k in ("state", "param_groups") if k not in optimizer_state]
     if missing:
         raise ValueError(f"the checkpointed optimizer state lacks {missing}; is it from a dfm runtime?")
-    model.load_state_dict(dict(model_state), strict=True)
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    unexpected = model.load_state_dict(dict(model_state), strict=False).unexpected_keys
+    assert not unexpected, unexpected
     _load_param_state(optimizer, params, optimizer_state["state"])
     _check_param_groups(optimizer, params, optimizer_state["param_groups"])
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` without its frozen parameters (the model entry of a checkpoint)."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
 
 
 @torch.no_grad()

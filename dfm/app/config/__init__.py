@@ -13,6 +13,7 @@ from dfm.app.config.docs import attribute_docs, config_classes
 from dfm.app.config.errors import ConfigError
 from dfm.app.config.layering import merge, parse_overrides, resolve_config
 from dfm.app.config.logs import LoggingConfig
+from dfm.app.config.lora import LoraConfig
 from dfm.app.config.optim import OptimConfig
 from dfm.app.config.parallel import ParallelConfig
 from dfm.app.config.run import RunConfig
@@ -34,6 +35,7 @@ __all__ = [
     "DataConfig",
     "DiffusionSection",
     "LoggingConfig",
+    "LoraConfig",
     "ModelSection",
     "OptimConfig",
     "ParallelConfig",

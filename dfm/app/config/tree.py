@@ -13,6 +13,7 @@ from dfm.app.config.codecs import CodecsConfig
 from dfm.app.config.data import DataConfig
 from dfm.app.config.errors import FieldError
 from dfm.app.config.logs import LoggingConfig
+from dfm.app.config.lora import LoraConfig
 from dfm.app.config.megatron import MegatronConfig
 from dfm.app.config.optim import OptimConfig
 from dfm.app.config.parallel import ParallelConfig
@@ -52,6 +53,8 @@ class TrainConfig:
     """Optimizer and learning-rate schedule."""
     checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
     """Checkpoint interval, retention and resumption."""
+    lora: LoraConfig = attrs.field(factory=LoraConfig)
+    """LoRA fine-tuning (adapters on a frozen network); off unless ``lora.rank`` is set."""
     parallel: ParallelConfig = attrs.field(factory=ParallelConfig)
     """Parallel layout."""
     megatron: MegatronConfig = attrs.field(factory=MegatronConfig)

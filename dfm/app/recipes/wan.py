@@ -3,7 +3,9 @@
 All train on 81 frames x 480 x 832 clips with 512 text tokens in bf16, sample with UniPC (50 steps,
 guidance 5.0, the preset's shift), and read ``mock`` data so that they run (and benchmark) as they
 are: train on real data with ``data.source=energon data.path=DIR``. Learning rates: 1e-4 for
-pretraining (cosine to 10 % after 1000 warmup steps), 1e-5 for finetuning (constant after 100).
+pretraining (cosine to 10 % after 1000 warmup steps), 1e-5 for finetuning (constant after 100), 1e-4 for
+LoRA (rank 32 on the attention and feed-forward linears, a bf16 frozen base; set ``checkpoint.init_from`` to
+the pretrained ``transformer/`` directory, e.g. of ``Wan2.1-T2V-1.3B-Diffusers``).
 
 Text conditioning is WAN 2.1's: captions zero-padded to 512 UMT5 tokens and attended whole, padding
 included (``diffusion.mask_text_padding: false``), as the released weights were trained and as diffusers'
@@ -17,6 +19,7 @@ import attrs
 from dfm.app.config import (
     CheckpointConfig,
     DataConfig,
+    LoraConfig,
     OptimConfig,
     RunConfig,
     SampleConfig,
@@ -32,6 +35,8 @@ FRAMES, HEIGHT, WIDTH, TEXT_LEN = 81, 480, 832, 512
 
 _PRETRAIN_OPTIM = OptimConfig(lr=1e-4, weight_decay=0.01, schedule="cosine", warmup_steps=1000, min_lr_ratio=0.1)
 _FINETUNE_OPTIM = OptimConfig(lr=1e-5, weight_decay=0.01, schedule="constant", warmup_steps=100)
+_LORA_OPTIM = OptimConfig(lr=1e-4, weight_decay=1e-4, schedule="constant", warmup_steps=100)
+_LORA = LoraConfig(rank=32, alpha=32.0, base_dtype="bfloat16")
 
 
 def _wan_t2v(
@@ -90,3 +95,20 @@ def wan_14b_t2v_finetune() -> TrainConfig:
     return _wan_t2v(
         "wan_14b_t2v_finetune", WAN_14B, FLOW_FINETUNE, _FINETUNE_OPTIM, max_steps=5_000, global_batch_size=64
     )
+
+
+def _wan_lora(name: str, spec: WanSpec, *, global_batch_size: int) -> TrainConfig:
+    cfg = _wan_t2v(name, spec, FLOW_FINETUNE, _LORA_OPTIM, max_steps=3_000, global_batch_size=global_batch_size)
+    return attrs.evolve(cfg, lora=_LORA)
+
+
+@register_recipe
+def wan_1_3b_t2v_lora() -> TrainConfig:
+    """WAN 2.1 1.3B text-to-video LoRA (rank 32, bf16 frozen base; lr 1e-4; set checkpoint.init_from)."""
+    return _wan_lora("wan_1_3b_t2v_lora", WAN_1_3B, global_batch_size=8)
+
+
+@register_recipe
+def wan_14b_t2v_lora() -> TrainConfig:
+    """WAN 2.1 14B text-to-video LoRA (rank 32, bf16 frozen base; lr 1e-4; set checkpoint.init_from)."""
+    return _wan_lora("wan_14b_t2v_lora", WAN_14B, global_batch_size=8)

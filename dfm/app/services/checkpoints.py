@@ -36,6 +36,7 @@ from dfm.app.bootstrap import (
 )
 from dfm.app.config import TrainConfig, config_from_yaml, config_to_yaml
 from dfm.app.logging import get_logger
+from dfm.app.services.lora import load_lora_run, without_lora
 from dfm.app.services.resume import restore_first, select_path
 from dfm.domain.layout import ParallelLayout
 from dfm.domain.networks.attention import AttentionKernel, SDPAAttention
@@ -123,11 +124,13 @@ def _load_model(
 ) -> tuple[TrainConfig, nn.Module, str]:
     """The config, the network holding the chosen weights, and which weights (``"ema"`` or ``"model"``)."""
     cfg = _config_of(directory, read_meta(directory))
-    local = attrs.evolve(cfg, runtime="local")  # plain DCP reads any runtime's model entries
+    local = attrs.evolve(without_lora(cfg), runtime="local")  # plain DCP reads any runtime's model entries
     if attention is not None:
         local = attrs.evolve(local, train=attrs.evolve(local.train, attention_backend=attention))
     runtime = bootstrap.build_runtime(local, device="auto" if device is None else str(device))
     model = runtime.build_network(cfg.model, inference_dtype=dtype or torch.float32)
+    if cfg.lora.enabled:
+        return cfg, model, load_lora_run(runtime, model, cfg, directory, use_ema=use_ema)
     which = _restore_weights(runtime, local, directory, use_ema=use_ema)
     return cfg, model, which
 
@@ -274,11 +277,14 @@ def _export(
     world = DistEnv.from_env().world_size
     if world > 1:
         _check_launch(cfg, directory, world)
-    built = cfg if world > 1 else attrs.evolve(cfg, runtime="local")
+    built = without_lora(cfg if world > 1 else attrs.evolve(cfg, runtime="local"))
     runtime = bootstrap.build_runtime(built)
     try:
-        runtime.build_network(cfg.model, inference_dtype=dtype or torch.float32)  # no optimizer state
-        which = _restore_weights(runtime, built, directory, use_ema=use_ema)
+        model = runtime.build_network(cfg.model, inference_dtype=dtype or torch.float32)  # no optimizer state
+        if cfg.lora.enabled:  # the base with the adapters folded in
+            which = load_lora_run(runtime, model, cfg, directory, use_ema=use_ema)
+        else:
+            which = _restore_weights(runtime, built, directory, use_ema=use_ema)
         out = export_wan_distributed(
             runtime.weights(), cfg.model, out, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite
         )
@@ -293,6 +299,11 @@ def _export(
 
 def _check_launch(cfg: TrainConfig, directory: Path, world: int) -> None:
     """Raise a ``CheckpointError`` unless the checkpoint's parallel layout fits ``world`` processes."""
+    if cfg.lora.enabled:
+        raise CheckpointError(
+            f"{directory} holds a LoRA run's adapters; its merged weights export from one process (without "
+            f"torchrun), but {world} processes were launched; convert export-lora writes the adapters alone"
+        )
     if cfg.runtime == "megatron":
         raise CheckpointError(
             f"{directory} was trained with runtime=megatron; its weights export from one process (they load "

@@ -42,6 +42,7 @@ from dfm.app.services.generation_request import (
     sampling_plan,
     with_codecs,
 )
+from dfm.app.services.lora import LoraFile, apply_loras
 from dfm.app.services.paths import check_output_file
 from dfm.domain.networks.step_cache import StepCache, step_caching
 from dfm.domain.sampling import sample_latents
@@ -182,6 +183,8 @@ def generate(
     cfg, model = load_for_inference(
         request.checkpoint, use_ema=request.use_ema, dtype=dtype, attention=request.attention
     )
+    if request.loras:
+        apply_loras(model, [LoraFile(path=Path(path), scale=scale) for path, scale in request.loras])
     if timings is not None:
         timings.load_s = time.perf_counter() - t0
     cfg = with_codecs(cfg, request)

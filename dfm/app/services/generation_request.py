@@ -182,6 +182,8 @@ class GenerateRequest:
     the process count is even)."""
     context_parallel: int | None = attrs.field(default=None, validator=_int_option("--context-parallel", 1))
     """Ranks that split each video's tokens (``None``: the processes CFG parallelism leaves)."""
+    loras: tuple[tuple[Path, float], ...] = attrs.field(default=(), converter=tuple)
+    """LoRA files (diffusers, WAN/kohya or musubi naming) and scales, folded into the weights before sampling."""
 
     def __attrs_post_init__(self) -> None:
         if not self.prompts:

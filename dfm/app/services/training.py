@@ -27,6 +27,7 @@ from dfm.app import bootstrap
 from dfm.app.bootstrap import all_gather_json, write_text_atomic
 from dfm.app.config import ConfigError, TrainConfig, config_to_yaml
 from dfm.app.logging import bind_step, configure_logging, get_logger
+from dfm.app.services.lora import initial_adapters
 from dfm.app.services.resume import restore_first, select
 from dfm.app.services.run_dir import RunDirError, RunDirLock, disk_full_error
 from dfm.app.services.signals import StopRequest
@@ -41,7 +42,7 @@ from dfm.ports.tracking import MetricsSink
 
 log = get_logger("dfm.train")
 
-MUST_MATCH_ON_RESUME = ("seed", "train.global_batch_size")
+MUST_MATCH_ON_RESUME = ("seed", "train.global_batch_size", "lora.rank", "lora.targets")
 """Settings a resumed run must share with its checkpoint (they fix the data order and the noise streams)."""
 _NOT_SETTINGS = ("checkpoint.resume",)
 """Keys that say where to resume from, not how to train: never reported as changed."""
@@ -132,10 +133,14 @@ def _train(
     store = store or bootstrap.build_checkpoint_store(cfg)
     runtime.build_network(cfg.model)
     runtime.attach_optimizer(bootstrap.optimizer_settings(cfg))
+    if cfg.lora.enabled:  # the frozen base (and a fresh run's adapters) load before any checkpoint's adapters
+        start = (bootstrap.initial_weights(cfg) or {}) | (initial_adapters(cfg) or {})
+        if start:
+            runtime.load_weights(start)
     run = _Run(cfg=cfg, runtime=runtime, data=data, store=store, sink=None)  # type: ignore[arg-type]
     selection = select(cfg.checkpoint.resume, store, lambda root: bootstrap.checkpoint_store_at(root, cfg.runtime))
     restored = restore_first(selection, lambda info: _restore(run, info)) if selection is not None else None
-    if restored is None and cfg.checkpoint.init_from is not None:
+    if restored is None and cfg.checkpoint.init_from is not None and not cfg.lora.enabled:
         runtime.load_weights(bootstrap.initial_weights(cfg) or {})
         log.info("initialised", weights=cfg.checkpoint.init_from)
     owns_sink = sink is None
@@ -350,7 +355,8 @@ def _compare_settings(cfg: TrainConfig, meta: Mapping[str, Any], info: Checkpoin
         old = None
     if not isinstance(old, Mapping):
         return
-    before, now = _flat(old), _flat(yaml.safe_load(config_to_yaml(cfg)))
+    absent = {"lora.rank": None, "lora.targets": None}  # checkpoints from before LoRA trained without it
+    before, now = absent | _flat(old), _flat(yaml.safe_load(config_to_yaml(cfg)))
     missing = object()
     changed = {
         key: (before.get(key, missing), now.get(key, missing))

@@ -12,6 +12,9 @@
 - ``export``: the training service trains ``wan_tiny_t2v`` for 2 steps at ``parallel.tensor=2``
   (``OUT/tp_run``), then these ranks export it through the app service: the EMA weights in float32
   (``OUT/tp_ema``) and the raw weights in bf16, sharded into several files (``OUT/tp_raw``);
+- ``lora_<layout>``: as ``<layout>`` with :data:`LORA` adapters (the base frozen, float32 or bf16 as the layout
+  says in :data:`LORA_LAYOUTS`); rank 0 writes the adapters and their EMA (``OUT/lora_<layout>.final.safetensors``)
+  and the state's model keys are reported;
 - ``bf16``: data parallel over all ranks with bf16 mixed precision, activation checkpointing and (on CUDA)
   compiled blocks (``compile`` is ignored on the CPU).
 
@@ -44,7 +47,7 @@ from dfm.domain.networks.wan import WanTransformer
 from dfm.domain.objective import Objective
 from dfm.domain.rng import SampleRNG
 from dfm.domain.specs import WAN_TINY, WanSpec
-from dfm.ports.runtime import LossFn, OptimizerSettings
+from dfm.ports.runtime import LoraSettings, LossFn, OptimizerSettings
 
 SPEC = attrs.evolve(WAN_TINY, num_attention_heads=4, attention_head_dim=8, ffn_dim=64)
 """Tiny WAN with 4 heads, so tensor x context = 4 divides them."""
@@ -70,6 +73,12 @@ CHECKPOINTED: dict[str, dict[str, Any]] = {
 }
 """Layouts trained with activation checkpointing (the recompute runs the all-to-alls again; ``selective`` keeps
 the attention outputs): each must still reproduce the local runtime trained without it."""
+
+
+LORA = LoraSettings(rank=4, alpha=8.0)
+"""The adapters of the ``lora_<layout>`` cases (on the plan's linears)."""
+LORA_LAYOUTS = {"tensor": LORA, "context_tensor": LORA, "shard": attrs.evolve(LORA, base_dtype=torch.bfloat16)}
+"""``shard`` keeps the frozen base in bf16 and so computes in bf16 (``precision: bf16``)."""
 
 
 def start_weights() -> dict[str, torch.Tensor]:
@@ -153,6 +162,19 @@ def parity(out: Path, layout: str) -> dict[str, Any]:
         "cp": runtime.topology.cp_size,
         "tp": runtime.topology.tp_size,
     }
+    return result
+
+
+def lora(out: Path, layout: str) -> dict[str, Any]:
+    settings = LORA_LAYOUTS[layout]
+    precision = "bf16" if settings.base_dtype == torch.bfloat16 else OPTIONS["precision"]
+    runtime = FSDP2Runtime(**LAYOUTS[layout], **(OPTIONS | {"precision": precision}), lora=settings)
+    runtime.build_network(SPEC)
+    runtime.attach_optimizer(SETTINGS)
+    runtime.load_weights(start_weights())
+    result: dict[str, Any] = train(runtime, range(STEPS))
+    dump(runtime, out / f"lora_{layout}.final.safetensors")
+    result["model_keys"] = sorted(runtime.state_dict()["model"])
     return result
 
 
@@ -281,6 +303,8 @@ def main(argv: list[str]) -> dict[str, Any]:
             result[case] = mixed_precision()
         elif case == "export":
             result[case] = export(out)
+        elif case.startswith("lora_"):
+            result[case] = lora(out, case.removeprefix("lora_"))
         else:
             result[case] = parity(out, case)
     destroy()

@@ -80,7 +80,11 @@ def launches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("fsdp2")
     results: dict[str, Any] = {"out": out}
     for world, cases in PAIRS.items():
-        extra = ["resume", "errors", "bf16", "export"] if world == 2 else []
+        extra = (
+            ["resume", "errors", "bf16", "export", "lora_tensor", "lora_shard"]
+            if world == 2
+            else ["lora_context_tensor"]
+        )
         ranks = run_ranks(WORKER, world, [str(out), *cases, *extra], timeout=180)
         assert all(r.keys() == ranks[0].keys() for r in ranks)
         results |= ranks[0]
@@ -244,3 +248,43 @@ def test_export_refuses_a_launch_the_training_layout_does_not_fit(
         "process, which loads any layout"
     )
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def lora_reference() -> dict[str, Any]:
+    """The local runtime training :data:`worker.LORA` adapters (float32 base) on the same steps."""
+    runtime = LocalRuntime(**worker.OPTIONS, lora=worker.LORA)
+    runtime.build_network(worker.SPEC)
+    runtime.attach_optimizer(worker.SETTINGS)
+    runtime.load_weights(worker.start_weights())
+    start = whole(runtime)
+    steps = local_steps(runtime, range(worker.STEPS))
+    return {"start": start, "final": whole(runtime), **steps}
+
+
+@pytest.mark.parametrize("layout", ["tensor", "context_tensor"])
+def test_lora_layout_reproduces_the_local_runtime(
+    layout: str, launches: dict[str, Any], lora_reference: dict[str, Any]
+) -> None:
+    """LoRA under tensor (and context) parallelism: the adapters of a column-parallel linear split B, of a
+    row-parallel one A; losses and gradient norms as the local runtime's, the trained adapters and their EMA
+    as AdamW lets two kernels agree; the state's model entry holds the adapters alone."""
+    got = launches[f"lora_{layout}"]
+    for key in ("loss", "grad_norm"):
+        errors = [max_rel(a, b) for a, b in zip(got[key], lora_reference[key], strict=True)]
+        assert max(errors) <= RTOL, (key, got[key], lora_reference[key])
+    want, start = lora_reference["final"], lora_reference["start"]
+    assert got["model_keys"] == sorted(k for k in want if not k.startswith("ema."))
+    assert all(".lora_A.default." in k or ".lora_B.default." in k for k in got["model_keys"])
+    final = load_file(str(launches["out"] / f"lora_{layout}.final.safetensors"))
+    assert final.keys() == want.keys()
+    for part in (lambda k: not k.startswith("ema."), lambda k: k.startswith("ema.")):
+        keys = [k for k in want if part(k)]
+        assert_adam_trained_alike({k: final[k] for k in keys}, {k: want[k] for k in keys}, {k: start[k] for k in keys})
+
+
+def test_lora_on_a_bf16_base_tracks_the_float32_one(launches: dict[str, Any], lora_reference: dict[str, Any]) -> None:
+    """A bf16 frozen base (FSDP over 2 ranks, bf16 compute, float32 adapters) follows the float32 run's losses."""
+    got = launches["lora_shard"]
+    errors = [max_rel(a, b) for a, b in zip(got["loss"], lora_reference["loss"], strict=True)]
+    assert max(errors) <= 2e-2, (got["loss"], lora_reference["loss"])
