@@ -4,10 +4,10 @@
 # On the CPU machine: a fresh venv with torch==2.13.0 (the local CPU wheel; never a CUDA build).
 # On a GPU machine whose Python already has a CUDA torch: the venv sees the system site-packages and
 # keeps that torch (pinned to its installed version), so nothing replaces it.
-# Usage: scripts/make_venv.sh [VENV_DIR] [EXTRAS]   (defaults: .venv, dev,megatron,data,video,plot,lora)
+# Usage: scripts/make_venv.sh [VENV_DIR] [EXTRAS]   (defaults: .venv, dev,megatron,data,video,plot,lora,tracking)
 set -euo pipefail
 venv=${1:-.venv}
-extras=${2:-dev,megatron,data,video,plot,lora}
+extras=${2:-dev,megatron,data,video,plot,lora,tracking}
 python=${PYTHON:-python3}
 cpu_torch=${DFM_CPU_TORCH:-2.13.0}
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import attrs
 import torch
+import yaml
 
 # The technology the services and CLIs use, named here so that the composition root is the one place that
 # imports adapters (an import-linter contract in pyproject.toml keeps services and CLIs off dfm.adapters).
@@ -41,10 +42,19 @@ from dfm.adapters.torch_dist.parallel_sampling import (
     sampling_ranks,
     use_local_device,
 )
-from dfm.adapters.tracking import JsonlMetricsSink, NullMetricsSink, read_metrics, save_curves_png, write_text_atomic
+from dfm.adapters.tracking import (
+    FanOutMetricsSink,
+    JsonlMetricsSink,
+    NullMetricsSink,
+    TensorBoardMetricsSink,
+    WandbMetricsSink,
+    read_metrics,
+    save_curves_png,
+    write_text_atomic,
+)
 from dfm.adapters.video import Mp4Writer, contact_sheet, save_png, to_uint8_frames
 from dfm.adapters.video.clips import BUCKET_PRESETS, ClipError, ClipOptions, is_media_file, load_clip
-from dfm.app.config import ConfigError, ParallelConfig, TrainConfig
+from dfm.app.config import ConfigError, ParallelConfig, TrainConfig, config_to_yaml
 from dfm.domain.batch import BatchLayout
 from dfm.domain.specs import LatentSpec, ModelSpec, WanSpec
 from dfm.ports.checkpoint import CheckpointStore
@@ -499,13 +509,28 @@ def checkpoint_store_at(root: Path, runtime: str = "local", *, keep_last: int | 
 
 
 def build_metrics_sink(cfg: TrainConfig, resume_step: int | None, *, is_main: bool = True) -> MetricsSink:
-    """``RUN_DIR/metrics.jsonl`` (records after ``resume_step`` from an interrupted run are dropped).
+    """``RUN_DIR/metrics.jsonl`` (records after ``resume_step`` from an interrupted run are dropped), plus the
+    trackers ``tracking.*`` turns on (TensorBoard, W&B).
 
     Only the main rank writes it; the other ranks of a distributed run get a sink that keeps nothing.
     """
     if not is_main:
         return NullMetricsSink()
-    return JsonlMetricsSink(Path(cfg.run.dir) / "metrics.jsonl", resume_step=resume_step)
+    run_dir, t = Path(cfg.run.dir), cfg.tracking
+    sinks: list[MetricsSink] = [JsonlMetricsSink(run_dir / "metrics.jsonl", resume_step=resume_step)]
+    try:
+        if t.tensorboard:
+            sinks.append(TensorBoardMetricsSink(run_dir / "tensorboard"))
+        if t.wandb:
+            name = t.name or cfg.run.name or run_dir.resolve().name
+            config = yaml.safe_load(config_to_yaml(cfg))
+            sinks.append(
+                WandbMetricsSink(run_dir, project=t.project, name=name, tags=t.tags, entity=t.entity, config=config)
+            )
+    except ImportError as exc:
+        FanOutMetricsSink(sinks).close()
+        raise ConfigError(f"tracking: {exc}") from None
+    return sinks[0] if len(sinks) == 1 else FanOutMetricsSink(sinks)
 
 
 def check_model_fits_data(spec: ModelSpec, shape: tuple[int, int, int, int]) -> None:

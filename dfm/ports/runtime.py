@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -179,6 +180,11 @@ class ParallelRuntime(Protocol):
 
     def inference_model(self, use_ema: bool = True) -> nn.Module:
         """The model to sample with (the EMA's network when one is attached and asked for), in eval mode."""
+        ...
+
+    def sampling_model(self, use_ema: bool = True) -> contextlib.AbstractContextManager[nn.Module]:
+        """A context giving the network to sample with during training (EMA weights when kept and ``use_ema``),
+        without gradients; the training state is unchanged after it. Collective under a parallel runtime."""
         ...
 
     def max_memory_gib(self) -> float:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import imageio.v3 as iio
+import numpy as np
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
@@ -23,6 +25,7 @@ from dfm.app.config import ConfigError, config_to_yaml, resolve_config
 from dfm.app.services.checkpoints import EXPORTED_CONFIG, load_for_inference
 from dfm.app.services.generation import GenerateRequest, generate
 from dfm.app.services.lora import checkpoint_adapters, initial_adapters
+from dfm.app.services.samples import training_prompts
 from dfm.app.services.training import train
 from dfm.domain.networks.wan import WanTransformer
 
@@ -169,3 +172,17 @@ def test_lora_settings_that_cannot_work_are_refused(tmp_path: Path, base: Path) 
     dtype_error = re.escape("lora.base_dtype=bfloat16 needs computing in it: set train.precision=bf16")
     with pytest.raises(ConfigError, match=dtype_error):
         train(_config(tmp_path / "d", base, "lora.base_dtype=bfloat16", "train.precision=fp32", "train.max_steps=1"))
+
+
+def test_samples_during_lora_training_leave_it_alone(tmp_path: Path, base: Path) -> None:
+    """The EMA's adapters are swapped in to sample and the trained ones back: the losses stay bit-identical."""
+    common = ["train.max_steps=3", "checkpoint.interval=100", "train.ema_decay=0.9"]
+    train(_config(tmp_path / "a", base, *common, "sample.every_n_steps=1", "sample.steps=2"))
+    train(_config(tmp_path / "b", base, *common))
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    assert len(list((tmp_path / "a" / "samples").glob("step_*.png"))) == 3
+    cfg = _config(tmp_path / "a", base)  # the last samples: the EMA adapters, as generate folds them in
+    out = tmp_path / "gen.mp4"
+    generate(GenerateRequest(checkpoint=tmp_path / "a", prompts=training_prompts(cfg), out=out, steps=2))
+    mine = iio.imread(tmp_path / "a" / "samples" / "step_0000003.png").astype(np.int16)
+    assert np.abs(mine - iio.imread(out.with_suffix(".png"))).max() <= 1

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from dfm.adapters.torch_dist.devices import batch_to_device, check_rank_share, peak_memory_gib
-from dfm.adapters.torch_dist.ema import EMA, PREFIX, check_decay
+from dfm.adapters.torch_dist.ema import EMA, PREFIX, check_decay, local_part
 from dfm.adapters.torch_dist.grads import clip_grads, total_grad_norm
 from dfm.adapters.torch_dist.lora import is_adapter, peft_names
 from dfm.adapters.torch_dist.schedule import Schedule
@@ -435,6 +435,35 @@ class TrainingCore(abc.ABC):
     def inference_model(self, use_ema: bool = True) -> nn.Module:
         """The EMA's network when attached and ``use_ema``, else the network; in eval mode."""
         return self._inference_network(use_ema).eval()
+
+    @contextlib.contextmanager
+    def sampling_model(self, use_ema: bool = True) -> Iterator[nn.Module]:
+        """The network to sample with in the middle of training (collective: every rank enters), without gradients.
+
+        The EMA's weights when kept and ``use_ema`` (under LoRA the EMA's adapters are copied into the network
+        meanwhile and the trained ones copied back after); eval mode meanwhile. Nothing of the training state
+        changes: weights, optimizer, schedule, EMA and the RNG streams are as before.
+        """
+        model = self._inference_network(use_ema)
+        swap = self.lora is not None and use_ema and self._ema is not None
+        params = dict(self._named_parameters()) if swap else {}
+        saved: list[torch.Tensor] = []
+        with torch.no_grad():
+            if swap:
+                assert self._ema is not None
+                live = [local_part(params[name]) for name in self._ema.average]
+                saved = [t.clone() for t in live]
+                torch._foreach_copy_(live, [local_part(t) for t in self._ema.average.values()])
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                yield model
+        finally:
+            model.train(was_training)
+            if swap:
+                with torch.no_grad():
+                    torch._foreach_copy_([local_part(params[name]) for name in self._ema.average], saved)
 
     def max_memory_gib(self) -> float:
         """This rank's peak: CUDA memory allocated on its device, else the process's resident set, in GiB."""

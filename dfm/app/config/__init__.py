@@ -25,6 +25,7 @@ from dfm.app.config.serialize import (
     config_to_yaml,
     structure,
 )
+from dfm.app.config.tracking import TrackingConfig
 from dfm.app.config.training import TrainingConfig
 from dfm.app.config.tree import DiffusionSection, ModelSection, TrainConfig
 
@@ -42,6 +43,7 @@ __all__ = [
     "RunConfig",
     "SampleConfig",
     "SyntheticConfig",
+    "TrackingConfig",
     "TrainConfig",
     "TrainingConfig",
     "attribute_docs",

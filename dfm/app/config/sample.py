@@ -34,3 +34,12 @@ class SampleConfig:
     """Height of generated videos in pixels."""
     width: int = attrs.field(default=64, validator=positive)
     """Width of generated videos in pixels."""
+    every_n_steps: int | None = attrs.field(default=None, validator=optional(positive))
+    """While training: sample :attr:`prompts` every this many steps and at the end, into ``<run.dir>/samples/``
+    (``step_XXXXXXX*.mp4`` and a contact sheet ``step_XXXXXXX.png``), with the EMA weights when kept; ``null``:
+    never. The training losses are the same bit for bit with or without it."""
+    prompts: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    """Captions sampled during training; empty: the first three captions of the ``synthetic`` data (other data
+    sources need prompts)."""
+    seed: int = attrs.field(default=0, validator=v.ge(0))
+    """Seed of the noise of the samples taken during training (prompt ``i`` uses ``seed + i``)."""

@@ -19,6 +19,7 @@ from dfm.app.config.optim import OptimConfig
 from dfm.app.config.parallel import ParallelConfig
 from dfm.app.config.run import RunConfig
 from dfm.app.config.sample import EDM_SAMPLERS, FLOW_SAMPLERS, SampleConfig
+from dfm.app.config.tracking import TrackingConfig
 from dfm.app.config.training import TrainingConfig
 from dfm.domain.diffusion.edm import EDM
 from dfm.domain.diffusion.flow import FlowMatching
@@ -67,6 +68,8 @@ class TrainConfig:
     """Sampling (evaluation videos and generation defaults)."""
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
     """Logging."""
+    tracking: TrackingConfig = attrs.field(factory=TrackingConfig)
+    """Experiment trackers (TensorBoard, Weights & Biases) besides ``metrics.jsonl``."""
 
     def __attrs_post_init__(self) -> None:
         kind = getattr(self.diffusion, "kind", None)

@@ -228,15 +228,28 @@ def run_generation(
     _log_step_cache(cache)
     t0 = time.perf_counter()
     with _clear_oom(request, plan, decoding=True):
-        videos = [to_uint8_frames(codec.decode(x.float())[0].cpu()) for x in latents]
+        videos = decode_videos(codec, latents)
     if timings is not None:
         timings.decode_s = _synced(device) - t0
+    paths, sheet = write_videos(request, plan, videos, writer)
+    log.info("generated", videos=[str(p) for p in paths], contact_sheet=str(sheet))
+    return paths
+
+
+def decode_videos(codec: LatentCodec, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each ``[1, C, F, H, W]`` latent decoded to uint8 frames ``[T, H, W, 3]`` on the CPU."""
+    return [to_uint8_frames(codec.decode(x.float())[0].cpu()) for x in latents]
+
+
+def write_videos(
+    request: GenerateRequest, plan: SamplingPlan, videos: Sequence[torch.Tensor], writer: VideoWriter | None
+) -> tuple[list[Path], Path]:
+    """The mp4s (``request.out``, or ``out_NN.mp4`` for several prompts) and the captioned contact sheet (``.png``)."""
     paths = output_paths(request.out, len(request.prompts))
     writer = writer or Mp4Writer()
     paths = [writer.write(v, p, plan.fps) for v, p in zip(videos, paths, strict=True)]
-    sheet = save_png(contact_sheet(videos, captions=list(request.prompts)), request.out.with_suffix(".png"))
-    log.info("generated", videos=[str(p) for p in paths], contact_sheet=str(sheet))
-    return paths
+    sheet = save_png(contact_sheet(list(videos), captions=list(request.prompts)), request.out.with_suffix(".png"))
+    return paths, sheet
 
 
 def _log_step_cache(cache: StepCache | None) -> None:

@@ -30,12 +30,14 @@ from dfm.app.logging import bind_step, configure_logging, get_logger
 from dfm.app.services.lora import initial_adapters
 from dfm.app.services.resume import restore_first, select
 from dfm.app.services.run_dir import RunDirError, RunDirLock, disk_full_error
+from dfm.app.services.samples import check_training_samples, training_prompts, write_training_samples
 from dfm.app.services.signals import StopRequest
 from dfm.app.services.throughput import Work, batch_work, job_work, rates
 from dfm.domain.batch import Batch
 from dfm.domain.objective import Objective
 from dfm.domain.rng import SampleRNG
 from dfm.ports.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore
+from dfm.ports.codecs import LatentCodec, TextEncoder
 from dfm.ports.data import DataSource
 from dfm.ports.runtime import ParallelRuntime, StepResult
 from dfm.ports.tracking import MetricsSink
@@ -79,6 +81,9 @@ class _Run:
     last_checkpoint: CheckpointInfo | None = None
     before_streak: CheckpointInfo | None = None
     batches: Iterator[Batch] | None = None
+    codecs: tuple[LatentCodec, TextEncoder] | None = None
+    """The VAE and text encoder that sample videos while training (``sample.every_n_steps``)."""
+    sampled_step: int | None = None
 
 
 def train(
@@ -128,6 +133,7 @@ def _train(
     )
     codec, text = bootstrap.build_codecs(cfg)
     bootstrap.check_model_fits_data(cfg.model, bootstrap.latent_shape(cfg, codec))
+    check_training_samples(cfg, codec, text)
     data = data or bootstrap.build_data_source(cfg, runtime.topology, codec, text)
     writes_config = store is None
     store = store or bootstrap.build_checkpoint_store(cfg)
@@ -138,6 +144,8 @@ def _train(
         if start:
             runtime.load_weights(start)
     run = _Run(cfg=cfg, runtime=runtime, data=data, store=store, sink=None)  # type: ignore[arg-type]
+    if cfg.sample.every_n_steps is not None and codec is not None and text is not None:
+        run.codecs = (codec, text)
     selection = select(cfg.checkpoint.resume, store, lambda root: bootstrap.checkpoint_store_at(root, cfg.runtime))
     restored = restore_first(selection, lambda info: _restore(run, info)) if selection is not None else None
     if restored is None and cfg.checkpoint.init_from is not None and not cfg.lora.enabled:
@@ -199,10 +207,14 @@ def _loop(run: _Run) -> TrainResult:
                 _log_metrics(run, meter.flush(run.step))
             if run.step % cfg.checkpoint.interval == 0 and run.step < cfg.train.max_steps:
                 _save(run)
+            if run.codecs is not None and run.step % cfg.sample.every_n_steps == 0:  # type: ignore[operator]
+                _samples(run)
         if bar is not None:
             bar.close()
         if run.last_checkpoint is None or run.last_checkpoint.step != run.step:
             _save(run)
+        if run.codecs is not None and run.sampled_step != run.step and not stop.requested:
+            _samples(run)
         if stop.requested:
             log.warning(
                 "stopped",
@@ -214,6 +226,17 @@ def _loop(run: _Run) -> TrainResult:
     return TrainResult(
         step=run.step, checkpoint=run.last_checkpoint, stopped_by=stop.name or None, skipped_steps=run.skipped
     )
+
+
+def _samples(run: _Run) -> None:
+    assert run.codecs is not None
+    with _disk_errors(Path(run.cfg.run.dir) / "samples"):
+        paths = write_training_samples(run.cfg, run.runtime, run.codecs, run.step)
+    log_videos = getattr(run.sink, "log_videos", None)  # trackers that take videos (W&B)
+    if paths and log_videos is not None:
+        prompts = training_prompts(run.cfg)
+        log_videos(run.step, {f"{i}: {p}": path for i, (p, path) in enumerate(zip(prompts, paths, strict=True))})
+    run.sampled_step = run.step
 
 
 def step_objective(cfg: TrainConfig, step: int) -> Objective:

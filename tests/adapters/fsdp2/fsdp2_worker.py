@@ -10,8 +10,9 @@
   alone, read into networks built for inference at ``tensor`` (``OUT/weights_<which>_<dtype>.safetensors``).
 - ``errors``: the ``ValueError`` messages of a few layouts that cannot work;
 - ``export``: the training service trains ``wan_tiny_t2v`` for 2 steps at ``parallel.tensor=2``
-  (``OUT/tp_run``), then these ranks export it through the app service: the EMA weights in float32
-  (``OUT/tp_ema``) and the raw weights in bf16, sharded into several files (``OUT/tp_raw``);
+  (``OUT/tp_run``; both ranks sample a video at step 2), then these ranks export it through the app service:
+  the EMA weights in float32 (``OUT/tp_ema``) and the raw weights in bf16, sharded into several files
+  (``OUT/tp_raw``);
 - ``lora_<layout>``: as ``<layout>`` with :data:`LORA` adapters (the base frozen, float32 or bf16 as the layout
   says in :data:`LORA_LAYOUTS`); rank 0 writes the adapters and their EMA (``OUT/lora_<layout>.final.safetensors``)
   and the state's model keys are reported;
@@ -236,6 +237,7 @@ def export(out: Path) -> dict[str, Any]:
 
     run = out / "tp_run"
     overrides = ["runtime=fsdp2", "parallel.tensor=2", f"run.dir={run}", "train.max_steps=2", "train.ema_decay=0.9"]
+    overrides += ["sample.every_n_steps=2", "sample.steps=2", "sample.prompts=[a red circle]"]  # both ranks sample
     train_run(resolve_config("wan_tiny_t2v", None, [*overrides, "logging.level=WARNING"]))
     ema = export_checkpoint(run, out / "tp_ema", dtype=torch.float32)
     raw = export_checkpoint(run, out / "tp_raw", use_ema=False, dtype=torch.bfloat16, max_shard_bytes=20_000)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import imageio.v3 as iio
+import numpy as np
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
@@ -231,6 +233,9 @@ def test_one_process_generates_from_the_fsdp2_checkpoint_and_its_export(launches
         generate(request, writer=writer)
         videos += list(writer.videos.values())
     assert videos[0].shape == (5, 16, 16, 3) and torch.equal(videos[0], videos[1])
+    sampled = iio.imread(out / "tp_run" / "samples" / "step_0000002.png")  # by both ranks while training (EMA)
+    generated = iio.imread(out / "v.png")
+    assert sampled.shape == generated.shape and np.abs(sampled.astype(np.int16) - generated).max() <= 1
 
 
 def test_export_refuses_a_launch_the_training_layout_does_not_fit(
