@@ -1,7 +1,7 @@
 """Model and latent specs, with the analytic training FLOPs per sample and per batch that ran.
 
 Field names of :class:`WanSpec` equal the config keys of diffusers' ``WanTransformer3DModel`` so that
-a spec is its ``config.json`` (minus the image-to-video keys) and back.
+a spec is its ``config.json`` and back (text-to-video and image-to-video).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from attrs import validators as v
 from dfm.domain.batch import Batch, PackedBatch
 
 _positive = v.gt(0)
+IMAGE_TOKENS = 257
+"""Image tokens an image-to-video WAN reads per image (CLIP ViT-H/14 at 224 px: 16 x 16 patches + class token)."""
 
 
 def _patch_validator(_inst: object, attr: attrs.Attribute, value: tuple[int, int, int]) -> None:
@@ -59,11 +61,40 @@ class WanSpec:
     """Norm epsilon."""
     rope_max_seq_len: int = attrs.field(default=1024, validator=_positive)
     """Largest position per axis the 3D RoPE tables cover."""
+    image_dim: int | None = attrs.field(default=None, validator=v.optional(_positive))
+    """Image-to-video: width of the image-encoder features (CLIP ViT-H/14's penultimate layer: 1280), which the
+    condition embedder projects and cross-attention reads through its own keys and values; ``None``:
+    text-to-video."""
+    added_kv_proj_dim: int | None = attrs.field(default=None, validator=v.optional(_positive))
+    """Image-to-video: input width of cross-attention's image keys and values (``add_k_proj``/``add_v_proj``): the
+    hidden size; ``None`` exactly when ``image_dim`` is."""
+    pos_embed_seq_len: int | None = attrs.field(default=None, validator=v.optional(_positive))
+    """First-last-frame image-to-video: rows of a learned position embedding added to the two images' features
+    (2 x 257); ``None``: none."""
+
+    def __attrs_post_init__(self) -> None:
+        if (self.image_dim is None) != (self.added_kv_proj_dim is None):
+            raise ValueError(
+                f"image_dim ({self.image_dim}) and added_kv_proj_dim ({self.added_kv_proj_dim}) must be set together "
+                "(image-to-video) or both be null (text-to-video)"
+            )
+        if self.added_kv_proj_dim is not None and self.added_kv_proj_dim != self.hidden_size:
+            raise ValueError(
+                f"added_kv_proj_dim must equal the hidden size {self.hidden_size} (the image embedder's output), "
+                f"got {self.added_kv_proj_dim}"
+            )
+        if self.pos_embed_seq_len is not None and self.image_dim is None:
+            raise ValueError("pos_embed_seq_len applies to image-to-video models only (set image_dim)")
 
     @property
     def hidden_size(self) -> int:
         """Model width ``h``."""
         return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def image_to_video(self) -> bool:
+        """Whether the network reads image features besides the text."""
+        return self.image_dim is not None
 
 
 @attrs.frozen(kw_only=True)
@@ -190,14 +221,20 @@ def forward_flops(spec: ModelSpec, video_tokens: int, text_tokens: int) -> float
 
     Per block: ``12 L h^2 + 4 L h ffn + 4 S h^2 + 4 L^2 h + 4 L S h`` (self-attention q/k/v/o and
     cross-attention q/o over ``L`` video tokens, cross-attention k/v over ``S`` text tokens, the FFN,
-    and the two attention products); plus the patch embedding, text projection and output head.
+    and the two attention products); plus the patch embedding, text projection and output head. An
+    image-to-video WAN adds ``4 R h^2 + 4 L R h`` per block for its ``R`` = 257 image tokens and the image
+    embedder's two linears.
     """
     L, S, h = video_tokens, text_tokens, spec.hidden_size
     block = 12 * L * h * h + 4 * L * h * spec.ffn_dim + 4 * S * h * h + 4 * L * L * h + 4 * L * S * h
+    image, embed_image = getattr(spec, "image_dim", None), 0
+    if image is not None:  # WAN I2V: the image tokens' keys/values and attention to them; the image embedder
+        block += 4 * IMAGE_TOKENS * h * h + 4 * L * IMAGE_TOKENS * h
+        embed_image = 2 * IMAGE_TOKENS * image * image + 2 * IMAGE_TOKENS * image * h
     patch = spec.patch_size[0] * spec.patch_size[1] * spec.patch_size[2]
     embed = 2 * L * spec.in_channels * patch * h + 2 * S * spec.text_dim * h + 2 * S * h * h
     head = 2 * L * h * spec.out_channels * patch
-    return float(spec.num_layers * block + embed + head)
+    return float(spec.num_layers * block + embed + embed_image + head)
 
 
 def training_flops(spec: ModelSpec, video_tokens: int, text_tokens: int) -> float:

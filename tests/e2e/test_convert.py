@@ -180,7 +180,7 @@ def _bad_dirs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         ),
         "i2v": (
             _write_dir(tmp_path / "c", {**config, "image_dim": 1280, "added_kv_proj_dim": 5120}, weights),
-            r"c/config\.json: image-to-video WAN configs are not supported",
+            r"c/config\.json: invalid WAN config: added_kv_proj_dim must equal the hidden size",
         ),
         "bad_value": (
             _write_dir(tmp_path / "d", {**config, "num_layers": 0}, weights),

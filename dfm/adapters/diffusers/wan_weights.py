@@ -42,11 +42,14 @@ DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "qk_norm": "rms_norm_across_heads",
     "eps": 1e-6,
     "rope_max_seq_len": 1024,
+    "image_dim": None,
+    "added_kv_proj_dim": None,
+    "pos_embed_seq_len": None,
 }
 """``WanTransformer3DModel.__init__`` defaults: what diffusers assumes for a key a config leaves out."""
 
 IMAGE_TO_VIDEO_KEYS = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
-"""Config keys that, when not null, describe an image-to-video model (unsupported)."""
+"""Config keys that, when not null, describe an image-to-video model."""
 
 
 def _spec_fields() -> list[str]:
@@ -61,12 +64,12 @@ def _diffusers_version() -> str:
 
 
 def spec_to_config(spec: WanSpec) -> dict[str, Any]:
-    """The ``config.json`` content of ``spec`` (every :class:`WanSpec` field but ``arch``, text-to-video keys null)."""
+    """The ``config.json`` content of ``spec`` (every :class:`WanSpec` field but ``arch``; image-to-video keys null
+    for a text-to-video model)."""
     config: dict[str, Any] = {"_class_name": CLASS_NAME, "_diffusers_version": _diffusers_version()}
     for name in _spec_fields():
         value = getattr(spec, name)
         config[name] = list(value) if isinstance(value, tuple) else value
-    config.update(dict.fromkeys(IMAGE_TO_VIDEO_KEYS))
     return config
 
 
@@ -80,17 +83,14 @@ def spec_from_config(config: Mapping[str, Any], *, source: Path | str = CONFIG_N
         source: The file it came from, named in errors.
 
     Raises:
-        ValueError: For another ``_class_name``, an image-to-video config, or invalid values.
+        ValueError: For another ``_class_name``, or invalid values.
     """
     name = config.get("_class_name", CLASS_NAME)
     if name != CLASS_NAME:
         raise ValueError(f"{source}: _class_name is {name!r}, expected {CLASS_NAME!r} (a WAN 2.1 transformer)")
-    i2v = {k: config[k] for k in IMAGE_TO_VIDEO_KEYS if config.get(k) is not None}
-    if i2v:
-        raise ValueError(f"{source}: image-to-video WAN configs are not supported (text-to-video only); found {i2v}")
     if config.get("qk_norm", DIFFUSERS_DEFAULTS["qk_norm"]) != "rms_norm_across_heads":
         raise ValueError(f"{source}: qk_norm={config['qk_norm']!r} is not supported; expected 'rms_norm_across_heads'")
-    known = {*_spec_fields(), *IMAGE_TO_VIDEO_KEYS}
+    known = set(_spec_fields())
     unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
     if unknown:
         warnings.warn(f"{source}: ignoring config keys dfm does not know: {unknown}", stacklevel=2)

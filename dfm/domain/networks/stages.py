@@ -93,7 +93,8 @@ class StageCarry:
         return cls(tokens=pieces[0], fields=fields)
 
     def inputs(self, network: StagedNetwork, positions: Sequence[Any]) -> Any:
-        """The blocks' inputs (:attr:`~StagedNetwork.inputs_type`) from the carry and ``(rope, mask, grid)``."""
+        """The blocks' inputs (:attr:`~StagedNetwork.inputs_type`) from the carry and ``(rope, mask, grid)``; a field
+        neither carried nor a position keeps its default (WAN's ``image``: pipelines run text-to-video models)."""
         rope, mask, grid = positions
         known = {"tokens": self.tokens, "rope": rope, "mask": mask, "grid": grid, **self.fields}
-        return network.inputs_type(**{name: known[name] for name in network.inputs_type._fields})
+        return network.inputs_type(**{name: known[name] for name in network.inputs_type._fields if name in known})

@@ -214,15 +214,16 @@ class StepCache:
         return (*self._videos, self._stats()) if self._counts[0] else tuple(self._videos)
 
     def embed(
-        self, x: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None = None
+        self, x: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None = None, *conditions: Tensor | None
     ) -> WanInputs | DiTInputs:
-        """The network's ``embed``; a timestep above the previous call's (or a new shape) starts a new video."""
+        """The network's ``embed`` (``conditions``: what else it takes, e.g. WAN I2V's image features); a timestep
+        above the previous call's (or a new shape) starts a new video."""
         t = timestep.detach().float().reshape(-1).tolist()
         shape = tuple(x.shape)
         if self._timestep and (shape != self._shape or any(a > b for a, b in zip(t, self._timestep, strict=False))):
             self.reset()
         self._shape, self._timestep = shape, t
-        return self._embed(x, timestep, text, text_mask)
+        return self._embed(x, timestep, text, text_mask, *conditions)
 
     def run_blocks(self, tokens: Tensor, inputs: WanInputs | DiTInputs) -> Tensor:
         """The network's ``run_blocks``, with the blocks skipped in rows whose input barely changed.

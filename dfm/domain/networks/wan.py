@@ -1,8 +1,10 @@
-"""WAN 2.1 text-to-video transformer (Wan Team, "Wan: Open and Advanced Large-Scale Video Generative
-Models", 2025).
+"""WAN 2.1 text-to-video and image-to-video transformer (Wan Team, "Wan: Open and Advanced Large-Scale Video
+Generative Models", 2025).
 
-Parameter names and shapes equal diffusers' ``WanTransformer3DModel`` (text-to-video), so a diffusers
-state dict loads strictly into :class:`WanTransformer` and back. The forward pass reproduces diffusers'
+Parameter names and shapes equal diffusers' ``WanTransformer3DModel`` (text-to-video, and image-to-video with
+``image_dim``/``added_kv_proj_dim``: an image embedder for CLIP features and cross-attention keys and values of
+the image tokens, attended beside the text's), so a diffusers state dict loads strictly into
+:class:`WanTransformer` and back. The forward pass reproduces diffusers'
 numerics, dtype casts included, with a pluggable attention kernel and an optional text mask.
 
 Notation: ``B`` batch, ``L`` video tokens, ``S`` text tokens, ``h`` hidden size, ``H`` heads.
@@ -14,30 +16,27 @@ import math
 from collections.abc import Sequence
 from typing import ClassVar, NamedTuple
 
+import attrs
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dfm.domain.networks.attention import AttentionKernel, SDPAAttention, segment_attention
+from dfm.domain.networks.attention import AttentionKernel, SDPAAttention
 from dfm.domain.networks.layers import (
     FP32LayerNorm,
     PackedPositions,
     PatchEmbed3d,
-    RMSNorm,
-    TwoLayerMLP,
-    apply_rope,
     check_packed_inputs,
     draw_init,
     modulate,
     packed_positions,
     per_token,
     run_packed,
-    timestep_features,
     token_positions,
     unpatchify,
 )
 from dfm.domain.networks.plan import ParallelPlan
 from dfm.domain.networks.stages import TEXT_ROWS
+from dfm.domain.networks.wan_layers import FeedForward, WanAttention, WanConditionEmbedder
 from dfm.domain.specs import WanSpec
 
 Rope = tuple[Tensor, Tensor]
@@ -54,6 +53,7 @@ class WanInputs(NamedTuple):
         rope: ``(cos, sin)`` ``[L, D]`` float32.
         mask: Text key mask ``[B, 1, 1, S]`` bool, or ``None``.
         grid: Token grid ``(F, H, W)``.
+        image: Embedded image features ``[B, R, h]`` of an image-to-video model, or ``None``.
     """
 
     tokens: Tensor
@@ -63,6 +63,7 @@ class WanInputs(NamedTuple):
     rope: Rope
     mask: Tensor | None
     grid: tuple[int, int, int]
+    image: Tensor | None = None
 
 
 class WanPackedInputs(NamedTuple):
@@ -117,103 +118,13 @@ WAN_PARALLEL_PLAN = ParallelPlan(
 )
 """Where :class:`WanTransformer` may be split (Megatron-style column/row pairs per attention and FFN)."""
 
-
-class WanAttention(nn.Module):
-    """Multi-head attention with RMSNorm over all heads on q and k, optional RoPE and key mask.
-
-    Heads are recovered from the projection width with ``head_dim = dim // heads``, so a column-parallel
-    shard of ``to_q/to_k/to_v`` (``dim / tp`` channels) simply holds ``heads / tp`` heads.
-
-    Args:
-        dim: Hidden size ``h``.
-        heads: Number of heads ``H``.
-        eps: RMSNorm epsilon.
-        kernel: Attention kernel over ``[B, H, L, D]``; held in ``self.kernel`` so a runtime may swap it.
-    """
-
-    def __init__(self, dim: int, heads: int, eps: float, kernel: AttentionKernel) -> None:
-        super().__init__()
-        assert dim % heads == 0, f"hidden size {dim} is not a multiple of {heads} heads"
-        self.head_dim = dim // heads
-        self.kernel = kernel
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
-        self.norm_q = RMSNorm(dim, eps=eps)
-        self.norm_k = RMSNorm(dim, eps=eps)
-
-    def forward(
-        self,
-        x: Tensor,
-        context: Tensor | None = None,
-        rope: Rope | None = None,
-        mask: Tensor | None = None,
-        segments: Sequence[int] | None = None,
-    ) -> Tensor:
-        """Attend from ``x`` ``[B, L, h]`` to ``context`` ``[B, S, h]`` (itself when ``None``).
-
-        Args:
-            x: Query tokens.
-            context: Key/value tokens; ``None`` for self-attention.
-            rope: ``(cos, sin)`` ``[L, D]`` applied to q and k (self-attention only).
-            mask: Boolean key mask broadcastable to ``[B, H, L, S]``, ``True`` = attend. A query whose keys
-                are all masked gets a zero attention output (attending to nothing), so its result is
-                ``to_out``'s bias.
-            segments: For self-attention over a packed sequence: tokens per sample; attention stays within
-                each (:func:`segment_attention`).
-        """
-        context = x if context is None else context
-        q = self._heads(self.norm_q(self.to_q(x)))
-        k = self._heads(self.norm_k(self.to_k(context)))
-        v = self._heads(self.to_v(context))
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if segments is not None:
-            out = segment_attention(q, k, v, segments, self.kernel)
-        elif mask is None:
-            out = self.kernel(q, k, v)
-        else:  # a query with no key to attend to gets a zero output (not the NaN of an all-masked softmax)
-            has_keys = mask.any(dim=-1, keepdim=True)
-            out = self.kernel(q, k, v, mask | ~has_keys) * has_keys
-        return self.to_out[0](out.transpose(1, 2).flatten(2).type_as(q))  # [B, H, L, D] -> [B, L, H*D]
-
-    def _heads(self, x: Tensor) -> Tensor:
-        """``[B, L, H*D] -> [B, H, L, D]``, ``H`` from the width (fewer heads on a tensor-parallel shard)."""
-        return x.unflatten(2, (-1, self.head_dim)).transpose(1, 2)
-
-
-class FeedForward(nn.Module):
-    """Position-wise FFN ``W2 gelu_tanh(W1 x)``, laid out as diffusers' ``FeedForward`` (``net.0.proj``, ``net.2``)."""
-
-    def __init__(self, dim: int, ffn_dim: int) -> None:
-        super().__init__()
-        proj_in = nn.Module()
-        proj_in.proj = nn.Linear(dim, ffn_dim)
-        self.net = nn.ModuleList([proj_in, nn.Identity(), nn.Linear(ffn_dim, dim)])
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Apply the FFN to ``x`` ``[..., h]``."""
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
-
-
-class WanConditionEmbedder(nn.Module):
-    """Timestep and text conditioning: ``temb = MLP(features(t))``, six modulations ``time_proj(silu(temb))``,
-    and the text projection ``MLP_gelu_tanh(text)`` into the hidden size."""
-
-    def __init__(self, dim: int, freq_dim: int, text_dim: int) -> None:
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.time_embedder = TwoLayerMLP(freq_dim, dim, nn.SiLU())
-        self.time_proj = nn.Linear(dim, 6 * dim)
-        self.text_embedder = TwoLayerMLP(text_dim, dim, nn.GELU(approximate="tanh"))
-
-    def forward(self, timestep: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Return ``temb`` ``[B, h]``, modulations ``[B, 6, h]`` and embedded text ``[B, S, h]``."""
-        features = timestep_features(timestep, self.freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0.0)
-        temb = self.time_embedder(features.to(self.time_embedder.linear_1.weight.dtype)).type_as(text)
-        modulation = self.time_proj(F.silu(temb)).unflatten(1, (6, -1))
-        return temb, modulation, self.text_embedder(text)
+WAN_I2V_PARALLEL_PLAN = attrs.evolve(
+    WAN_PARALLEL_PLAN,
+    column_parallel=(*WAN_PARALLEL_PLAN.column_parallel, "blocks.*.attn2.add_k_proj", "blocks.*.attn2.add_v_proj"),
+    head_norms=(*WAN_PARALLEL_PLAN.head_norms, "blocks.*.attn2.norm_added_k"),
+    text_linears=(*WAN_PARALLEL_PLAN.text_linears, "blocks.*.attn2.add_k_proj", "blocks.*.attn2.add_v_proj"),
+)
+"""The image-to-video network's plan: the image keys and values split like the text's."""
 
 
 class WanBlock(nn.Module):
@@ -228,7 +139,7 @@ class WanBlock(nn.Module):
         dim, eps = spec.hidden_size, spec.eps
         self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.attn1 = WanAttention(dim, spec.num_attention_heads, eps, kernel)
-        self.attn2 = WanAttention(dim, spec.num_attention_heads, eps, kernel)
+        self.attn2 = WanAttention(dim, spec.num_attention_heads, eps, kernel, spec.added_kv_proj_dim)
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if spec.cross_attn_norm else nn.Identity()
         self.ffn = FeedForward(dim, spec.ffn_dim)
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
@@ -242,8 +153,10 @@ class WanBlock(nn.Module):
         rope: Rope,
         mask: Tensor | None,
         packed: PackedPositions | None = None,
+        image: Tensor | None = None,
     ) -> Tensor:
-        """Update video tokens ``x`` ``[B, L, h]`` given text ``context``, ``modulation`` ``[B, 6, h]``, RoPE, mask.
+        """Update video tokens ``x`` ``[B, L, h]`` given text ``context``, ``modulation`` ``[B, 6, h]``, RoPE, mask
+        (and, image-to-video, the embedded ``image`` tokens cross-attention reads beside the text).
 
         With ``packed`` (a packed sequence, ``B = 1``), ``modulation`` is ``[N, 6, h]`` per sample and is
         broadcast to each sample's tokens, and self-attention is restricted to each sample's own tokens.
@@ -255,7 +168,7 @@ class WanBlock(nn.Module):
         segments = None if packed is None else packed.segments
         y = self.attn1(modulate(self.norm1(x.float()), shift, scale).type_as(x), rope=rope, segments=segments)
         x = (x.float() + y * gate).type_as(x)
-        x = x + self.attn2(self.norm2(x.float()).type_as(x), context, mask=mask)
+        x = x + self.attn2(self.norm2(x.float()).type_as(x), context, mask=mask, image=image)
         y = self.ffn(modulate(self.norm3(x.float()), c_shift, c_scale).type_as(x))
         return (x.float() + y.float() * c_gate).type_as(x)
 
@@ -296,14 +209,23 @@ class WanTransformer(nn.Module):
         dim, patch = spec.hidden_size, spec.patch_size
         self.spec = spec
         self.patch_embedding = PatchEmbed3d(spec.in_channels, dim, patch)
-        self.condition_embedder = WanConditionEmbedder(dim, spec.freq_dim, spec.text_dim)
+        self.condition_embedder = WanConditionEmbedder(
+            dim, spec.freq_dim, spec.text_dim, spec.image_dim, spec.pos_embed_seq_len
+        )
+        if spec.image_to_video:
+            self.parallel_plan = WAN_I2V_PARALLEL_PLAN
         self.blocks = nn.ModuleList([WanBlock(spec, kernel) for _ in range(spec.num_layers)])
         self.norm_out = FP32LayerNorm(dim, spec.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, spec.out_channels * math.prod(patch))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
     def forward(
-        self, x: Tensor | Sequence[Tensor], timestep: Tensor, text: Tensor, text_mask: Tensor | None = None
+        self,
+        x: Tensor | Sequence[Tensor],
+        timestep: Tensor,
+        text: Tensor,
+        text_mask: Tensor | None = None,
+        image: Tensor | None = None,
     ) -> Tensor | list[Tensor]:
         """Predict the flow-matching velocity (or whatever the weights were trained for).
 
@@ -315,13 +237,19 @@ class WanTransformer(nn.Module):
             text_mask: Optional ``[B, S]`` bool, ``True`` for real tokens; masked tokens are ignored by
                 cross-attention (a sample with no real token gets no text information). ``None`` attends
                 to every token, as diffusers does.
+            image: Image-to-video models: image-encoder features ``[B, R, image_dim]`` (CLIP's penultimate
+                hidden states, ``R`` = 257; first-last-frame models: ``[2B, R, image_dim]``, each sample's first
+                and last frame in turn, as diffusers takes them); text-to-video: ``None``.
+                diffusers passes them as ``encoder_hidden_states_image``; the condition latents go in ``x``.
 
         Returns:
             ``[B, out_channels, F, H, W]``.
         """
         if isinstance(x, list | tuple):
+            if image is not None:
+                raise ValueError("packed sequences of an image-to-video model are not supported")
             return self.forward_packed(x, timestep, text, text_mask)
-        inputs = self.embed(x, timestep, text, text_mask)
+        inputs = self.embed(x, timestep, text, text_mask, image)
         tokens = self.run_blocks(inputs.tokens, inputs)
         return self.unpatchify(self.project(tokens, inputs.temb), inputs.grid)
 
@@ -353,6 +281,8 @@ class WanTransformer(nn.Module):
         """:meth:`embed` for a packed sequence: per-sample patch embeddings concatenated, per-sample
         conditioning, RoPE of each sample's grid, the self-attention segments, text mask and ``cu_seqlens``."""
         s = self.spec
+        if s.image_to_video:
+            raise ValueError("packed sequences of an image-to-video model are not supported")
         layout = check_packed_inputs(
             latents, timestep, text, text_mask, in_channels=s.in_channels, text_dim=s.text_dim, patch=s.patch_size
         )
@@ -365,19 +295,22 @@ class WanTransformer(nn.Module):
         context = context.reshape(1, -1, context.shape[-1])
         return WanPackedInputs(tokens, context, modulation, temb, packed.rope, packed.text_mask, packed)
 
-    def embed(self, x: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None = None) -> WanInputs:
+    def embed(
+        self, x: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None = None, image: Tensor | None = None
+    ) -> WanInputs:
         """Everything before the blocks: patch embedding, conditioning, RoPE tables and the text mask.
 
         ``forward`` is ``embed``, :meth:`run_blocks`, :meth:`project`, :meth:`unpatchify`; pipeline and
         sequence-parallel runtimes call the stages themselves (a runtime that shards the tokens over ranks
         slices ``rope`` along ``L`` the same way and passes ``inputs._replace(rope=...)``).
         """
-        self._check_inputs(x, timestep, text, text_mask)
+        self._check_inputs(x, timestep, text, text_mask, image)
         spec = self.spec
         rope, mask, grid = token_positions(x.shape, spec.patch_size, spec.attention_head_dim, text_mask, x.device)
         x, text = self._input_dtypes(x, text)
         temb, modulation, context = self.condition_embedder(timestep, text)
-        return WanInputs(self.patch_embedding(x), context, modulation, temb, rope, mask, grid)
+        embedded = None if image is None else self.condition_embedder.embed_image(image)
+        return WanInputs(self.patch_embedding(x), context, modulation, temb, rope, mask, grid, embedded)
 
     def _input_dtypes(self, x: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
         """``x`` and ``text`` in the dtype of the layers that read them (a network loaded in bf16 takes float32
@@ -394,7 +327,7 @@ class WanTransformer(nn.Module):
                 tokens = block(tokens, inputs.context, inputs.modulation, inputs.rope, inputs.mask, inputs.packed)
             return tokens
         for block in self.blocks:
-            tokens = block(tokens, inputs.context, inputs.modulation, inputs.rope, inputs.mask)
+            tokens = block(tokens, inputs.context, inputs.modulation, inputs.rope, inputs.mask, image=inputs.image)
         return tokens
 
     def project(self, tokens: Tensor, temb: Tensor, packed: PackedPositions | None = None) -> Tensor:
@@ -424,8 +357,16 @@ class WanTransformer(nn.Module):
         """Everything after the blocks: :meth:`unpatchify` of :meth:`project`."""
         return self.unpatchify(self.project(tokens, temb), grid)
 
-    def _check_inputs(self, x: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None) -> None:
+    def _check_inputs(
+        self, x: Tensor, timestep: Tensor, text: Tensor, text_mask: Tensor | None, image: Tensor | None = None
+    ) -> None:
         s = self.spec
+        rows = 2 * x.shape[0] if s.pos_embed_seq_len is not None else x.shape[0]  # first-last-frame: 2 images each
+        if s.image_to_video and (image is None or image.ndim != 3 or image.shape[0] != rows):
+            got = None if image is None else tuple(image.shape)
+            raise ValueError(f"this image-to-video model needs image features [{rows}, R, {s.image_dim}], got {got}")
+        if image is not None and (not s.image_to_video or image.shape[2] != s.image_dim):
+            raise ValueError(f"image features [B, R, {s.image_dim}] expected, got {tuple(image.shape)}")
         if x.ndim != 5 or x.shape[1] != s.in_channels:
             raise ValueError(f"x must be [B, {s.in_channels}, F, H, W], got {tuple(x.shape)}")
         if timestep.shape != (x.shape[0],):
@@ -465,3 +406,6 @@ class WanTransformer(nn.Module):
         for table in tables:
             draw_init(table, lambda t: nn.init.normal_(t, std=self.spec.hidden_size**-0.5, generator=gen), gen)
         nn.init.zeros_(self.proj_out.weight)
+        embedder = getattr(self.condition_embedder, "image_embedder", None)
+        if embedder is not None and embedder.pos_embed is not None:
+            nn.init.zeros_(embedder.pos_embed)
