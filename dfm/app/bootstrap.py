@@ -24,6 +24,7 @@ from dfm.adapters.diffusers import (  # diffusers loads on use
     load_wan_diffusers,
     save_random_wan_vae,
 )
+from dfm.adapters.diffusers.clip_image import CLIPImageEncoder
 from dfm.adapters.diffusers.lora import merge_adapters, read_lora_file, write_lora_file
 from dfm.adapters.diffusers.wan_weights import save_wan_diffusers
 from dfm.adapters.formats.samples import encode_sample
@@ -54,11 +55,12 @@ from dfm.adapters.tracking import (
 )
 from dfm.adapters.video import Mp4Writer, contact_sheet, save_png, to_uint8_frames
 from dfm.adapters.video.clips import BUCKET_PRESETS, ClipError, ClipOptions, is_media_file, load_clip
+from dfm.adapters.video.images import load_image
 from dfm.app.config import ConfigError, ParallelConfig, TrainConfig, config_to_yaml
 from dfm.domain.batch import BatchLayout
 from dfm.domain.specs import LatentSpec, ModelSpec, WanSpec
 from dfm.ports.checkpoint import CheckpointStore
-from dfm.ports.codecs import LatentCodec, TextEncoder
+from dfm.ports.codecs import ImageEncoder, LatentCodec, TextEncoder
 from dfm.ports.data import DataSource
 from dfm.ports.runtime import OptimizerSettings, ParallelRuntime, Topology
 from dfm.ports.tracking import MetricsSink
@@ -85,6 +87,7 @@ __all__ = [
     "is_checkpoint_dir",
     "is_media_file",
     "load_clip",
+    "load_image",
     "load_wan_diffusers",
     "merge_adapters",
     "read_lora_file",
@@ -275,12 +278,36 @@ def _pretrained_vae(cfg: TrainConfig, tiling: bool = False) -> LatentCodec | Non
         vae = WanVAECodec(cfg.codecs.vae, device=_codec_device()[0], dtype="fp32", tiling=tiling)
     except ValueError as exc:
         raise ConfigError(f"codecs.vae: {exc}") from None
-    if vae.latent_spec.channels != cfg.model.in_channels:
+    i2v = getattr(cfg.model, "image_to_video", False)  # its input adds a mask and condition latents
+    key, channels = ("out_channels", cfg.model.out_channels) if i2v else ("in_channels", cfg.model.in_channels)
+    if vae.latent_spec.channels != channels:
         raise ConfigError(
-            f"codecs.vae: {vae.identity} has {vae.latent_spec.channels} latent channels, "
-            f"but model.in_channels is {cfg.model.in_channels}"
+            f"codecs.vae: {vae.identity} has {vae.latent_spec.channels} latent channels, but model.{key} is {channels}"
         )
     return vae
+
+
+def build_image_encoder(cfg: TrainConfig) -> ImageEncoder | None:
+    """The CLIP image encoder ``codecs.image_encoder`` names (``None`` when unset).
+
+    Raises:
+        ConfigError: Naming ``codecs.image_encoder`` for a directory that is not one, or whose width is not the
+            model's ``image_dim``.
+    """
+    where = cfg.codecs.image_encoder
+    if where is None:
+        return None
+    device, dtype = _codec_device()
+    try:
+        encoder = CLIPImageEncoder(where, device=device, dtype=dtype)
+    except ValueError as exc:
+        raise ConfigError(f"codecs.image_encoder: {exc}") from None
+    if encoder.dim != getattr(cfg.model, "image_dim", None):
+        raise ConfigError(
+            f"codecs.image_encoder: {encoder.identity} gives {encoder.dim}-wide features, but model.image_dim is "
+            f"{getattr(cfg.model, 'image_dim', None)}"
+        )
+    return encoder
 
 
 def _pretrained_text_encoder(cfg: TrainConfig) -> TextEncoder | None:

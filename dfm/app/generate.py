@@ -19,7 +19,9 @@ EXAMPLES = """\
   python -m dfm.app.generate --checkpoint runs/wan --vae models/Wan2.1-T2V-1.3B-Diffusers \
       --text-encoder models/Wan2.1-T2V-1.3B-Diffusers --prompt "a cat surfing at sunset" --out out/cat.mp4
   torchrun --nproc-per-node 4 -m dfm.app.generate --checkpoint runs/wan --prompt "a cat surfing at sunset" \\
-      --out out/cat.mp4    # 4 GPUs: CFG parallel 2 x context parallel 2"""
+      --out out/cat.mp4    # 4 GPUs: CFG parallel 2 x context parallel 2
+  python -m dfm.app.generate --checkpoint exported/wan_i2v --image first.png --prompt "the cat jumps" \\
+      --image-encoder models/Wan2.1-I2V-14B-480P-Diffusers --out out/jump.mp4   # image-to-video"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="UMT5 directory (or a model root holding text_encoder/) replacing the checkpoint's codecs.text_encoder",
     )
     p.add_argument("--tokenizer", default=None, help="tokenizer directory replacing the checkpoint's codecs.tokenizer")
+    p.add_argument(
+        "--image",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="image-to-video models: the first frame (scaled and centre-cropped to --height x --width)",
+    )
+    p.add_argument(
+        "--last-image", type=Path, default=None, metavar="FILE", help="first-last-frame models: the last frame"
+    )
+    p.add_argument(
+        "--image-encoder",
+        default=None,
+        metavar="DIR",
+        help="CLIP vision model (or a model root holding image_encoder/) replacing codecs.image_encoder",
+    )
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights even when EMA weights exist")
     p.add_argument(
         "--lora",
@@ -199,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg_parallel=args.cfg_parallel,
             context_parallel=args.context_parallel,
             loras=lora_pairs(args.lora, args.lora_scale),
+            image=args.image,
+            last_image=args.last_image,
+            image_encoder=args.image_encoder,
         )
         paths = generate(request)
     except ValueError as exc:  # bad request values, a sampler that does not fit the model: the user's to fix

@@ -28,3 +28,12 @@ class TextEncoder(Protocol):
     dim: int
 
     def encode(self, captions: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@runtime_checkable
+class ImageEncoder(Protocol):
+    """Embeds images (uint8 ``[H, W, 3]`` each) as feature rows ``[N, R, dim]`` (image-to-video conditioning)."""
+
+    dim: int
+
+    def encode(self, images: Sequence[torch.Tensor]) -> torch.Tensor: ...

@@ -151,3 +151,34 @@ def write_tiny_wan_model_root(directory: str | Path, *, seed: int = 0) -> Path:
         shutil.rmtree(target)
     shutil.move(str(encoder / "tokenizer"), str(target))
     return root
+
+
+TINY_CLIP_DIM = 16
+"""Hidden size of the tiny CLIP vision encoder (an image-to-video network's ``image_dim``)."""
+
+
+def write_tiny_clip_image_encoder(directory: str | Path, *, seed: int = 0) -> Path:
+    """Write a tiny seeded CLIP vision model root like WAN 2.1 I2V's: ``image_encoder/`` and ``image_processor/``.
+
+    The tower is ViT-?/14 at 224 px (257 tokens, as ViT-H/14), width :data:`TINY_CLIP_DIM`, 2 layers; the
+    processor is ``CLIPImageProcessor``'s defaults (resize to 224, centre crop, CLIP normalisation).
+    """
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    root = Path(directory)
+    config = CLIPVisionConfig(
+        hidden_size=TINY_CLIP_DIM,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=224,
+        patch_size=14,
+        projection_dim=16,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPVisionModel(config)
+    _seeded_init(model, seed, scale=0.1)
+    model.save_pretrained(root / "image_encoder", safe_serialization=True)
+    CLIPImageProcessor().save_pretrained(root / "image_processor")
+    return root

@@ -24,6 +24,10 @@ class CodecsConfig:
     text_encoder: str | None = attrs.field(default=None, validator=optional(non_empty))
     """UMT5 text encoder: a transformers ``UMT5EncoderModel`` directory or a model root holding
     ``text_encoder/``; ``null``: the toy hashed-word encoder (its width is ``model.text_dim``)."""
+    image_encoder: str | None = attrs.field(default=None, validator=optional(non_empty))
+    """Image-to-video models: the CLIP vision encoder (transformers ``CLIPVisionModel``) of the conditioning
+    image, a directory or a model root holding ``image_encoder/`` (and ``image_processor/``), e.g.
+    ``Wan2.1-I2V-14B-480P-Diffusers``; ``null`` for text-to-video."""
     tokenizer: str | None = attrs.field(default=None, validator=optional(non_empty))
     """Tokenizer directory of ``text_encoder``; ``null``: its ``tokenizer/`` subfolder, the model root's
     ``tokenizer/`` or the encoder directory itself, whichever holds tokenizer files."""

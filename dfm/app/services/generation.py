@@ -37,6 +37,7 @@ from dfm.app.services.generation_request import (
     GenerateRequest,
     SamplingPlan,
     cfg_mode,
+    check_image,
     check_process,
     output_paths,
     sampling_plan,
@@ -44,6 +45,7 @@ from dfm.app.services.generation_request import (
 )
 from dfm.app.services.lora import LoraFile, apply_loras
 from dfm.app.services.paths import check_output_file
+from dfm.domain.diffusion.image_condition import ImageConditioned, condition_channels, condition_pixels, frame_mask
 from dfm.domain.networks.step_cache import StepCache, step_caching
 from dfm.domain.sampling import sample_latents
 from dfm.domain.specs import LatentSpec
@@ -174,6 +176,7 @@ def generate(
     if recorded is not None:  # check the request against the recorded config before the weights load
         recorded = with_codecs(recorded, request)
         check_process(request, recorded)
+        check_image(request, recorded)
         codecs = generation_codecs(recorded, request)
         plan = sampling_plan(request, recorded, codecs[0].latent_spec)
         check_cfg_mode(request, parallel_layout(request, recorded, plan, codecs[0].latent_spec))
@@ -212,14 +215,20 @@ def run_generation(
     layout = parallel_layout(request, cfg, plan, codec.latent_spec)
     check_cfg_mode(request, layout)
     request = attrs.evolve(request, cfg=cfg_mode(request, layout.cfg))
+    check_image(request, cfg)
+    if request.image is not None and layout.world > 1:
+        raise ValueError("image-to-video generation runs in one process for now; launch it without torchrun")
     device = next(model.parameters()).device
     if request.compile:
         compile_blocks(model)
+    network = model  # what the step cache patches
+    if request.image is not None:  # the condition channels and image features, bound to the network
+        model = ImageConditioned(network, *image_conditioning(request, plan, cfg, codec, device))
     backend = request.attention or cfg.train.attention_backend
     with (
         _clear_oom(request, plan),
         sampling_ranks(model, layout, attention_backend=backend) as ranks,
-        step_caching(model, request.cache, reduce=ranks.context_sum) as cache,
+        step_caching(network, request.cache, reduce=ranks.context_sum) as cache,
     ):
         asked = request if ranks.is_main else attrs.evolve(request, progress=False)
         latents = sample_prompts(asked, plan, cfg, ranks.model, codecs, device, timings)
@@ -234,6 +243,30 @@ def run_generation(
     paths, sheet = write_videos(request, plan, videos, writer)
     log.info("generated", videos=[str(p) for p in paths], contact_sheet=str(sheet))
     return paths
+
+
+def image_conditioning(
+    request: GenerateRequest, plan: SamplingPlan, cfg: TrainConfig, codec: LatentCodec, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The condition channels ``[1, 4 + C, F, h, w]`` and CLIP features of ``--image`` (and ``--last-image``),
+    as ``WanImageToVideoPipeline`` builds them (:mod:`dfm.domain.diffusion.image_condition`).
+
+    Raises:
+        ValueError: An unreadable image, or no image encoder (``codecs.image_encoder`` / ``--image-encoder``).
+    """
+    encoder = bootstrap.build_image_encoder(cfg)
+    if encoder is None:
+        raise ValueError(
+            f"{request.checkpoint} records no codecs.image_encoder: pass --image-encoder DIR (the CLIP vision "
+            "model, e.g. the image_encoder/ of Wan2.1-I2V-14B-480P-Diffusers)"
+        )
+    paths = [p for p in (request.image, request.last_image) if p is not None]
+    frames = [bootstrap.load_image(p, plan.height, plan.width) for p in paths]
+    pixels = [f.permute(2, 0, 1)[None].float() / 255 * 2 - 1 for f in frames]  # [1, 3, H, W] in [-1, 1]
+    latents = codec.encode(condition_pixels(pixels[0], plan.frames, pixels[1] if len(pixels) > 1 else None))
+    stride = codec.latent_spec.temporal_stride
+    mask = frame_mask(1, plan.frames, tuple(latents.shape[-2:]), stride, last=len(pixels) > 1)
+    return condition_channels(mask, latents).to(device), encoder.encode(frames).to(device)
 
 
 def decode_videos(codec: LatentCodec, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -182,6 +182,12 @@ class GenerateRequest:
     the process count is even)."""
     context_parallel: int | None = attrs.field(default=None, validator=_int_option("--context-parallel", 1))
     """Ranks that split each video's tokens (``None``: the processes CFG parallelism leaves)."""
+    image: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
+    """Image-to-video models: the first frame (any image file; scaled and centre-cropped to the video's size)."""
+    last_image: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
+    """First-last-frame models: the last frame."""
+    image_encoder: str | None = None
+    """CLIP image encoder directory replacing the checkpoint's ``codecs.image_encoder``."""
     loras: tuple[tuple[Path, float], ...] = attrs.field(default=(), converter=tuple)
     """LoRA files (diffusers, WAN/kohya or musubi naming) and scales, folded into the weights before sampling."""
 
@@ -217,6 +223,29 @@ class SamplingPlan:
     """Width in pixels."""
     fps: float
     """Frame rate of the mp4 files."""
+
+
+def check_image(request: GenerateRequest, cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` unless ``--image``/``--last-image`` fit the model (image-to-video, first-last-frame).
+
+    Raises:
+        ValueError: No ``--image`` for an image-to-video model, one for a text-to-video model, ``--last-image``
+            without a first-last-frame model (or the reverse), or an image file that does not exist.
+    """
+    spec = cfg.model
+    i2v, flf = getattr(spec, "image_to_video", False), getattr(spec, "pos_embed_seq_len", None) is not None
+    if i2v and request.image is None:
+        raise ValueError(f"{request.checkpoint} is an image-to-video model: pass --image FIRST_FRAME (a picture)")
+    if not i2v and request.image is not None:
+        raise ValueError(f"--image: {request.checkpoint} is a text-to-video model (model.image_dim is null)")
+    if flf != (request.last_image is not None):
+        need = "needs --last-image LAST_FRAME" if flf else "takes no --last-image (model.pos_embed_seq_len is null)"
+        raise ValueError(
+            f"{request.checkpoint} is {'a first-last-frame' if flf else 'not a first-last-frame'} model: it {need}"
+        )
+    for option, path in (("--image", request.image), ("--last-image", request.last_image)):
+        if path is not None and not path.is_file():
+            raise ValueError(f"{option}: {path} does not exist")
 
 
 def check_process(request: GenerateRequest, cfg: TrainConfig) -> str:
@@ -304,6 +333,9 @@ def with_codecs(cfg: TrainConfig, request: GenerateRequest) -> TrainConfig:
     c = cfg.codecs
     tokenizer = request.tokenizer or (None if request.text_encoder else c.tokenizer)
     codecs = CodecsConfig(
-        vae=request.vae or c.vae, text_encoder=request.text_encoder or c.text_encoder, tokenizer=tokenizer
+        vae=request.vae or c.vae,
+        text_encoder=request.text_encoder or c.text_encoder,
+        tokenizer=tokenizer,
+        image_encoder=request.image_encoder or c.image_encoder,
     )
     return attrs.evolve(cfg, codecs=codecs)

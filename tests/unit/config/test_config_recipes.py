@@ -17,6 +17,8 @@ EXPECTED = [
     "wan_1_3b_t2v_finetune",
     "wan_14b_t2v_pretrain",
     "wan_14b_t2v_finetune",
+    "wan_1_3b_t2v_lora",
+    "wan_14b_t2v_lora",
     "dit_xl_edm",
     "wan_tiny_t2v",
     "dit_tiny_edm",
@@ -50,6 +52,8 @@ def test_unknown_recipe() -> None:
         ("wan_1_3b_t2v_finetune", WAN_1_3B, 1e-5),
         ("wan_14b_t2v_pretrain", WAN_14B, 1e-4),
         ("wan_14b_t2v_finetune", WAN_14B, 1e-5),
+        ("wan_1_3b_t2v_lora", WAN_1_3B, 1e-4),
+        ("wan_14b_t2v_lora", WAN_14B, 1e-4),
     ],
 )
 def test_wan_recipes(name: str, spec: WanSpec, lr: float) -> None:
@@ -66,6 +70,10 @@ def test_wan_recipes(name: str, spec: WanSpec, lr: float) -> None:
         assert (flow.density, flow.logit_std, flow.shift, flow.mix_uniform) == ("logit_normal", 1.5, 2.5, 0.2)
     else:
         assert (flow.density, flow.shift) == ("uniform", 3.0)
+    if name.endswith("lora"):  # rank-32 adapters on a bf16 frozen base
+        assert (config.lora.rank, config.lora.alpha, config.lora.base_dtype) == (32, 32.0, "bfloat16")
+    else:
+        assert config.lora.rank is None
 
 
 def test_dit_xl_edm() -> None:
