@@ -30,7 +30,13 @@ from dfm.adapters.diffusers.wan_weights import save_wan_diffusers
 from dfm.adapters.formats.samples import encode_sample
 from dfm.adapters.fsdp2 import FSDP2Runtime
 from dfm.adapters.local import LocalRuntime, resolve_device
-from dfm.adapters.synthetic import HashTextEncoder, IdentityPixelCodec, MockLatentSource, SyntheticVideoSource
+from dfm.adapters.synthetic import (
+    HashTextEncoder,
+    IdentityPixelCodec,
+    MockLatentSource,
+    PatchImageEncoder,
+    SyntheticVideoSource,
+)
 from dfm.adapters.synthetic.videos import describe as describe_clip
 from dfm.adapters.synthetic.videos import render as render_clip
 from dfm.adapters.torch_dist import DistEnv, all_gather_json, init_process_group
@@ -130,6 +136,11 @@ def build_runtime(cfg: TrainConfig, device: str = "auto") -> ParallelRuntime:
         raise ConfigError(
             "train.fp8: the megatron runtime has no FP8 path (megatron's FP8 needs Transformer Engine, which dfm "
             "does not use); use runtime=fsdp2 or runtime=local, or set train.fp8=false"
+        )
+    if getattr(cfg.model, "image_to_video", False) and cfg.runtime == "megatron":
+        raise ConfigError(
+            "model.image_dim: the megatron runtime trains text-to-video models only; use runtime=fsdp2 or "
+            "runtime=local for image-to-video"
         )
     if cfg.lora.enabled and cfg.runtime == "megatron":
         raise ConfigError(
@@ -295,7 +306,9 @@ def build_image_encoder(cfg: TrainConfig) -> ImageEncoder | None:
             model's ``image_dim``.
     """
     where = cfg.codecs.image_encoder
-    if where is None:
+    if where is None:  # synthetic data condition on their own first frames through the toy encoder
+        if getattr(cfg.model, "image_to_video", False) and cfg.data.source == "synthetic":
+            return _toy_image_encoder(cfg)
         return None
     device, dtype = _codec_device()
     try:
@@ -306,6 +319,16 @@ def build_image_encoder(cfg: TrainConfig) -> ImageEncoder | None:
         raise ConfigError(
             f"codecs.image_encoder: {encoder.identity} gives {encoder.dim}-wide features, but model.image_dim is "
             f"{getattr(cfg.model, 'image_dim', None)}"
+        )
+    return encoder
+
+
+def _toy_image_encoder(cfg: TrainConfig) -> ImageEncoder:
+    encoder = PatchImageEncoder()
+    if encoder.dim != cfg.model.image_dim:
+        raise ConfigError(
+            f"model.image_dim: synthetic image-to-video data give {encoder.dim}-wide image features (4 x 4 RGB "
+            f"pixel blocks), but model.image_dim is {cfg.model.image_dim}"
         )
     return encoder
 
@@ -405,6 +428,7 @@ def build_data_source(cfg: TrainConfig, topology: Topology, codec: LatentCodec |
             background=d.synthetic.background,
             placement=d.synthetic.placement,
             radius=d.synthetic.radius,
+            image_encoder=build_image_encoder(cfg) if getattr(cfg.model, "image_to_video", False) else None,
             **common,
         )
     if d.source == "mock":
@@ -563,7 +587,14 @@ def build_metrics_sink(cfg: TrainConfig, resume_step: int | None, *, is_main: bo
 def check_model_fits_data(spec: ModelSpec, shape: tuple[int, int, int, int]) -> None:
     """A clear error when the latents do not fit the network."""
     c, f, h, w = shape
-    if c != spec.in_channels:
+    if getattr(spec, "image_to_video", False):  # its input: noisy latents, frame mask, condition latents
+        if c != spec.out_channels or spec.in_channels <= 2 * c:
+            raise ConfigError(
+                f"model: an image-to-video model of {c}-channel latents needs out_channels={c} and in_channels = "
+                f"2 x {c} + the frame mask's channels (the VAE's temporal stride); got {spec.in_channels} / "
+                f"{spec.out_channels}"
+            )
+    elif c != spec.in_channels:
         raise ConfigError(f"model.in_channels: is {spec.in_channels}, but the data's latents have {c} channels")
     pt, ph, pw = spec.patch_size
     if f % pt or h % ph or w % pw:

@@ -17,6 +17,10 @@ class Batch:
             (DESIGN.md rule 2), so any parallel split of the same global batch draws the same noise.
         text_mask: Optional ``[B, S]`` bool mask, ``True`` for real tokens.
         captions: Optional captions, for logging and samples only.
+        condition: Image-to-video: the channels that follow the noisy latents in the network's input, the frame
+            mask and the condition latents ``[B, 4 + C, F, H, W]``
+            (:func:`~dfm.domain.diffusion.image_condition.condition_channels`); never noised.
+        image: Image-to-video: the image features ``[B, R, D]`` (first-last-frame: ``[2B, R, D]``).
     """
 
     latents: torch.Tensor
@@ -24,12 +28,16 @@ class Batch:
     sample_index: torch.Tensor
     text_mask: torch.Tensor | None = None
     captions: tuple[str, ...] | None = None
+    condition: torch.Tensor | None = None
+    image: torch.Tensor | None = None
 
     def __attrs_post_init__(self) -> None:
         b = self.latents.shape[0]
         assert self.latents.ndim == 5, f"latents must be [B, C, F, H, W], got {tuple(self.latents.shape)}"
         assert self.text.ndim == 3 and self.text.shape[0] == b, "text must be [B, S, D]"
         assert self.sample_index.shape == (b,), "sample_index must be [B]"
+        assert (self.condition is None) == (self.image is None), "condition and image come together (I2V)"
+        assert self.condition is None or self.condition.shape[0] == b, "condition must be [B, C', F, H, W]"
 
     @property
     def size(self) -> int:
@@ -39,12 +47,18 @@ class Batch:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         """Move tensors to ``device`` (and floating tensors to ``dtype`` when given)."""
         mask = None if self.text_mask is None else self.text_mask.to(device)
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=device, dtype=dtype or t.dtype)
+
         return Batch(
             latents=self.latents.to(device=device, dtype=dtype or self.latents.dtype),
             text=self.text.to(device=device, dtype=dtype or self.text.dtype),
             sample_index=self.sample_index.to(device),
             text_mask=mask,
             captions=self.captions,
+            condition=move(self.condition),
+            image=move(self.image),
         )
 
 

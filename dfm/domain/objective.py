@@ -116,14 +116,15 @@ class PreparedBatch:
 
     Attributes:
         call: The network's arguments ``(x, timestep, text, text_mask)``; ``x`` a list of per-sample latents
-            for a packed batch.
+            for a packed batch; an image-to-video batch appends its condition channels to ``x`` and its image
+            features as a fifth argument.
         x0: Clean latents (float32; a list for a packed batch).
         eps: Noise like ``x0``.
         sigma: Per-sample ``sigma`` ``[B]``.
         keep: ``[B]`` bool, ``True`` where the sample kept its text.
     """
 
-    call: tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor | None]
+    call: tuple[Any, ...]
     x0: torch.Tensor | list[torch.Tensor]
     eps: torch.Tensor | list[torch.Tensor]
     sigma: torch.Tensor
@@ -161,9 +162,11 @@ class Objective:
         sigma = process.draw_sigma(self.rng, indices).to(x0.device)
         text, keep = drop_text(batch.text, process.text_dropout, self.rng, indices)
         inputs = process.network_inputs(x0, eps, sigma, batch.text_mask)
-        return PreparedBatch(
-            call=(inputs.x, inputs.timestep, text, inputs.text_mask), x0=x0, eps=eps, sigma=sigma, keep=keep
-        )
+        call: tuple[Any, ...] = (inputs.x, inputs.timestep, text, inputs.text_mask)
+        if batch.condition is not None:  # image-to-video: the condition is input, never noised
+            x = torch.cat([inputs.x, batch.condition.to(inputs.x)], dim=1)
+            call = (x, inputs.timestep, text, inputs.text_mask, batch.image)
+        return PreparedBatch(call=call, x0=x0, eps=eps, sigma=sigma, keep=keep)
 
     def loss(self, prepared: PreparedBatch, output: Any) -> LossOutput:
         """The loss of the network's ``output`` on ``prepared.call`` (a list of per-sample outputs when packed)."""

@@ -6,7 +6,7 @@ coloured shape moving across the frame, :class:`IdentityPixelCodec` uses the pix
 latents of any shape for benchmarks.
 """
 
-from dfm.adapters.synthetic.codecs import HashTextEncoder, IdentityPixelCodec, tokenize
+from dfm.adapters.synthetic.codecs import HashTextEncoder, IdentityPixelCodec, PatchImageEncoder, tokenize
 from dfm.adapters.synthetic.source import (
     MockLatentSource,
     SyntheticVideoSource,
@@ -26,6 +26,7 @@ __all__ = [
     "HashTextEncoder",
     "IdentityPixelCodec",
     "MockLatentSource",
+    "PatchImageEncoder",
     "SyntheticVideoSource",
     "VideoSpec",
     "all_attribute_values",

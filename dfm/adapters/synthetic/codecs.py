@@ -140,3 +140,34 @@ def _positions(length: int, dim: int) -> np.ndarray:
     out = table.astype(np.float32)
     out.flags.writeable = False
     return out
+
+
+@attrs.frozen
+class PatchImageEncoder:
+    """A toy image encoder for synthetic image-to-video data: an image's ``patch x patch`` pixel blocks, flattened.
+
+    Images ``[H, W, 3]`` uint8 (``H``, ``W`` multiples of ``patch``) give ``(H / patch) (W / patch)`` rows of
+    ``3 patch^2`` values in ``[-1, 1]``: everything the first frame shows, at no cost (implements the
+    ``ImageEncoder`` port; the stand-in of CLIP as :class:`IdentityPixelCodec` is of the VAE).
+    """
+
+    patch: int = 4
+
+    @property
+    def dim(self) -> int:
+        """Feature width ``3 patch^2``."""
+        return 3 * self.patch * self.patch
+
+    def encode(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """uint8 ``[H, W, 3]`` images -> ``[N, (H / p)(W / p), 3 p^2]`` float32.
+
+        Raises:
+            ValueError: Images of different sizes, or sizes that are not multiples of ``patch``.
+        """
+        stack = torch.stack([torch.as_tensor(image) for image in images])
+        n, h, w, c = stack.shape
+        p = self.patch
+        if stack.dtype != torch.uint8 or c != 3 or h % p or w % p:
+            raise ValueError(f"images must be uint8 [H, W, 3] with H and W multiples of {p}, got {tuple(stack.shape)}")
+        blocks = stack.float().div(127.5).sub(1).view(n, h // p, p, w // p, p, c).permute(0, 1, 3, 2, 4, 5)
+        return blocks.reshape(n, (h // p) * (w // p), p * p * c)

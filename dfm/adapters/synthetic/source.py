@@ -27,8 +27,9 @@ import torch
 from dfm.adapters.synthetic.codecs import HashTextEncoder, IdentityPixelCodec
 from dfm.adapters.synthetic.videos import DATA_STEP, RADIUS_RANGE, describe, render_batch
 from dfm.domain.batch import Batch, BatchLayout
+from dfm.domain.diffusion.image_condition import condition_channels, condition_pixels, frame_mask
 from dfm.domain.rng import stream_seed
-from dfm.ports.codecs import LatentCodec, TextEncoder
+from dfm.ports.codecs import ImageEncoder, LatentCodec, TextEncoder
 
 MOCK_LATENT_STREAM = 0x5EED1A7E
 """Stream id of a mock sample's latents (outside :class:`~dfm.domain.rng.Stream`)."""
@@ -147,6 +148,9 @@ class SyntheticVideoSource(_SteppedSource):
         placement: How far start positions vary (see :func:`~dfm.adapters.synthetic.videos.describe`).
         radius: Range of shape radii (see :func:`~dfm.adapters.synthetic.videos.describe`).
         start_step: The step the iterator starts at.
+        image_encoder: Image-to-video data: each clip's first frame conditions it (the condition channels of
+            :mod:`dfm.domain.diffusion.image_condition`, encoded by ``codec``, and this encoder's features of the
+            frame); ``None``: text-to-video.
     """
 
     source_name: ClassVar[str] = "synthetic"
@@ -170,6 +174,7 @@ class SyntheticVideoSource(_SteppedSource):
         placement: float = 1.0,
         radius: tuple[float, float] = RADIUS_RANGE,
         start_step: int = 0,
+        image_encoder: ImageEncoder | None = None,
     ) -> None:
         super().__init__(
             global_batch_size=global_batch_size,
@@ -193,6 +198,7 @@ class SyntheticVideoSource(_SteppedSource):
             text_encoder if text_encoder is not None else HashTextEncoder(dim=text_dim if text_dim else 64)
         )
         self.background, self.placement, self.radius = background, placement, (float(radius[0]), float(radius[1]))
+        self.image_encoder = image_encoder
 
     def batch_for_indices(self, indices: Sequence[int]) -> Batch:
         """Render, encode and caption the given global samples."""
@@ -201,7 +207,9 @@ class SyntheticVideoSource(_SteppedSource):
         specs = [describe(i, self.seed, **scene) for i in ix]
         captions = tuple(s.caption for s in specs)
         with torch.no_grad():
-            latents = self.codec.encode(render_batch(specs, self.frames, self.height, self.width))
+            pixels = render_batch(specs, self.frames, self.height, self.width)
+            latents = self.codec.encode(pixels)
+            condition, image = self._image_condition(pixels, latents) if self.image_encoder else (None, None)
         text, mask = self.text_encoder.encode(captions, self.text_len)
         if tuple(text.shape[:2]) != (len(ix), self.text_len):
             raise ValueError(
@@ -209,7 +217,24 @@ class SyntheticVideoSource(_SteppedSource):
                 f"expected [{len(ix)}, {self.text_len}, D]"
             )
         index = torch.tensor(ix, dtype=torch.int64)
-        return Batch(latents=latents, text=text, sample_index=index, text_mask=mask, captions=captions)
+        return Batch(
+            latents=latents,
+            text=text,
+            sample_index=index,
+            text_mask=mask,
+            captions=captions,
+            condition=condition,
+            image=image,
+        )
+
+    def _image_condition(self, pixels: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first frames' condition channels (as WanImageToVideoPipeline builds them) and image features."""
+        assert self.image_encoder is not None
+        first = pixels[:, :, 0]
+        condition = self.codec.encode(condition_pixels(first, self.frames))
+        mask = frame_mask(len(first), self.frames, tuple(latents.shape[-2:]), self.codec.latent_spec.temporal_stride)
+        frames = ((first + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        return condition_channels(mask, condition), self.image_encoder.encode(list(frames))
 
 
 class MockLatentSource(_SteppedSource):

@@ -53,13 +53,14 @@ class StagedForward:
         timestep: torch.Tensor,
         text: torch.Tensor,
         text_mask: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         net = self.network
         if isinstance(x, list | tuple):  # a packed sequence of samples of any sizes (data.packing)
             return self._packed(list(x), timestep, text, text_mask)
         if self.compute_dtype is not None:
             x, text = x.to(self.compute_dtype), text.to(self.compute_dtype)
-        inputs, tokens = enter_stages(net, x, timestep, text, text_mask, self.cp_group)
+        inputs, tokens = enter_stages(net, x, timestep, text, text_mask, self.cp_group, image)
         return exit_stages(net, net.run_blocks(tokens, inputs), inputs, self.cp_group)
 
     def _packed(
@@ -83,8 +84,11 @@ def enter_stages(
     text: torch.Tensor,
     text_mask: torch.Tensor | None,
     cp_group: dist.ProcessGroup | None,
+    image: torch.Tensor | None = None,
 ) -> tuple[Any, torch.Tensor]:
     """``embed`` on the full inputs; with a context-parallel group, this rank's tokens and RoPE rows.
+
+    ``image``: an image-to-video network's image features (replicated like the text).
 
     Returns:
         The blocks' inputs (RoPE rows of this rank's tokens) and the tokens the blocks run on.
@@ -92,7 +96,11 @@ def enter_stages(
     Raises:
         ValueError: If the tokens do not split evenly over the group.
     """
-    inputs = network.embed(x, timestep, text, text_mask)
+    inputs = (
+        network.embed(x, timestep, text, text_mask)
+        if image is None
+        else network.embed(x, timestep, text, text_mask, image)
+    )
     if cp_group is None:
         return inputs, inputs.tokens
     cp, length = dist.get_world_size(cp_group), inputs.tokens.shape[1]

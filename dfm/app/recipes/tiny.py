@@ -26,6 +26,11 @@ from dfm.domain.specs import DIT_TINY, WAN_TINY, ModelSpec
 
 FRAMES, HEIGHT, WIDTH, TEXT_LEN = 5, 16, 16, 8
 WAN_TINY_RGB = attrs.evolve(WAN_TINY, in_channels=3, out_channels=3)
+WAN_TINY_I2V = attrs.evolve(
+    WAN_TINY, in_channels=3 + 1 + 3, out_channels=3, image_dim=48, added_kv_proj_dim=WAN_TINY.hidden_size
+)
+"""Tiny image-to-video WAN on synthetic RGB clips: noisy pixels, the frame mask, the first-frame condition
+(identity codec, temporal stride 1); image features of 4 x 4 pixel blocks (``PatchImageEncoder``)."""
 DIT_TINY_RGB = attrs.evolve(DIT_TINY, in_channels=3, out_channels=3)
 
 
@@ -59,3 +64,9 @@ def wan_tiny_t2v() -> TrainConfig:
 def dit_tiny_edm() -> TrainConfig:
     """Tiny DiT (2 layers, width 24) with EDM; EDM Heun sampler."""
     return _tiny("dit_tiny_edm", DIT_TINY_RGB, EDM_DEFAULT, "edm_heun")
+
+
+@register_recipe
+def wan_tiny_i2v() -> TrainConfig:
+    """Tiny WAN image-to-video (2 layers, width 24): synthetic clips conditioned on their first frame."""
+    return _tiny("wan_tiny_i2v", WAN_TINY_I2V, FLOW_PRETRAIN, "flow_euler")

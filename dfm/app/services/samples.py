@@ -54,6 +54,11 @@ def check_training_samples(cfg: TrainConfig, codec: LatentCodec | None, text: Te
     """Raise ``ConfigError`` when ``sample.every_n_steps`` cannot work with this run's codecs, data or layout."""
     if cfg.sample.every_n_steps is None:
         return
+    if getattr(cfg.model, "image_to_video", False):
+        raise ConfigError(
+            "sample.every_n_steps: samples during training are text-to-video only for now; sample an image-to-video "
+            "run's checkpoints with generate --image"
+        )
     training_prompts(cfg)
     if codec is None or text is None:
         raise ConfigError(

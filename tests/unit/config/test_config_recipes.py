@@ -22,6 +22,7 @@ EXPECTED = [
     "dit_xl_edm",
     "wan_tiny_t2v",
     "dit_tiny_edm",
+    "wan_tiny_i2v",
 ]
 
 
