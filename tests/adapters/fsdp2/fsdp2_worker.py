@@ -16,6 +16,7 @@
 - ``lora_<layout>``: as ``<layout>`` with :data:`LORA` adapters (the base frozen, float32 or bf16 as the layout
   says in :data:`LORA_LAYOUTS`); rank 0 writes the adapters and their EMA (``OUT/lora_<layout>.final.safetensors``)
   and the state's model keys are reported;
+- ``i2v_<layout>``: the training service trains ``wan_tiny_i2v`` (image-to-video) for 2 steps at ``<layout>``;
 - ``bf16``: data parallel over all ranks with bf16 mixed precision, activation checkpointing and (on CUDA)
   compiled blocks (``compile`` is ignored on the CPU).
 
@@ -42,6 +43,7 @@ from torch.distributed.tensor import DTensor
 from dfm.adapters.checkpoint import DCPCheckpointStore
 from dfm.adapters.fsdp2 import FSDP2Runtime
 from dfm.adapters.torch_dist import destroy, init_process_group, is_checkpointed
+from dfm.adapters.tracking import read_metrics
 from dfm.domain.batch import Batch
 from dfm.domain.diffusion import FlowMatching
 from dfm.domain.networks.wan import WanTransformer
@@ -244,6 +246,19 @@ def export(out: Path) -> dict[str, Any]:
     return {name: [done.weights, done.step, done.ranks] for name, done in (("ema", ema), ("raw", raw))}
 
 
+def image_to_video(out: Path, layout: str) -> list[float]:
+    """The training service trains ``wan_tiny_i2v`` for 2 steps at ``layout`` (collective); its losses."""
+    from dfm.app.config import resolve_config
+    from dfm.app.services.training import train as train_run
+
+    run = out / f"i2v_{layout}"
+    sizes = [f"parallel.{k}={v}" for k, v in LAYOUTS[layout].items()]
+    overrides = ["runtime=fsdp2", *sizes, f"run.dir={run}", "train.max_steps=2", "logging.level=WARNING"]
+    train_run(resolve_config("wan_tiny_i2v", None, overrides))
+    dist.barrier()
+    return [row["loss"] for row in read_metrics(run / "metrics.jsonl")]
+
+
 def errors() -> dict[str, str]:
     found = {}
     attempts = {
@@ -305,6 +320,8 @@ def main(argv: list[str]) -> dict[str, Any]:
             result[case] = mixed_precision()
         elif case == "export":
             result[case] = export(out)
+        elif case.startswith("i2v_"):
+            result[case] = image_to_video(out, case.removeprefix("i2v_"))
         elif case.startswith("lora_"):
             result[case] = lora(out, case.removeprefix("lora_"))
         else:

@@ -83,7 +83,7 @@ def launches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     results: dict[str, Any] = {"out": out}
     for world, cases in PAIRS.items():
         extra = (
-            ["resume", "errors", "bf16", "export", "lora_tensor", "lora_shard"]
+            ["resume", "errors", "bf16", "export", "lora_tensor", "lora_shard", "i2v_tensor", "i2v_context"]
             if world == 2
             else ["lora_context_tensor"]
         )
@@ -293,3 +293,19 @@ def test_lora_on_a_bf16_base_tracks_the_float32_one(launches: dict[str, Any], lo
     got = launches["lora_shard"]
     errors = [max_rel(a, b) for a, b in zip(got["loss"], lora_reference["loss"], strict=True)]
     assert max(errors) <= 2e-2, (got["loss"], lora_reference["loss"])
+
+
+def test_image_to_video_trains_alike_under_tensor_and_context_parallelism(
+    launches: dict[str, Any], tmp_path: Path
+) -> None:
+    """``wan_tiny_i2v`` at tensor 2 (the image keys and values split like the text's) and context 2 (the image
+    replicated like the text) gives the one-process run's losses."""
+    from dfm.adapters.tracking import read_metrics
+    from dfm.app.config import resolve_config
+    from dfm.app.services.training import train
+
+    train(resolve_config("wan_tiny_i2v", None, [f"run.dir={tmp_path}", "train.max_steps=2", "logging.level=WARNING"]))
+    want = [row["loss"] for row in read_metrics(tmp_path / "metrics.jsonl")]
+    for layout in ("tensor", "context"):
+        got = launches[f"i2v_{layout}"]
+        assert len(got) == 2 and max(max_rel(a, b) for a, b in zip(got, want, strict=True)) <= RTOL, (layout, got, want)
