@@ -64,7 +64,7 @@ from dfm.adapters.video.clips import BUCKET_PRESETS, ClipError, ClipOptions, is_
 from dfm.adapters.video.images import load_image
 from dfm.app.config import ConfigError, ParallelConfig, TrainConfig, config_to_yaml
 from dfm.domain.batch import BatchLayout
-from dfm.domain.specs import LatentSpec, ModelSpec, WanSpec
+from dfm.domain.specs import IMAGE_TOKENS, LatentSpec, ModelSpec, WanSpec
 from dfm.ports.checkpoint import CheckpointStore
 from dfm.ports.codecs import ImageEncoder, LatentCodec, TextEncoder
 from dfm.ports.data import DataSource
@@ -323,6 +323,18 @@ def build_image_encoder(cfg: TrainConfig) -> ImageEncoder | None:
     return encoder
 
 
+def _mock_image_condition(cfg: TrainConfig) -> dict[str, Any]:
+    """``condition_channels`` and ``image_shape`` of mock data for an image-to-video model (else nothing)."""
+    spec = cfg.model
+    if not getattr(spec, "image_to_video", False):
+        return {}
+    images = 2 if spec.pos_embed_seq_len is not None else 1
+    return {
+        "condition_channels": spec.in_channels - spec.out_channels,
+        "image_shape": (images, IMAGE_TOKENS, spec.image_dim),
+    }
+
+
 def _toy_image_encoder(cfg: TrainConfig) -> ImageEncoder:
     encoder = PatchImageEncoder()
     if encoder.dim != cfg.model.image_dim:
@@ -354,7 +366,10 @@ def _pretrained_text_encoder(cfg: TrainConfig) -> TextEncoder | None:
 
 def latent_spec(cfg: TrainConfig, codec: LatentCodec | None) -> LatentSpec:
     """The data's latent space: the codec's, or for ``mock`` data a WAN-VAE-like one with the model's channels."""
-    return codec.latent_spec if codec is not None else LatentSpec(channels=cfg.model.in_channels)
+    if codec is not None:
+        return codec.latent_spec
+    i2v = getattr(cfg.model, "image_to_video", False)  # its input adds the condition channels to the latents
+    return LatentSpec(channels=cfg.model.out_channels if i2v else cfg.model.in_channels)
 
 
 def latent_shape(cfg: TrainConfig, codec: LatentCodec | None) -> tuple[int, int, int, int]:
@@ -433,7 +448,11 @@ def build_data_source(cfg: TrainConfig, topology: Topology, codec: LatentCodec |
         )
     if d.source == "mock":
         return MockLatentSource(
-            latent_shape=latent_shape(cfg, codec), text_len=d.text_len, text_dim=cfg.model.text_dim, **common
+            latent_shape=latent_shape(cfg, codec),
+            text_len=d.text_len,
+            text_dim=cfg.model.text_dim,
+            **_mock_image_condition(cfg),
+            **common,
         )
     return _prepared_source(cfg, common)
 

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 from PIL import Image
 
 from dfm.adapters.memory import InMemoryVideoWriter
-from dfm.adapters.synthetic import PatchImageEncoder, SyntheticVideoSource
+from dfm.adapters.synthetic import MockLatentSource, PatchImageEncoder, SyntheticVideoSource
 from dfm.adapters.synthetic.videos import describe, render_batch
 from dfm.adapters.tracking import read_metrics
+from dfm.app.bench import bench_train
 from dfm.app.config import ConfigError, resolve_config
 from dfm.app.services.generation import GenerateRequest, generate
 from dfm.app.services.training import train
+from dfm.domain.specs import forward_flops
 
 QUIET = ["logging.level=WARNING", "checkpoint.interval=1000"]
 
@@ -90,3 +93,24 @@ def test_what_image_to_video_training_does_not_take_yet(tmp_path: Path) -> None:
         train(resolve_config("wan_tiny_i2v", None, [f"run.dir={tmp_path / 'm'}", "runtime=megatron", *QUIET]))
     with pytest.raises(ConfigError, match="samples during training are text-to-video only for now"):
         train(resolve_config("wan_tiny_i2v", None, [f"run.dir={tmp_path / 's'}", "sample.every_n_steps=1", *QUIET]))
+
+
+def test_mock_data_feed_an_image_to_video_benchmark() -> None:
+    """``data.source=mock`` draws condition channels and image features of the model's sizes (first-last-frame: two
+    images per sample), so ``bench train`` runs an I2V model; its FLOPs count the image tokens."""
+    cfg = resolve_config("wan_tiny_i2v", None, ["data.source=mock", "logging.level=WARNING"])
+    source = MockLatentSource(
+        latent_shape=(3, 5, 16, 16),
+        text_len=8,
+        text_dim=32,
+        global_batch_size=2,
+        micro_batch_size=2,
+        condition_channels=4,
+        image_shape=(2, 257, 48),
+    )
+    batch = next(iter(source))
+    assert batch.condition.shape == (2, 4, 5, 16, 16) and batch.image.shape == (4, 257, 48)
+    figures = bench_train(cfg, warmup=1, steps=1)
+    assert figures["timed_steps"] == 1 and figures["tokens_per_sample"] == 2  # a WAN-VAE-like 2 x 2 x 2 latent
+    i2v, t2v = cfg.model, attrs.evolve(cfg.model, in_channels=3, image_dim=None, added_kv_proj_dim=None)
+    assert forward_flops(i2v, 320, 8) - forward_flops(t2v, 320, 8) >= 2 * 4 * 257 * 24 * 24  # image keys/values

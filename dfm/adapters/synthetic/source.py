@@ -35,6 +35,10 @@ MOCK_LATENT_STREAM = 0x5EED1A7E
 """Stream id of a mock sample's latents (outside :class:`~dfm.domain.rng.Stream`)."""
 MOCK_TEXT_STREAM = 0x5EED7E47
 """Stream id of a mock sample's text embeddings."""
+MOCK_CONDITION_STREAM = 0x5EEDC0DE
+"""Stream of the condition channels of a mock image-to-video sample."""
+MOCK_IMAGE_STREAM = 0x5EED1A6E
+"""Stream of the image features of a mock image-to-video sample."""
 _STATE_KEYS = ("source", "seed", "global_batch_size", "micro_batch_size", "world", "next_step", "next_micro")
 
 
@@ -241,7 +245,9 @@ class MockLatentSource(_SteppedSource):
     """Random latents and text embeddings of any shape, for benchmarks (``data.source: mock``).
 
     Sample ``i`` holds standard normal latents ``[C, F, H, W]`` and text ``[S, D]`` drawn from generators
-    seeded by ``(seed, i)``; every text token is real (mask all ``True``); no captions.
+    seeded by ``(seed, i)``; every text token is real (mask all ``True``); no captions. For an image-to-video
+    model, also standard normal condition channels ``[C', F, H, W]`` and image features (``image_shape``: rows
+    per sample, ``[n, R, D]``, ``n = 2`` for first-last-frame).
 
     Args:
         latent_shape: ``(C, F, H, W)`` of one sample's latents.
@@ -253,6 +259,8 @@ class MockLatentSource(_SteppedSource):
         rank: This data-parallel rank.
         world: Number of data-parallel ranks ``W``.
         start_step: The step the iterator starts at.
+        condition_channels: Image-to-video: channels ``C'`` of the condition (frame mask and condition latents).
+        image_shape: Image-to-video: ``(n, R, D)`` image features per sample.
     """
 
     source_name: ClassVar[str] = "mock"
@@ -269,6 +277,8 @@ class MockLatentSource(_SteppedSource):
         rank: int = 0,
         world: int = 1,
         start_step: int = 0,
+        condition_channels: int | None = None,
+        image_shape: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__(
             global_batch_size=global_batch_size,
@@ -278,6 +288,9 @@ class MockLatentSource(_SteppedSource):
             world=world,
             start_step=start_step,
         )
+        if (condition_channels is None) != (image_shape is None):
+            raise ValueError("condition_channels and image_shape come together (image-to-video)")
+        self.condition_channels, self.image_shape = condition_channels, image_shape
         shape = tuple(int(n) for n in latent_shape)
         if len(shape) != 4 or min(shape) < 1:
             raise ValueError(f"latent_shape must be four positive ints (C, F, H, W), got {tuple(latent_shape)}")
@@ -292,7 +305,13 @@ class MockLatentSource(_SteppedSource):
         shape = (self.text_len, self.text_dim)
         text = torch.stack([torch.randn(shape, generator=self._gen(i, MOCK_TEXT_STREAM)) for i in ix])
         mask = torch.ones((len(ix), self.text_len), dtype=torch.bool)
-        return Batch(latents=latents, text=text, sample_index=torch.tensor(ix, dtype=torch.int64), text_mask=mask)
+        condition = image = None
+        if self.condition_channels is not None and self.image_shape is not None:
+            c_shape = (self.condition_channels, *self.latent_shape[1:])
+            condition = torch.stack([torch.randn(c_shape, generator=self._gen(i, MOCK_CONDITION_STREAM)) for i in ix])
+            image = torch.cat([torch.randn(self.image_shape, generator=self._gen(i, MOCK_IMAGE_STREAM)) for i in ix])
+        index = torch.tensor(ix, dtype=torch.int64)
+        return Batch(latents=latents, text=text, sample_index=index, text_mask=mask, condition=condition, image=image)
 
     def _gen(self, index: int, stream: int) -> torch.Generator:
         g = torch.Generator(device="cpu")

@@ -112,3 +112,15 @@ def wan_1_3b_t2v_lora() -> TrainConfig:
 def wan_14b_t2v_lora() -> TrainConfig:
     """WAN 2.1 14B text-to-video LoRA (rank 32, bf16 frozen base; lr 1e-4; set checkpoint.init_from)."""
     return _wan_lora("wan_14b_t2v_lora", WAN_14B, global_batch_size=8)
+
+
+WAN_I2V_14B = attrs.evolve(WAN_14B, in_channels=36, out_channels=16, image_dim=1280, added_kv_proj_dim=5120)
+"""WAN 2.1 I2V 14B (``Wan2.1-I2V-14B-480P-Diffusers``): 16 noisy + 4 mask + 16 condition channels, CLIP ViT-H/14."""
+
+
+@register_recipe
+def wan_i2v_14b_480p_finetune() -> TrainConfig:
+    """WAN 2.1 image-to-video 14B at 480p finetuning (flow: uniform, shift 3.0; lr 1e-5 constant; mock data)."""
+    return _wan_t2v(
+        "wan_i2v_14b_480p_finetune", WAN_I2V_14B, FLOW_FINETUNE, _FINETUNE_OPTIM, max_steps=5_000, global_batch_size=64
+    )

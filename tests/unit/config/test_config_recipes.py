@@ -19,6 +19,7 @@ EXPECTED = [
     "wan_14b_t2v_finetune",
     "wan_1_3b_t2v_lora",
     "wan_14b_t2v_lora",
+    "wan_i2v_14b_480p_finetune",
     "dit_xl_edm",
     "wan_tiny_t2v",
     "dit_tiny_edm",
@@ -107,4 +108,13 @@ def test_text_padding_is_attended_in_the_wan_recipes_only(name: str) -> None:
     """WAN 2.1 was trained on zero-padded 512-token text without a mask; dfm's own from-scratch recipes
     (default, DiT, tiny) mask the padding, as every run did before the setting existed."""
     config = get_recipe(name)
-    assert config.diffusion.mask_text_padding is not name.startswith(("wan_1_3b", "wan_14b"))
+    assert config.diffusion.mask_text_padding is not name.startswith(("wan_1_3b", "wan_14b", "wan_i2v"))
+
+
+def test_the_i2v_recipe_is_wan_2_1_i2v_14b_480p() -> None:
+    config = get_recipe("wan_i2v_14b_480p_finetune")
+    spec = config.model
+    assert (spec.in_channels, spec.out_channels, spec.image_dim, spec.added_kv_proj_dim) == (36, 16, 1280, 5120)
+    assert attrs.evolve(spec, in_channels=16, image_dim=None, added_kv_proj_dim=None) == WAN_14B
+    assert (config.data.frames, config.data.height, config.data.width) == (81, 480, 832)
+    assert config.diffusion.shift == 3.0 and config.sample.shift == 3.0
