@@ -42,6 +42,7 @@ from dfm.app import bootstrap
 from dfm.app.cli import UserError, add_config_arguments, config_from_args, make_parser, parse_args, run_main
 from dfm.app.config import TrainConfig
 from dfm.app.logging import configure_logging
+from dfm.app.profiling import profiler, write_profile
 from dfm.app.services.throughput import Work, batch_work, job_work
 from dfm.app.services.training import step_objective
 from dfm.ports.runtime import ParallelRuntime
@@ -59,7 +60,7 @@ def bench_train(cfg: TrainConfig, *, warmup: int = 2, steps: int = 6, profile: P
     extra = 2 if profile is not None else 0  # profiled after the timed steps, so timings stay clean
     for step in range(warmup + steps + extra):
         if extra and step == warmup + steps:
-            prof = _profiler()
+            prof = profiler()
             prof.__enter__()
         _sync(runtime)
         t0 = time.perf_counter()
@@ -72,7 +73,7 @@ def bench_train(cfg: TrainConfig, *, warmup: int = 2, steps: int = 6, profile: P
         loss = result.loss
     if prof is not None and profile is not None:
         prof.__exit__(None, None, None)
-        _write_profile(prof, profile)
+        write_profile(prof, profile)
     figures = _figures(cfg, runtime, times, job_work(work, runtime.topology), loss, warmup)
     runtime.close()  # a runtime that created a process group tears it down
     return figures
@@ -109,21 +110,6 @@ def _figures(
 def _sync(runtime: ParallelRuntime) -> None:
     if runtime.topology.device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def _profiler() -> torch.profiler.profile:
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    return torch.profiler.profile(activities=activities, record_shapes=False)
-
-
-def _write_profile(prof: torch.profiler.profile, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    prof.export_chrome_trace(str(out / f"trace_rank{rank}.json"))
-    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    (out / f"top_ops_rank{rank}.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40))
 
 
 def bench_data(

@@ -9,7 +9,8 @@ same seed: relative L2 of the final latents and PSNR of the decoded uint8 frames
 loading, an untimed two-step warm-up (compilation with ``--compile``), text encoding, the first sampling step, the
 mean of the others, the denoising loop, decoding and the total; model TFLOP/s of the denoising loop (the spec's
 analytic forward FLOPs of every row the network ran, dense-equivalent under a cache); and peak accelerator memory
-of the denoising loop (weights included) and of the decode.
+of the denoising loop (weights included) and of the decode. ``--profile DIR`` then profiles a two-step dense run
+(``torch.profiler`` trace and the top operators by device time, as ``bench train --profile``).
 
 Examples::
 
@@ -38,6 +39,7 @@ from dfm.app.cli import UserError, add_config_arguments, config_from_args, make_
 from dfm.app.config import TrainConfig
 from dfm.app.generate import sampling_arguments
 from dfm.app.logging import configure_logging
+from dfm.app.profiling import profiler, write_profile
 from dfm.app.services.checkpoints import load_for_inference
 from dfm.app.services.generation import (
     GenerationTimings,
@@ -147,12 +149,13 @@ def bench_generate(
     model: torch.nn.Module,
     codecs: tuple[LatentCodec, TextEncoder],
     caches: Sequence[StepCacheConfig] = (),
+    profile: Path | None = None,
 ) -> list[dict[str, Any]]:
     """The figures of a dense run, then of each cache setting against it (see the module docstring).
 
     A two-step run comes first, untimed but reported as ``warmup_s`` (compilation, kernel autotuning, the
     allocator's first growth, loading the VAE), so the dense run does not pay for what the cached ones then get
-    for free.
+    for free. With ``profile``, a two-step dense run is profiled last, so the timings stay clean.
     """
     t0 = time.perf_counter()
     _run(attrs.evolve(request, steps=2), cfg, model, codecs, None)
@@ -166,6 +169,10 @@ def bench_generate(
         rows.append(
             {"setting": setting, **figures, "speedup": speedup, **_drift(latents, frames, ref_latents, ref_frames)}
         )
+    if profile is not None:
+        with profiler() as prof:
+            _run(attrs.evolve(request, steps=2), cfg, model, codecs, None)
+        write_profile(prof, profile)
     return rows
 
 
@@ -199,6 +206,7 @@ def main_generate(argv: Sequence[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--vae-tiling", action="store_true")
     parser.add_argument("--cache", action="append", default=[], metavar="METHOD:THRESHOLD", help="repeatable")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR", help="also profile two dense steps")
     args = parse_args(parser, argv)
     configure_logging()  # stderr: stdout carries only the JSON lines
     try:
@@ -250,6 +258,6 @@ def main_generate(argv: Sequence[str]) -> int:
             "load_s": load_s,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         }
-        for row in bench_generate(request, cfg, model, codecs, caches):
+        for row in bench_generate(request, cfg, model, codecs, caches, args.profile):
             print(json.dumps({**common, **row}), flush=True)
     return 0

@@ -64,9 +64,11 @@ def test_each_prompt_equals_it_sampled_alone_and_reuse_is_logged(
         assert rows == 24 and reused >= 2 * e["calls_reused"]  # [cond; uncond] rows
 
 
-def test_bench_generate_prints_speed_and_drift_per_setting(run_dir: Path) -> None:
-    """``python -m dfm.app.bench generate --cache ...`` (the GPU measurement's one command) on the tiny run."""
+def test_bench_generate_prints_speed_and_drift_per_setting(run_dir: Path, tmp_path: Path) -> None:
+    """``python -m dfm.app.bench generate --cache ... --profile DIR`` (the GPU measurement's one command) on the
+    tiny run."""
     argv = ["--checkpoint", str(run_dir), "--steps", "6", "--cache", "first_block:0", "--cache", "first_block:0.05"]
+    argv += ["--profile", str(tmp_path / "prof")]
     result = subprocess.run(
         [sys.executable, "-m", "dfm.app.bench", "generate", *argv],
         cwd=ROOT,
@@ -84,3 +86,5 @@ def test_bench_generate_prints_speed_and_drift_per_setting(run_dir: Path) -> Non
     assert cached["speedup"] > 0 and 0 < cached["latents_rel_l2"] < 0.05
     for row in (dense, zero, cached):
         assert row["denoise_s"] > 0 and row["s_per_step"] > 0 and row["model_tflops"] >= 0
+    assert "aten::" in (tmp_path / "prof" / "top_ops_rank0.txt").read_text()
+    assert (tmp_path / "prof" / "trace_rank0.json").stat().st_size > 0

@@ -95,9 +95,35 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     Returns:
         The rotated tensor, shape and dtype of ``x``.
     """
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    dtype = torch.promote_types(x.dtype, cos.dtype)
     c, s = cos[..., 0::2], sin[..., 1::2]
+    pairs = x.to(dtype).unflatten(-1, (-1, 2))
+    if eager_fusable(x) and _complex_viewable(pairs):  # one complex product instead of six real kernels and a stack
+        rotated = torch.view_as_complex(pairs) * torch.complex(c.to(dtype), s.to(dtype))
+        return torch.view_as_real(rotated).flatten(-2).type_as(x)
+    x1, x2 = pairs.unbind(-1)
     return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
+
+
+def _complex_viewable(pairs: Tensor) -> bool:
+    """Whether ``pairs`` ``[..., n, 2]`` (float32/64) can be viewed as ``n`` complex numbers in place."""
+    strides = pairs.stride()
+    return (
+        pairs.dtype in (torch.float32, torch.float64)
+        and strides[-1] == 1
+        and pairs.storage_offset() % 2 == 0
+        and all(st % 2 == 0 for st in strides[:-1])
+    )
+
+
+def eager_fusable(x: Tensor) -> bool:
+    """Whether the eager fused forms of this module's element-wise steps apply to ``x``: a plain tensor (not a
+    DTensor or another subclass) outside ``torch.compile``, which fuses the plain formulas into one kernel itself.
+
+    The fused forms compute the same function with fewer passes over memory (an eager forward of WAN at 32,760
+    tokens spends ~0.2 s a step in element-wise kernels); they differ from the plain ones by float rounding only.
+    """
+    return type(x) is Tensor and not torch.compiler.is_compiling()
 
 
 # Timestep features -----------------------------------------------------------------------------
@@ -148,6 +174,32 @@ class FP32LayerNorm(nn.LayerNorm):
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN modulation ``x * (1 + scale) + shift`` (Peebles & Xie, "DiT", 2023)."""
     return x * (1 + scale) + shift
+
+
+def norm_modulate(norm: nn.LayerNorm, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """``modulate(norm(x), shift, scale)`` computed in float32, returned in ``x.dtype``.
+
+    ``shift``/``scale`` are ``[B, 1, h]`` (or per token ``[B, L, h]``). A modulation the whole batch shares
+    (``[1, 1, h]``: one timestep, as in sampling) of a norm without affine of its own becomes that norm's affine:
+    one layer-norm kernel instead of a norm, a multiply and an add.
+    """
+    shared = shift.shape[:-1] == scale.shape[:-1] == (1, 1)
+    if shared and norm.weight is None and norm.bias is None and eager_fusable(x):
+        h = x.shape[-1]
+        weight, bias = (1 + scale).reshape(h).float(), shift.reshape(h).float()
+        return F.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps).to(x.dtype)
+    return modulate(norm(x.float()), shift, scale).type_as(x)
+
+
+def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    """The gated residual ``x + y * gate`` (adaLN-Zero) computed in float32, returned in ``x.dtype``.
+
+    Without autograd (sampling) one ``addcmul`` kernel reads ``x`` and ``y`` in their own dtype and writes the
+    result in ``x.dtype``, instead of casts, a multiply and an add through float32 temporaries.
+    """
+    if not torch.is_grad_enabled() and eager_fusable(x):
+        return torch.addcmul(x, y, gate, out=torch.empty_like(x))
+    return (x.float() + y.float() * gate).type_as(x)
 
 
 # Patchify --------------------------------------------------------------------------------------

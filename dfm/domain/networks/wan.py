@@ -27,7 +27,8 @@ from dfm.domain.networks.layers import (
     PatchEmbed3d,
     check_packed_inputs,
     draw_init,
-    modulate,
+    gated_residual,
+    norm_modulate,
     packed_positions,
     per_token,
     run_packed,
@@ -166,11 +167,10 @@ class WanBlock(nn.Module):
             mods = tuple(per_token(m[:, 0], packed) for m in mods)
         shift, scale, gate, c_shift, c_scale, c_gate = mods
         segments = None if packed is None else packed.segments
-        y = self.attn1(modulate(self.norm1(x.float()), shift, scale).type_as(x), rope=rope, segments=segments)
-        x = (x.float() + y * gate).type_as(x)
-        x = x + self.attn2(self.norm2(x.float()).type_as(x), context, mask=mask, image=image)
-        y = self.ffn(modulate(self.norm3(x.float()), c_shift, c_scale).type_as(x))
-        return (x.float() + y.float() * c_gate).type_as(x)
+        y = self.attn1(norm_modulate(self.norm1, x, shift, scale), rope=rope, segments=segments)
+        x = gated_residual(x, y, gate)
+        x = x + self.attn2(self.norm2(x), context, mask=mask, image=image)
+        return gated_residual(x, self.ffn(norm_modulate(self.norm3, x, c_shift, c_scale)), c_gate)
 
 
 class WanTransformer(nn.Module):
@@ -346,8 +346,7 @@ class WanTransformer(nn.Module):
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         if packed is not None:
             shift, scale = per_token(shift[:, 0], packed), per_token(scale[:, 0], packed)
-        tokens = modulate(self.norm_out(tokens.float()), shift, scale).type_as(tokens)
-        return self.proj_out(tokens)
+        return self.proj_out(norm_modulate(self.norm_out, tokens, shift, scale))
 
     def unpatchify(self, patches: Tensor, grid: tuple[int, int, int]) -> Tensor:
         """Fold :meth:`project`'s ``[B, L, pt * ph * pw * C]`` (all ``L`` tokens) into ``[B, C, F, H, W]``."""

@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfm.domain.networks.attention import AttentionKernel, segment_attention
-from dfm.domain.networks.layers import FP32LayerNorm, RMSNorm, TwoLayerMLP, apply_rope, timestep_features
+from dfm.domain.networks.layers import (
+    FP32LayerNorm,
+    RMSNorm,
+    TwoLayerMLP,
+    apply_rope,
+    timestep_features,
+)
 
 Rope = tuple[Tensor, Tensor]
 
@@ -109,8 +115,31 @@ class FeedForward(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: Tensor) -> Tensor:
-        """Apply the FFN to ``x`` ``[..., dim]``."""
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate=self.approximate))
+        """Apply the FFN to ``x`` ``[..., dim]``.
+
+        Sampling on CUDA runs ``gelu_tanh(x W1^T + b1)`` as one GEMM with the bias and GELU in its epilogue
+        (cuBLASLt's GELU is the tanh form), sparing a pass over the ``ffn_dim``-wide hidden activations.
+        """
+        proj = self.net[0].proj
+        if self._gelu_epilogue(x, proj):
+            hidden = torch._addmm_activation(proj.bias, x.flatten(0, -2), proj.weight.t(), use_gelu=True)
+            return self.net[2](hidden.unflatten(0, x.shape[:-1]))
+        return self.net[2](F.gelu(proj(x), approximate=self.approximate))
+
+    def _gelu_epilogue(self, x: Tensor, proj: nn.Module) -> bool:
+        """Whether the fused GEMM + GELU applies: a plain ``nn.Linear`` (not LoRA, FP8 or sharded) with a bias, tanh
+        GELU, CUDA (torch's CPU kernel of the fused op computes the exact GELU instead), no autograd. Compiled
+        blocks use it too: inductor calls the op itself, and cannot fuse a GELU into cuBLAS's GEMM on its own."""
+        return (
+            self.approximate == "tanh"
+            and type(proj) is nn.Linear
+            and proj.bias is not None
+            and type(proj.weight.data) is Tensor
+            and x.is_cuda
+            and x.dtype == proj.weight.dtype
+            and not torch.is_grad_enabled()
+            and type(x) is Tensor
+        )
 
 
 class WanImageEmbedder(nn.Module):
