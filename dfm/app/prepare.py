@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from dfm.app.cli import UserError, run_main
-from dfm.ports.codecs import LatentCodec, TextEncoder
+from dfm.ports.codecs import ImageEncoder, LatentCodec, TextEncoder
 
 EXAMPLES = """\
   python -m dfm.app.prepare --input videos/ --out data/train --vae models/Wan2.1-T2V-1.3B-Diffusers \\
@@ -22,10 +22,14 @@ EXAMPLES = """\
   python -m dfm.app.prepare --input clips.txt --captions jsonl --captions-file captions.jsonl --out data/train \\
       --vae models/wan/vae --text-encoder models/wan/text_encoder --height 256 --width 256 --resize pad
   torchrun --nproc-per-node 8 -m dfm.app.prepare --input videos/ --out data/train --vae W --text-encoder W
+  python -m dfm.app.prepare --input videos/ --out data/i2v --vae models/Wan2.1-I2V-14B-480P-Diffusers \\
+      --text-encoder models/Wan2.1-I2V-14B-480P-Diffusers --bucket-preset 480p --frames 81 \\
+      --image-condition first --image-encoder models/Wan2.1-I2V-14B-480P-Diffusers
   python -m dfm.app.prepare --synthetic 8 --out data/try --vae toy --text-encoder toy --height 64 --width 64"""
 
 TOY = "toy"
-"""``--vae``/``--text-encoder`` value selecting the embedded toy codecs (pixels as latents, hashed words)."""
+"""``--vae``/``--text-encoder``/``--image-encoder`` value selecting the embedded toy codecs (pixels as latents,
+hashed words, 4 x 4 pixel blocks)."""
 SYNTHETIC_DIR = "synthetic_videos"
 """Subdirectory of ``--out`` that ``--synthetic N`` writes its mp4 files and captions into."""
 _DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32"}
@@ -44,6 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", required=True, help=f"WAN VAE directory or model root; '{TOY}': pixels as latents")
     p.add_argument("--text-encoder", required=True, help=f"UMT5 directory or model root; '{TOY}': hashed words")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: found beside the encoder)")
+    i2v = p.add_argument_group("image-to-video (default: text-to-video samples)")
+    i2v.add_argument(
+        "--image-condition",
+        choices=("first", "first_last"),
+        default=None,
+        help="also store the VAE latents and image features of each clip's first (and last) frame",
+    )
+    i2v.add_argument(
+        "--image-encoder",
+        default=None,
+        metavar="DIR",
+        help=f"CLIP vision model directory or model root (with image_encoder/); '{TOY}': 4x4 pixel blocks",
+    )
     size = p.add_argument_group("size (default: --bucket-preset 480p)")
     size.add_argument("--bucket-preset", choices=("480p", "720p"), default=None, help="aspect-ratio buckets")
     size.add_argument("--height", type=int, default=None, help="one bucket: height (with --width)")
@@ -91,6 +108,15 @@ def check_options(args: argparse.Namespace) -> None:
             raise UserError(f"{option} must be at least 1, got {count}")
     if args.captions_file is not None and args.captions == "sidecar":
         raise UserError("--captions-file goes with --captions jsonl or csv (sidecar captions are NAME.txt files)")
+    if args.image_encoder is not None and args.image_condition is None:
+        raise UserError("--image-encoder goes with --image-condition first or first_last (image-to-video samples)")
+    if args.image_condition is not None and args.image_encoder is None:
+        raise UserError(
+            f"--image-condition {args.image_condition} needs --image-encoder DIR (the CLIP vision model, e.g. the "
+            f"image_encoder/ of Wan2.1-I2V-14B-480P-Diffusers; '{TOY}' for the toy encoder)"
+        )
+    if args.image_condition == "first_last" and args.frames == 1:
+        raise UserError("--image-condition first_last needs clips of at least 2 frames; --frames is 1")
 
 
 def _buckets(args: argparse.Namespace) -> tuple[tuple[int, int], ...]:
@@ -128,6 +154,16 @@ def build_codecs(args: argparse.Namespace, device: str) -> tuple[LatentCodec, Te
         device=device,
         dtype=_DTYPE_NAMES[args.dtype],
     )
+
+
+def build_image_encoder(args: argparse.Namespace, device: str) -> ImageEncoder | None:
+    """The image encoder ``--image-encoder`` names (the toy one for ``toy``); ``None`` without ``--image-condition``."""
+    from dfm.app import bootstrap
+
+    if args.image_condition is None:
+        return None
+    path = None if args.image_encoder == TOY else args.image_encoder
+    return bootstrap.prepare_image_encoder(path, device=device, dtype=_DTYPE_NAMES[args.dtype])
 
 
 def write_synthetic_videos(directory: Path, count: int, *, frames: int, height: int, width: int, fps: float) -> Path:
@@ -188,10 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             text_max_length=args.text_max_length,
             strict=args.strict,
             progress=not args.no_progress,
+            image_condition=args.image_condition,
         )
         check_output_dir(request.out, option="--out")
         vae, text = build_codecs(args, device)
-        check_request(request, vae)
+        image_encoder = build_image_encoder(args, device)
+        check_request(request, vae, image_encoder)
         if args.synthetic is not None:
             if env.rank == 0:
                 height, width = buckets[0]
@@ -199,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     source, args.synthetic, frames=args.frames or 33, height=height, width=width, fps=args.fps or 16.0
                 )
             ranks.barrier()
-        report = prepare(request, vae=vae, text_encoder=text, ranks=ranks)
+        report = prepare(request, vae=vae, text_encoder=text, image_encoder=image_encoder, ranks=ranks)
     except ValueError as exc:  # bad options, inputs or (--strict) a bad file: the user's to fix
         raise UserError(str(exc)) from None
     if report is not None:

@@ -1,9 +1,10 @@
 """The whole training math as one pure function (DESIGN.md, "objective").
 
 Given a network callable, a batch and the step's per-sample random streams, :func:`training_loss`
-draws noise, ``sigma`` and the text-dropout decisions per sample (DESIGN.md rule 2), lets the
-diffusion process (flow matching or EDM) form the network's inputs, calls the network, lets the process
-form its prediction and target from the output, and returns the weighted MSE. Runtimes only decide where
+draws noise, ``sigma`` and the text-dropout decisions (image-to-video: also any image dropout) per
+sample (DESIGN.md rule 2), lets the diffusion process (flow matching or EDM) form the network's inputs,
+calls the network, lets the process form its prediction and target from the output, and returns the
+weighted MSE. Runtimes only decide where
 this runs and how gradients are reduced; :class:`Objective` is the same loss in two halves (before and
 after the network) for an engine whose network runs in pipeline stages.
 
@@ -21,7 +22,7 @@ import attrs
 import torch
 
 from dfm.domain.batch import Batch, PackedBatch
-from dfm.domain.diffusion.conditioning import DenoiserNetwork, NetworkInputs, TrainingTerms, drop_text
+from dfm.domain.diffusion.conditioning import DenoiserNetwork, NetworkInputs, TrainingTerms, drop_image, drop_text
 from dfm.domain.rng import SampleRNG, Stream
 
 __all__ = [
@@ -63,6 +64,11 @@ class DiffusionProcess(Protocol):
         """Probability of dropping a sample's text (classifier-free guidance)."""
         ...
 
+    @property
+    def image_dropout(self) -> float:
+        """Image-to-video: probability of dropping a sample's image (:func:`drop_image`; 0: never)."""
+        ...
+
     def draw_sigma(self, rng: SampleRNG, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Per-sample ``sigma`` ``[B]`` (float32, CPU) from each sample's ``SIGMA`` stream."""
         ...
@@ -88,7 +94,8 @@ class LossOutput:
         loss: Scalar float32: the mean over samples of :attr:`per_sample`.
         per_sample: ``[B]`` float32: ``weight(sigma_b) * mean((prediction_b - target_b)^2)``.
         metrics: Detached float32 scalars: ``mse`` (unweighted, mean over samples), ``sigma_mean``,
-            ``weight_mean`` and ``text_dropped`` (fraction of samples whose text was dropped).
+            ``weight_mean`` and ``text_dropped`` (fraction of samples whose text was dropped); with image dropout
+            (an image-to-video batch, ``image_dropout > 0``) also ``image_dropped``.
     """
 
     loss: torch.Tensor
@@ -122,6 +129,7 @@ class PreparedBatch:
         eps: Noise like ``x0``.
         sigma: Per-sample ``sigma`` ``[B]``.
         keep: ``[B]`` bool, ``True`` where the sample kept its text.
+        keep_image: ``[B]`` bool, ``True`` where the sample kept its image; ``None`` without image dropout.
     """
 
     call: tuple[Any, ...]
@@ -129,6 +137,7 @@ class PreparedBatch:
     eps: torch.Tensor | list[torch.Tensor]
     sigma: torch.Tensor
     keep: torch.Tensor
+    keep_image: torch.Tensor | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -154,7 +163,7 @@ class Objective:
         return self.loss(prepared, network(*prepared.call))
 
     def prepare(self, batch: Batch | PackedBatch) -> PreparedBatch:
-        """Draw the batch's noise, ``sigma`` and text dropout (DESIGN.md rule 2); form the network call."""
+        """Draw the batch's noise, ``sigma``, text (and image) dropout (DESIGN.md rule 2); form the network call."""
         if isinstance(batch, PackedBatch):
             return _prepare_packed(batch, self.process, self.rng)
         x0, indices, process = batch.latents.float(), batch.sample_index, self.process
@@ -163,10 +172,14 @@ class Objective:
         text, keep = drop_text(batch.text, process.text_dropout, self.rng, indices)
         inputs = process.network_inputs(x0, eps, sigma, batch.text_mask)
         call: tuple[Any, ...] = (inputs.x, inputs.timestep, text, inputs.text_mask)
-        if batch.condition is not None:  # image-to-video: the condition is input, never noised
-            x = torch.cat([inputs.x, batch.condition.to(inputs.x)], dim=1)
-            call = (x, inputs.timestep, text, inputs.text_mask, batch.image)
-        return PreparedBatch(call=call, x0=x0, eps=eps, sigma=sigma, keep=keep)
+        keep_image = None
+        if batch.condition is not None and batch.image is not None:  # image-to-video: input, never noised
+            condition, image, keep_image = drop_image(
+                batch.condition, batch.image, process.image_dropout, self.rng, indices, latent_channels=x0.shape[1]
+            )
+            x = torch.cat([inputs.x, condition.to(inputs.x)], dim=1)
+            call = (x, inputs.timestep, text, inputs.text_mask, image)
+        return PreparedBatch(call=call, x0=x0, eps=eps, sigma=sigma, keep=keep, keep_image=keep_image)
 
     def loss(self, prepared: PreparedBatch, output: Any) -> LossOutput:
         """The loss of the network's ``output`` on ``prepared.call`` (a list of per-sample outputs when packed)."""
@@ -179,7 +192,7 @@ class Objective:
         else:
             terms = process.training_terms(output, p.x0, p.eps, p.sigma)
             mse, weight = per_sample_mse(terms.prediction, terms.target), terms.weight.float()
-        return _loss_output(mse, weight, p.sigma, p.keep)
+        return _loss_output(mse, weight, p.sigma, p.keep, p.keep_image)
 
 
 def _prepare_packed(batch: PackedBatch, process: DiffusionProcess, rng: SampleRNG) -> PreparedBatch:
@@ -244,8 +257,15 @@ def packed_training_loss(
     return Objective(process=process, rng=rng)(network, batch)
 
 
-def _loss_output(mse: torch.Tensor, weight: torch.Tensor, sigma: torch.Tensor, keep: torch.Tensor) -> LossOutput:
-    """``per_sample = weight * mse``, their mean, and the detached metrics every objective reports."""
+def _loss_output(
+    mse: torch.Tensor,
+    weight: torch.Tensor,
+    sigma: torch.Tensor,
+    keep: torch.Tensor,
+    keep_image: torch.Tensor | None = None,
+) -> LossOutput:
+    """``per_sample = weight * mse``, their mean, and the detached metrics every objective reports (and
+    ``image_dropped`` where images were dropped out)."""
     per_sample = weight * mse
     metrics = {
         "mse": mse.detach().mean(),
@@ -253,6 +273,8 @@ def _loss_output(mse: torch.Tensor, weight: torch.Tensor, sigma: torch.Tensor, k
         "weight_mean": weight.detach().mean(),
         "text_dropped": (~keep).float().mean(),
     }
+    if keep_image is not None:
+        metrics["image_dropped"] = (~keep_image).float().mean()
     return LossOutput(loss=per_sample.mean(), per_sample=per_sample, metrics=metrics)
 
 

@@ -25,6 +25,7 @@ class Stream(IntEnum):
     NOISE = 2
     TEXT_DROPOUT = 3
     SAMPLER = 4
+    IMAGE_DROPOUT = 5
 
 
 def splitmix64(x: int) -> int:

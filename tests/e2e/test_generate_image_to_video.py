@@ -9,43 +9,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support.pretrained import TINY_CLIP_DIM, write_tiny_clip_image_encoder, write_tiny_wan_model_root
+from support.pretrained import export_tiny_wan_i2v, write_tiny_clip_image_encoder, write_tiny_wan_model_root
 
-from dfm.adapters.diffusers import WanVAECodec, save_wan_diffusers
+from dfm.adapters.diffusers import WanVAECodec
 from dfm.adapters.diffusers.clip_image import CLIPImageEncoder
 from dfm.adapters.memory import InMemoryVideoWriter
 from dfm.adapters.video.images import load_image
-from dfm.app.config import config_to_yaml, resolve_config
-from dfm.app.services.checkpoints import EXPORTED_CONFIG
 from dfm.app.services.generation import GenerateRequest, generate
 from dfm.domain.diffusion.image_condition import condition_channels, condition_pixels, frame_mask
 from dfm.domain.networks.wan import WanTransformer
 
 PROMPT = "a red car on a street"
-
-
-def _export(root: Path, out: Path, *extra: str) -> Path:
-    overrides = [
-        "model.in_channels=12",
-        "model.out_channels=4",
-        f"model.image_dim={TINY_CLIP_DIM}",
-        "model.added_kv_proj_dim=24",
-        f"codecs.vae={root}",
-        f"codecs.text_encoder={root}",
-        f"codecs.image_encoder={root}",
-        "sample.frames=9",
-        "sample.height=32",
-        "sample.width=48",
-        "data.text_len=16",
-        *extra,
-    ]
-    cfg = resolve_config("wan_tiny_t2v", None, overrides)
-    network = WanTransformer(cfg.model, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        network.proj_out.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
-    save_wan_diffusers(network.state_dict(), cfg.model, out)
-    (out / EXPORTED_CONFIG).write_text(config_to_yaml(cfg))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +34,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         Image.fromarray(pixels).save(images[name])
     return {
         "root": root,
-        "i2v": _export(root, tmp / "i2v"),
-        "flf": _export(root, tmp / "flf", "model.pos_embed_seq_len=514"),
+        "i2v": export_tiny_wan_i2v(root, tmp / "i2v"),
+        "flf": export_tiny_wan_i2v(root, tmp / "flf", "model.pos_embed_seq_len=514"),
         **images,
     }
 

@@ -1,5 +1,8 @@
 """``torchrun -m dfm.app.generate`` on 2 and 4 CPU ranks (gloo) makes the one-process videos; only rank 0 writes.
 
+Text-to-video on a tiny trained WAN, and image-to-video (``--image``) on a tiny random WAN I2V exported with its
+codecs (VAE, UMT5, CLIP), each in CFG 2, context 2 and CFG 2 x context 2.
+
 Every launch runs ``generate_rank.py``: the ``dfm.app.generate`` module as ``python -m`` runs it, with the
 sampled latents recorded and each rank's ``--out`` moved into its own ``rank<R>/`` directory.
 """
@@ -11,11 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from support.cli import ROOT
 from support.distributed import free_port, pose_as_rank
+from support.pretrained import export_tiny_wan_i2v, write_tiny_clip_image_encoder, write_tiny_wan_model_root
 
 from dfm.adapters.video import read_video
 from dfm.app import generate as generate_cli
@@ -44,9 +50,9 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _generate(run_dir: Path, where: Path, world: int, options: list[str]) -> subprocess.CompletedProcess[str]:
+def _generate(checkpoint: Path, where: Path, world: int, options: list[str]) -> subprocess.CompletedProcess[str]:
     """Launch ``world`` ranks (one process: no torchrun) generating the two prompts into ``where``."""
-    args = ["--checkpoint", str(run_dir), "--steps", "3", "--seed", "5", "--out", str(where / "v.mp4"), *options]
+    args = ["--checkpoint", str(checkpoint), "--steps", "3", "--seed", "5", "--out", str(where / "v.mp4"), *options]
     args += [arg for prompt in PROMPTS for arg in ("--prompt", prompt)]
     launcher = [sys.executable]
     if world > 1:
@@ -72,21 +78,63 @@ def test_parallel_generation_makes_the_one_process_videos(
 ) -> None:
     world, options = LAYOUTS[name]
     result = _generate(run_dir, tmp_path / "out", world, options)
+    _check_like_one_process(result, tmp_path / "out", one_process, world, name, (5, 16, 16, 3))
+
+
+@pytest.fixture(scope="module")
+def i2v(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random WAN image-to-video model (exported with its codecs) and a first frame."""
+    tmp = tmp_path_factory.mktemp("gen_parallel_i2v")
+    root = write_tiny_clip_image_encoder(write_tiny_wan_model_root(tmp / "models", seed=0), seed=3)
+    image = tmp / "first.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(image)
+    return export_tiny_wan_i2v(root, tmp / "i2v"), image
+
+
+@pytest.fixture(scope="module")
+def i2v_one_process(i2v: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    checkpoint, image = i2v
+    where = tmp_path_factory.mktemp("i2v_one_process")
+    result = _generate(checkpoint, where / "out", 1, ["--image", str(image)])
     assert result.returncode == 0, result.stderr[-4000:]
-    written = tmp_path / "out" / "rank0"
+    return where / "out"
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_parallel_image_to_video_makes_the_one_process_videos(
+    i2v: tuple[Path, Path], i2v_one_process: Path, tmp_path: Path, name: str
+) -> None:
+    """The condition channels join the noisy latents before the tokens are split (context parallel), the image
+    features travel with their samples (CFG parallel), every rank's cross-attention reads all image tokens."""
+    (checkpoint, image), (world, options) = i2v, LAYOUTS[name]  # 18 tokens (3 x 2 x 3) over 2 heads
+    result = _generate(checkpoint, tmp_path / "out", world, [*options, "--image", str(image)])
+    _check_like_one_process(result, tmp_path / "out", i2v_one_process, world, name, (9, 32, 48, 3))
+
+
+def _check_like_one_process(
+    result: subprocess.CompletedProcess[str],
+    out: Path,
+    one_process: Path,
+    world: int,
+    name: str,
+    shape: tuple[int, ...],
+) -> None:
+    """Rank 0 alone wrote the videos and the sheet; every rank sampled the one-process latents (<= 1e-5)."""
+    assert result.returncode == 0, result.stderr[-4000:]
+    written = out / "rank0"
     assert result.stdout.split() == [str(written / n) for n in NAMES]  # rank 0 names its files; the others nothing
     assert sorted(p.name for p in written.iterdir()) == sorted(NAMES)
-    assert not [r for r in range(1, world) if (tmp_path / "out" / f"rank{r}").exists()], "a rank > 0 wrote files"
+    assert not [r for r in range(1, world) if (out / f"rank{r}").exists()], "a rank > 0 wrote files"
     want = load_file(one_process / "rank0.safetensors")
     for rank in range(world):
-        got = load_file(tmp_path / "out" / f"rank{rank}.safetensors")
+        got = load_file(out / f"rank{rank}.safetensors")
         assert sorted(got) == sorted(want) == ["video0", "video1"]
         for key in want:
             rel = float((got[key] - want[key]).norm() / want[key].norm())
             assert rel <= 1e-5, (name, rank, key, rel)
     for video in NAMES[:2]:
         (frames, fps), (reference, _) = read_video(written / video), read_video(one_process / "rank0" / video)
-        assert frames.shape == reference.shape == (5, 16, 16, 3) and fps == pytest.approx(16.0)
+        assert frames.shape == reference.shape == shape and fps == pytest.approx(16.0)
         assert (frames.int() - reference.int()).abs().max() <= 2, (name, video)  # h264 of near-equal frames
 
 

@@ -49,16 +49,24 @@ def test_synthetic_batches_carry_the_first_frame_condition() -> None:
     assert torch.equal(batch.image, PatchImageEncoder().encode(first)) and batch.image.shape == (2, 16, 48)
 
 
-def test_fsdp2_trains_image_to_video_as_local_does(tmp_path: Path) -> None:
-    losses = {}
+@pytest.mark.parametrize("image_dropout", [0.0, 0.5])
+def test_fsdp2_trains_image_to_video_as_local_does(tmp_path: Path, image_dropout: float) -> None:
+    """With image dropout too (drawn per sample, so every runtime drops the same samples; logged as image_dropped)."""
+    losses, dropped = {}, {}
     for runtime in ("local", "fsdp2"):
         run = tmp_path / runtime
-        train(
-            resolve_config("wan_tiny_i2v", None, [f"run.dir={run}", f"runtime={runtime}", "train.max_steps=3", *QUIET])
-        )
-        losses[runtime] = [row["loss"] for row in read_metrics(run / "metrics.jsonl")]
+        overrides = [f"run.dir={run}", f"runtime={runtime}", "train.max_steps=3", *QUIET]
+        train(resolve_config("wan_tiny_i2v", None, [*overrides, f"diffusion.image_dropout={image_dropout}"]))
+        rows = read_metrics(run / "metrics.jsonl")
+        losses[runtime] = [row["loss"] for row in rows]
+        dropped[runtime] = [row.get("image_dropped") for row in rows]
     assert len(losses["local"]) == 3
     assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(losses["local"], losses["fsdp2"], strict=True)), losses
+    assert dropped["local"] == dropped["fsdp2"]
+    if image_dropout:
+        assert all(d is not None for d in dropped["local"]) and 0 < sum(dropped["local"]) < 3, dropped
+    else:
+        assert dropped["local"] == [None] * 3
 
 
 @pytest.mark.slow

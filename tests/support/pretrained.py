@@ -2,7 +2,9 @@
 
 Tests use these as stand-ins for the real WAN 2.1 VAE and UMT5 text encoder: each builder writes a
 directory that ``from_pretrained`` loads without network access. The names are stable API for other
-tests: :func:`write_tiny_wan_vae`, :func:`write_tiny_umt5`, :func:`write_tiny_wan_model_root`.
+tests: :func:`write_tiny_wan_vae`, :func:`write_tiny_umt5`, :func:`write_tiny_wan_model_root`,
+:func:`write_tiny_clip_image_encoder`, and :func:`export_tiny_wan_i2v` (a random image-to-video network exported
+with a config naming such codecs).
 """
 
 from __future__ import annotations
@@ -182,3 +184,41 @@ def write_tiny_clip_image_encoder(directory: str | Path, *, seed: int = 0) -> Pa
     model.save_pretrained(root / "image_encoder", safe_serialization=True)
     CLIPImageProcessor().save_pretrained(root / "image_processor")
     return root
+
+
+def export_tiny_wan_i2v(root: str | Path, out: str | Path, *overrides: str) -> Path:
+    """Export a tiny random WAN image-to-video network to ``out`` (diffusers layout + the exported config).
+
+    Its config (recipe ``wan_tiny_t2v`` made image-to-video: 4 noisy + 4 mask + 4 condition channels, image
+    features of :data:`TINY_CLIP_DIM`) names ``root``'s codecs: a model root holding a tiny VAE and UMT5
+    (:func:`write_tiny_wan_model_root`) and CLIP (:func:`write_tiny_clip_image_encoder`). It samples 9 x 32 x 48
+    videos (latent 3 x 4 x 6: 18 tokens). ``overrides``: more ``key=value`` settings (e.g.
+    ``model.pos_embed_seq_len=514`` for first-last-frame).
+    """
+    from dfm.adapters.diffusers import save_wan_diffusers
+    from dfm.app.config import config_to_yaml, resolve_config
+    from dfm.app.services.checkpoints import EXPORTED_CONFIG
+    from dfm.domain.networks.wan import WanTransformer
+
+    out = Path(out)
+    settings = [
+        "model.in_channels=12",
+        "model.out_channels=4",
+        f"model.image_dim={TINY_CLIP_DIM}",
+        "model.added_kv_proj_dim=24",
+        f"codecs.vae={root}",
+        f"codecs.text_encoder={root}",
+        f"codecs.image_encoder={root}",
+        "sample.frames=9",
+        "sample.height=32",
+        "sample.width=48",
+        "data.text_len=16",
+        *overrides,
+    ]
+    cfg = resolve_config("wan_tiny_t2v", None, settings)
+    network = WanTransformer(cfg.model, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        network.proj_out.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    save_wan_diffusers(network.state_dict(), cfg.model, out)
+    (out / EXPORTED_CONFIG).write_text(config_to_yaml(cfg))
+    return out

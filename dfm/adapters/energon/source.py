@@ -45,8 +45,9 @@ from dfm.adapters.energon.task_encoder import (
     RawBatch,
     worker_config,
 )
+from dfm.adapters.formats.samples import check_first_sample, header_shapes
 from dfm.domain.batch import Batch, BatchLayout, PackedBatch
-from dfm.ports.samples import FORMAT_VERSION, TENSORS, TEXT, BadSampleError
+from dfm.ports.samples import FORMAT_VERSION, TENSORS, TEXT, BadSampleError, ImageCondition
 
 SOURCE = "energon"
 PACK_BUFFER = 8
@@ -76,9 +77,13 @@ class EnergonSource:
             samples of any latent shapes, run as one token sequence in which attention never crosses samples.
             Energon hands buffers of :data:`PACK_BUFFER` packs' worth of samples to
             :func:`~dfm.domain.packing.balanced_packs`, which balances the token counts of the packs.
+        image_condition: An image-to-video model's condition: batches carry each sample's condition channels
+            (its stored condition latents after the rebuilt frame mask) and image features; a sample without
+            a fitting condition is a bad sample. ``None``: text-to-video (stored conditions are left aside).
 
     Raises:
-        ValueError: ``path`` is not a prepared dfm data set, its text width is not ``text_dim``, or the
+        ValueError: ``path`` is not a prepared dfm data set, its text width is not ``text_dim``, its samples
+            hold no image condition that fits ``image_condition``, ``image_condition`` with ``packing``, or the
             layout is invalid (``G`` not a multiple of ``m * W``...).
     """
 
@@ -98,8 +103,14 @@ class EnergonSource:
         max_samples_per_sequence: int = 100,
         strict: bool = False,
         packing: bool = False,
+        image_condition: ImageCondition | None = None,
     ) -> None:
-        self.packing = packing
+        if packing and image_condition is not None:
+            raise ValueError(
+                "energon data source: packed batches carry no image-to-video condition; read image-to-video "
+                "data without packing"
+            )
+        self.packing, self.image_condition = packing, image_condition
         self.layout = BatchLayout(global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, world=world)
         self.layout.check_rank(rank)
         self.micro_batches_per_step = self.layout.micro_batches
@@ -118,7 +129,7 @@ class EnergonSource:
         self.text_len, self.text_dim, self.strict = text_len, text_dim, strict
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.max_samples_per_sequence = max_samples_per_sequence
-        check_prepared(self.path, text_dim=text_dim)
+        check_prepared(self.path, text_dim=text_dim, image_condition=image_condition)
         self.bad_samples: set[str] = set()
         """The bad samples this rank has skipped so far (``shard[index]``; over the run, carried by the state)."""
         self._next_step, self._next_micro = 0, 0
@@ -160,6 +171,8 @@ class EnergonSource:
             text_mask=raw.text_mask,
             sample_index=index,
             captions=tuple(raw.captions),
+            condition=raw.condition,
+            image=raw.image,
         )
 
     @property
@@ -177,7 +190,11 @@ class EnergonSource:
     def _build_loader(self) -> SavableDataLoader:
         m = self.micro_batch_size
         encoder = DfmTaskEncoder(
-            text_len=self.text_len, text_dim=self.text_dim, strict=self.strict, pack_size=m if self.packing else None
+            text_len=self.text_len,
+            text_dim=self.text_dim,
+            strict=self.strict,
+            pack_size=m if self.packing else None,
+            image_condition=self.image_condition,
         )
         dataset = get_train_dataset(
             self.path,
@@ -294,8 +311,9 @@ def worker_message(text: str, kind: type[Exception]) -> str:
     return message.strip() if found else text
 
 
-def check_prepared(path: Path, *, text_dim: int | None = None) -> None:
-    """Check that ``path`` is a prepared dfm data set (and, given ``text_dim``, that its text width matches).
+def check_prepared(path: Path, *, text_dim: int | None = None, image_condition: ImageCondition | None = None) -> None:
+    """Check that ``path`` is a prepared dfm data set (and, given ``text_dim``, that its text width matches; given
+    ``image_condition``, that its samples hold an image condition that fits it).
 
     Raises:
         ValueError: What is missing or different, and how to fix it.
@@ -313,17 +331,13 @@ def check_prepared(path: Path, *, text_dim: int | None = None) -> None:
             f"{meta / 'dataset.yaml'} must declare a CrudeWebdataset with subflavors {{{SUBFLAVOR}: {FORMAT_VERSION}}} "
             f"(dfm sample format {FORMAT_VERSION}); found {declared!r}. Prepare the data with this dfm."
         )
-    if text_dim is not None:
-        found = _first_text_dim(path, json.loads((meta / ".info.json").read_text()).get("shard_counts", {}))
-        if found is not None and found != text_dim:
-            raise ValueError(
-                f"{path}: the text embeddings are {found} wide but the model expects text_dim={text_dim}; "
-                "prepare the data with the model's text encoder or set model.text_dim to match"
-            )
+    if text_dim is not None or image_condition is not None:
+        first = _first_tensors(path, json.loads((meta / ".info.json").read_text()).get("shard_counts", {}))
+        check_first_sample(first, path, text_dim=text_dim, image_condition=image_condition)
 
 
-def _first_text_dim(path: Path, shard_counts: Mapping[str, int]) -> int | None:
-    """Width of the first sample's text embeddings, from its safetensors header (``None`` if unreadable)."""
+def _first_tensors(path: Path, shard_counts: Mapping[str, int]) -> bytes | None:
+    """The :data:`~dfm.ports.samples.TENSORS` bytes of the first sample (``None`` if unreadable)."""
     for shard, count in shard_counts.items():
         if count <= 0:
             continue
@@ -332,7 +346,7 @@ def _first_text_dim(path: Path, shard_counts: Mapping[str, int]) -> int | None:
                 for member in tar:
                     if member.isfile() and member.name.endswith("." + TENSORS):
                         data = tar.extractfile(member)
-                        return text_width(data.read() if data is not None else b"")
+                        return data.read() if data is not None else b""
         except (tarfile.TarError, OSError, EOFError):
             continue  # an unreadable shard is reported (or skipped) when its samples are read
     return None
@@ -343,12 +357,5 @@ def text_width(tensors: bytes) -> int | None:
 
     (A bad sample is skipped or raises when it is read; only a readable one can prove a mismatch.)
     """
-    if len(tensors) < 8:
-        return None
-    size = int.from_bytes(tensors[:8], "little")
-    try:
-        header = json.loads(tensors[8 : 8 + size])
-        shape = header[TEXT]["shape"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return int(shape[1]) if isinstance(shape, list) and len(shape) == 2 else None
+    shape = (header_shapes(tensors) or {}).get(TEXT)
+    return int(shape[1]) if shape is not None and len(shape) == 2 else None

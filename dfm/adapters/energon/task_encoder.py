@@ -4,7 +4,9 @@ Pipeline (energon runs it in each loader worker): a ``CrudeWebdataset`` sample (
 bytes) -> :meth:`DfmTaskEncoder.cook` decodes ``tensors.safetensors`` and ``meta.json`` and checks them
 -> shuffle buffer -> grouping by latent shape (:meth:`~DfmTaskEncoder.batch_group_criterion`, energon's
 ``GroupBatchDataset``: samples of different shapes never share a batch, nothing is padded but the text)
--> :meth:`DfmTaskEncoder.batch` stacks latents and pads text to ``text_len`` with a mask.
+-> :meth:`DfmTaskEncoder.batch` stacks latents and pads text to ``text_len`` with a mask. For an
+image-to-video model (``image_condition``) each sample's stored condition is checked and completed with its
+frame mask, and the batch stacks the condition channels and image features too.
 
 Bad samples (undecodable bytes, bad JSON, wrong shapes, and samples that cannot be read at all from a
 truncated or corrupt shard, see :mod:`dfm.adapters.energon.reading`) raise :class:`BadSampleError` when
@@ -26,9 +28,9 @@ from megatron.energon import Cooker, Sample, SkipSample, TaskEncoder, reraise_ex
 from megatron.energon.worker import WorkerConfig
 
 from dfm.adapters.energon.reading import guard_reads, sample_id
-from dfm.adapters.formats.samples import decode_sample, pad_text
+from dfm.adapters.formats.samples import decode_sample, pad_text, stack_condition
 from dfm.domain.packing import balanced_packs
-from dfm.ports.samples import FORMAT_VERSION, META, TENSORS, BadSampleError
+from dfm.ports.samples import FORMAT_VERSION, META, TENSORS, BadSampleError, ImageCondition
 
 SUBFLAVOR = "dfm_format"
 """Subflavor that ``dataset.yaml`` of a prepared dataset declares (value :data:`FORMAT_VERSION`)."""
@@ -38,11 +40,14 @@ MAX_CONSECUTIVE_BAD = 100
 
 @dataclasses.dataclass
 class DecodedSample(Sample):
-    """One checked sample: ``latents [C, F, H, W]`` and ``text [L, D]`` with ``L <= text_len``."""
+    """One checked sample: ``latents [C, F, H, W]`` and ``text [L, D]`` with ``L <= text_len``; image-to-video:
+    the condition channels ``[T + C, F, H, W]`` and image features ``[n, R, D']`` (else ``None``)."""
 
     latents: torch.Tensor
     text: torch.Tensor
     caption: str
+    condition: torch.Tensor | None
+    image: torch.Tensor | None
 
 
 @dataclasses.dataclass
@@ -62,6 +67,8 @@ class RawBatch(EnergonBatch):
         text: ``[B, S, D]`` zero-padded to ``S = text_len``.
         text_mask: ``[B, S]``, ``True`` on real tokens.
         captions: One caption per sample.
+        condition: Image-to-video: the condition channels ``[B, T + C, F, H, W]``; else ``None``.
+        image: Image-to-video: the image features ``[nB, R, D']``; else ``None``.
         bad: The bad samples the producing worker skipped since its previous batch: ``shard[index]`` ->
             what is wrong with it.
     """
@@ -70,20 +77,39 @@ class RawBatch(EnergonBatch):
     text: torch.Tensor
     text_mask: torch.Tensor
     captions: list[str]
+    condition: torch.Tensor | None
+    image: torch.Tensor | None
     bad: dict[str, str]
 
 
-def decode_members(tensors: Any, meta: Any, *, text_len: int, text_dim: int, where: str) -> dict[str, Any]:
-    """Decode and check the two members of one sample (:func:`dfm.ports.samples.decode_sample`).
+def decode_members(
+    tensors: Any,
+    meta: Any,
+    *,
+    text_len: int,
+    text_dim: int,
+    where: str,
+    image_condition: ImageCondition | None = None,
+) -> dict[str, Any]:
+    """Decode and check the two members of one sample (:func:`dfm.adapters.formats.samples.decode_sample`).
 
     Returns:
-        ``{"latents", "text", "caption"}`` (text cut to ``text_len`` tokens).
+        ``{"latents", "text", "caption", "condition", "image"}`` (text cut to ``text_len`` tokens; the last two
+        ``None`` without ``image_condition``).
 
     Raises:
         BadSampleError: Naming ``where``, for anything that does not match :mod:`dfm.ports.samples`.
     """
-    sample = decode_sample(tensors, meta, text_len=text_len, text_dim=text_dim, where=where)
-    return {"latents": sample.latents, "text": sample.text, "caption": sample.caption}
+    sample = decode_sample(
+        tensors, meta, text_len=text_len, text_dim=text_dim, where=where, image_condition=image_condition
+    )
+    return {
+        "latents": sample.latents,
+        "text": sample.text,
+        "caption": sample.caption,
+        "condition": sample.condition,
+        "image": sample.image,
+    }
 
 
 class DfmTaskEncoder(TaskEncoder[DecodedSample, DecodedSample, RawBatch, RawBatch]):
@@ -97,12 +123,25 @@ class DfmTaskEncoder(TaskEncoder[DecodedSample, DecodedSample, RawBatch, RawBatc
             :meth:`select_samples_to_pack`, which forms packs of ``pack_size`` samples of any latent shapes
             with balanced token counts (largest first into the lightest pack); one pack is one micro-batch. ``None``: no
             packing, batches grouped by latent shape.
+        image_condition: An image-to-video model's condition, which every sample must carry (a sample without one
+            is a bad sample); ``None``: text-to-video. Not with packing.
     """
 
     decoder = None  # members stay raw bytes: the cooker decodes them
 
-    def __init__(self, *, text_len: int, text_dim: int, strict: bool, pack_size: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        text_len: int,
+        text_dim: int,
+        strict: bool,
+        pack_size: int | None = None,
+        image_condition: ImageCondition | None = None,
+    ) -> None:
+        if pack_size is not None and image_condition is not None:
+            raise ValueError("packed batches carry no image-to-video condition: packing takes text-to-video models")
         self.text_len, self.text_dim, self.strict, self.pack_size = text_len, text_dim, strict, pack_size
+        self.image_condition = image_condition
         self.cookers = [Cooker(self.cook, has_subflavors={SUBFLAVOR: FORMAT_VERSION})]
         self._bad_since_batch: dict[str, str] = {}
         self._consecutive_bad = 0
@@ -126,7 +165,12 @@ class DfmTaskEncoder(TaskEncoder[DecodedSample, DecodedSample, RawBatch, RawBatc
         ident, where = _origin(raw)
         try:
             fields = decode_members(
-                raw.get(TENSORS), raw.get(META), text_len=self.text_len, text_dim=self.text_dim, where=where
+                raw.get(TENSORS),
+                raw.get(META),
+                text_len=self.text_len,
+                text_dim=self.text_dim,
+                where=where,
+                image_condition=self.image_condition,
             )
         except BadSampleError as exc:
             self._record(ident, exc)
@@ -177,6 +221,7 @@ class DfmTaskEncoder(TaskEncoder[DecodedSample, DecodedSample, RawBatch, RawBatc
             assert len(samples) == 1, "with packing a micro-batch is one pack"
             samples = samples[0].samples  # type: ignore[union-attr]
         text, mask = pad_text([s.text for s in samples], self.text_len)
+        condition, image = stack_condition([s.condition for s in samples], [s.image for s in samples])
         bad, self._bad_since_batch = self._bad_since_batch, {}
         return RawBatch.from_samples(
             samples,
@@ -184,6 +229,8 @@ class DfmTaskEncoder(TaskEncoder[DecodedSample, DecodedSample, RawBatch, RawBatc
             text=text,
             text_mask=mask,
             captions=[s.caption for s in samples],
+            condition=condition,
+            image=image,
             bad=bad,
         )
 

@@ -4,6 +4,22 @@
   sets, read by the energon and Hugging Face sources.
 """
 
-from dfm.adapters.formats.samples import DecodedSample, decode_sample, encode_sample, pad_text
+from dfm.adapters.formats.samples import (
+    DecodedSample,
+    check_first_sample,
+    decode_sample,
+    encode_sample,
+    header_shapes,
+    pad_text,
+    stack_condition,
+)
 
-__all__ = ["DecodedSample", "decode_sample", "encode_sample", "pad_text"]
+__all__ = [
+    "DecodedSample",
+    "check_first_sample",
+    "decode_sample",
+    "encode_sample",
+    "header_shapes",
+    "pad_text",
+    "stack_condition",
+]

@@ -34,11 +34,12 @@ from typing import Any
 import structlog
 import torch
 
-from dfm.adapters.hf_datasets.samples import BadSampleError, Decoded, decode_row, pad_text, text_width
+from dfm.adapters.formats.samples import check_first_sample
+from dfm.adapters.hf_datasets.samples import BadSampleError, Decoded, decode_row, pad_text, stack_condition
 from dfm.adapters.hf_datasets.table import read_table
 from dfm.domain.batch import Batch, BatchLayout
 from dfm.domain.rng import stream_seed
-from dfm.ports.samples import TENSORS
+from dfm.ports.samples import TENSORS, ImageCondition
 
 SOURCE = "hf_datasets"
 ORDER_STREAM = 0x5EED0D3E
@@ -63,10 +64,14 @@ class HFDatasetSource:
         text_dim: Width of the text embeddings; the data set's must match.
         strict: Raise :class:`~dfm.adapters.hf_datasets.samples.BadSampleError` on a bad row (or a file
             that cannot be read) instead of skipping and counting it.
+        image_condition: An image-to-video model's condition: batches carry each sample's condition channels
+            (its stored condition latents after the rebuilt frame mask) and image features; a row without a
+            fitting condition is a bad row. ``None``: text-to-video (stored conditions are left aside).
 
     Raises:
         ValueError: Unreadable data set (with ``strict``, any unreadable file: a ``BadSampleError``), text
-            width other than ``text_dim``, or an invalid layout.
+            width other than ``text_dim``, rows without an image condition that fits ``image_condition``, or an
+            invalid layout.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class HFDatasetSource:
         text_len: int,
         text_dim: int,
         strict: bool = False,
+        image_condition: ImageCondition | None = None,
     ) -> None:
         layout = BatchLayout(global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, world=world)
         layout.check_rank(rank)
@@ -94,12 +100,8 @@ class HFDatasetSource:
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.seed, self.rank, self.world = int(seed), rank, world
         self.text_len, self.text_dim, self.strict = text_len, text_dim, strict
-        found = text_width(self.table[0][TENSORS])
-        if found is not None and found != text_dim:
-            raise ValueError(
-                f"{self.path}: the text embeddings are {found} wide but the model expects text_dim={text_dim}; "
-                "prepare the data with the model's text encoder or set model.text_dim to match"
-            )
+        self.image_condition = image_condition
+        check_first_sample(self.table[0][TENSORS], self.path, text_dim=text_dim, image_condition=image_condition)
         self.bad_rows: set[int] = set()
         """The bad rows this rank has skipped so far (over the run, carried through the state)."""
         self._position = 0  # q: next position in this rank's stream
@@ -138,7 +140,13 @@ class HFDatasetSource:
     def _decode(self, row: int) -> Decoded | None:
         where = f"{self.path} row {row}"
         try:
-            sample = decode_row(self.table[row], text_len=self.text_len, text_dim=self.text_dim, where=where)
+            sample = decode_row(
+                self.table[row],
+                text_len=self.text_len,
+                text_dim=self.text_dim,
+                where=where,
+                image_condition=self.image_condition,
+            )
         except BadSampleError as exc:
             if self.strict:
                 raise
@@ -160,12 +168,15 @@ class HFDatasetSource:
         if self._next_micro == self.micro_batches_per_step:
             self._next_step, self._next_micro = self._next_step + 1, 0
         text, mask = pad_text([s.text for s in samples], self.text_len)
+        condition, image = stack_condition([s.condition for s in samples], [s.image for s in samples])
         return Batch(
             latents=torch.stack([s.latents for s in samples]),
             text=text,
             text_mask=mask,
             sample_index=torch.arange(first, first + m, dtype=torch.int64),
             captions=tuple(s.caption for s in samples),
+            condition=condition,
+            image=image,
         )
 
     def _first_index(self) -> int:

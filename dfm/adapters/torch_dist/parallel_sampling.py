@@ -12,6 +12,12 @@ batch ``[cond; uncond]`` (:func:`dfm.domain.samplers.guidance.guided`). A :class
   sequence through Ulysses all-to-all over heads (:class:`~dfm.adapters.torch_dist.UlyssesAttention`),
   and the projected tokens are gathered.
 
+An image-to-video network is called through
+:class:`~dfm.domain.diffusion.image_condition.ImageConditioned` around the parallel model: the condition
+channels join the full ``x`` before the CFG split, :class:`CfgParallel` hands each rank its samples' image
+features, and context parallelism shards the tokens after the patch embedding (which reads ``x`` and the
+condition channels together), every rank's cross-attention reading all the image tokens (as the text's).
+
 Every rank thus ends each forward with the same full prediction (the gathers hand every rank the same
 bytes), takes the same sampler step and finishes with the same latents, equal to one process's up to
 float rounding. Ranks are numbered CFG-major, ``rank = cfg_index * context + context_index``: a context
@@ -190,7 +196,8 @@ class CfgParallel(nn.Module):
     batch are split; others (a shared timestep, ``None``) are passed whole.
 
     Args:
-        network: ``network(x, timestep, text, text_mask) -> prediction`` (possibly context parallel itself).
+        network: ``network(x, timestep, text, text_mask) -> prediction`` (possibly context parallel itself;
+            with ``image=`` for an image-to-video network).
         group: The CFG process group.
     """
 
@@ -202,12 +209,21 @@ class CfgParallel(nn.Module):
         self.rank = dist.get_rank(group)
 
     def forward(
-        self, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The prediction for the whole batch ``x`` ``[B, ...]``, this rank having computed ``B / size`` of it.
 
+        ``image``: an image-to-video network's image features, ``k`` rows per sample (``[k B, R, d]``; first-last-
+        frame models: ``k = 2``), split with their samples and passed on as ``image=``.
+
         Raises:
-            ValueError: If the batch does not split evenly over the group.
+            ValueError: If the batch does not split evenly over the group, or ``image`` has no whole number of rows
+                per sample.
         """
         batch = x.shape[0]
         if batch % self.size:
@@ -221,7 +237,14 @@ class CfgParallel(nn.Module):
             fits = isinstance(t, torch.Tensor) and t.ndim > 0 and t.shape[0] == batch
             return t.narrow(0, self.rank * n, n) if fits else t
 
-        out = self.network(share(x), share(timestep), share(text), share(text_mask))
+        args = (share(x), share(timestep), share(text), share(text_mask))
+        if image is None:
+            out = self.network(*args)
+        else:
+            rows, rest = divmod(image.shape[0], batch)
+            if rest or not rows:
+                raise ValueError(f"image features of {image.shape[0]} rows do not divide among {batch} samples")
+            out = self.network(*args, image=image.narrow(0, self.rank * n * rows, n * rows))
         return gather_sequence(out.contiguous(), 0, self.group)
 
     def __repr__(self) -> str:

@@ -53,7 +53,14 @@ from dfm.adapters.tracking import (
 from dfm.adapters.video import Mp4Writer, contact_sheet, save_png, to_uint8_frames
 from dfm.adapters.video.clips import BUCKET_PRESETS, ClipError, ClipOptions, is_media_file, load_clip
 from dfm.adapters.video.images import load_image
-from dfm.app.bootstrap.codecs import build_codecs, build_image_encoder, latent_shape, latent_spec, prepare_codecs
+from dfm.app.bootstrap.codecs import (
+    build_codecs,
+    build_image_encoder,
+    latent_shape,
+    latent_spec,
+    prepare_codecs,
+    prepare_image_encoder,
+)
 from dfm.app.bootstrap.data import (
     _check_packing,
     batch_layout,
@@ -61,6 +68,7 @@ from dfm.app.bootstrap.data import (
     check_batch_layout,
     check_model_fits_data,
     energon_writer,
+    image_condition,
     open_prepared_source,
     webdataset_to_hf,
     write_fake_dataset,
@@ -96,6 +104,7 @@ __all__ = [
     "energon_writer",
     "export_wan_distributed",
     "from_adapter_key",
+    "image_condition",
     "init_process_group",
     "is_checkpoint_dir",
     "is_media_file",
@@ -107,6 +116,7 @@ __all__ = [
     "merge_adapters",
     "open_prepared_source",
     "prepare_codecs",
+    "prepare_image_encoder",
     "read_lora_file",
     "read_meta",
     "read_metrics",

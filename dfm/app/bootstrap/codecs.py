@@ -152,3 +152,16 @@ def prepare_codecs(
     if text_encoder is None:
         return codec, HashTextEncoder()
     return codec, UMT5TextEncoder(text_encoder, tokenizer=tokenizer, device=device, dtype=dtype)
+
+
+def prepare_image_encoder(path: str | None, *, device: str, dtype: str) -> ImageEncoder:
+    """The image encoder ``python -m dfm.app.prepare --image-condition`` embeds the conditioning frames with: the
+    CLIP vision model of a local directory, or the toy :class:`PatchImageEncoder` (4 x 4 pixel blocks, what
+    ``synthetic`` image-to-video data use) where ``path`` is ``None``.
+
+    Raises:
+        ValueError: For a directory that is not a CLIP vision model.
+    """
+    if path is None:
+        return PatchImageEncoder()
+    return CLIPImageEncoder(path, device=device, dtype=dtype)

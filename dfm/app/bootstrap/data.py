@@ -17,6 +17,7 @@ from dfm.domain.specs import IMAGE_TOKENS, ModelSpec
 from dfm.ports.codecs import LatentCodec, TextEncoder
 from dfm.ports.data import DataSource
 from dfm.ports.runtime import Topology
+from dfm.ports.samples import ImageCondition
 
 
 def batch_layout(cfg: TrainConfig, dp_size: int) -> BatchLayout:
@@ -107,6 +108,26 @@ def _check_packing(cfg: TrainConfig) -> None:
             "data.packing: packed sequences run on runtime local or fsdp2 without context parallelism "
             f"(runtime={cfg.runtime}, parallel.context={p.context}); set data.packing=false"
         )
+    if getattr(cfg.model, "image_to_video", False):
+        raise ConfigError(
+            "data.packing: packed batches carry no image-to-video condition (model.image_dim is set); "
+            "set data.packing=false"
+        )
+
+
+def image_condition(spec: ModelSpec) -> ImageCondition | None:
+    """What an image-to-video ``spec`` reads beside the latents, for the readers of prepared data (``None`` for a
+    text-to-video model): first frame, or first and last (``pos_embed_seq_len`` set, which also fixes the image
+    tokens to half of it); the frame mask's channels ``in_channels - 2 out_channels``; ``image_dim``."""
+    if not getattr(spec, "image_to_video", False):
+        return None
+    flf = getattr(spec, "pos_embed_seq_len", None)
+    return ImageCondition(
+        kind="first" if flf is None else "first_last",
+        temporal_stride=spec.in_channels - 2 * spec.out_channels,
+        image_dim=int(getattr(spec, "image_dim", 0)),
+        image_tokens=None if flf is None else flf // 2,
+    )
 
 
 def _prepared_source(cfg: TrainConfig, common: dict[str, Any]) -> DataSource:
@@ -123,6 +144,7 @@ def _prepared_source(cfg: TrainConfig, common: dict[str, Any]) -> DataSource:
             shuffle_buffer=d.shuffle_buffer,
             max_samples_per_sequence=d.max_samples_per_sequence,
             packing=d.packing,
+            image_condition=image_condition(cfg.model),
             **common,
         )
     except ValueError as exc:
@@ -141,7 +163,8 @@ def open_prepared_source(
 ) -> DataSource:
     """A prepared data set (``energon`` shards or an ``hf_datasets`` copy) as a data source; ``common`` holds the
     batch layout (``global_batch_size``, ``micro_batch_size``, ``seed``, ``rank``, ``world``), ``text_len``,
-    ``text_dim`` and ``strict``. The energon options are ignored for ``hf_datasets``.
+    ``text_dim``, ``strict`` and, for an image-to-video model, ``image_condition`` (:func:`image_condition`). The
+    energon options are ignored for ``hf_datasets``.
 
     Raises:
         ValueError: For a directory that is not such a data set, or a layout it cannot serve.

@@ -80,3 +80,10 @@ class TrainConfig:
                 f"{self.sample.sampler!r} does not sample diffusion.kind={kind!r} models; use one of "
                 + ", ".join(map(repr, allowed)),
             )
+        image_dropout = getattr(self.diffusion, "image_dropout", 0.0)
+        if image_dropout > 0 and not getattr(self.model, "image_to_video", False):
+            raise FieldError(
+                ("diffusion", "image_dropout"),
+                f"{image_dropout} drops the image of image-to-video samples, but this model is text-to-video "
+                "(model.image_dim is null); set diffusion.image_dropout=0, or train an image-to-video model",
+            )

@@ -216,22 +216,21 @@ def run_generation(
     check_cfg_mode(request, layout)
     request = attrs.evolve(request, cfg=cfg_mode(request, layout.cfg))
     check_image(request, cfg)
-    if request.image is not None and layout.world > 1:
-        raise ValueError("image-to-video generation runs in one process for now; launch it without torchrun")
     device = next(model.parameters()).device
     if request.compile:
         compile_blocks(model)
-    network = model  # what the step cache patches
-    if request.image is not None:  # the condition channels and image features, bound to the network
-        model = ImageConditioned(network, *image_conditioning(request, plan, cfg, codec, device))
+    # image-to-video: the condition channels and image features (every rank encodes the same images)
+    condition = None if request.image is None else image_conditioning(request, plan, cfg, codec, device)
     backend = request.attention or cfg.train.attention_backend
     with (
         _clear_oom(request, plan),
         sampling_ranks(model, layout, attention_backend=backend) as ranks,
-        step_caching(network, request.cache, reduce=ranks.context_sum) as cache,
+        step_caching(model, request.cache, reduce=ranks.context_sum) as cache,
     ):
+        # bound around the parallel model: CFG parallel splits the conditioned batch and its image features
+        sampled = ranks.model if condition is None else ImageConditioned(ranks.model, *condition)
         asked = request if ranks.is_main else attrs.evolve(request, progress=False)
-        latents = sample_prompts(asked, plan, cfg, ranks.model, codecs, device, timings)
+        latents = sample_prompts(asked, plan, cfg, sampled, codecs, device, timings)
     if not ranks.is_main:  # every rank holds the same latents: rank 0 decodes and writes
         return []
     _log_step_cache(cache)

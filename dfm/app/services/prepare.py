@@ -7,7 +7,10 @@ report = prepare(PrepareRequest(input=Path("videos"), out=Path("data"), clip=Cli
 ```
 
 Each input becomes one sample in the format of :mod:`dfm.ports.samples`. The codecs are injected
-(ports), so the service runs with the real WAN VAE / UMT5 as well as with the toy codecs. Under
+(ports), so the service runs with the real WAN VAE / UMT5 as well as with the toy codecs. With
+``image_condition`` (image-to-video data) a sample also holds the VAE latents of its condition video (the
+clip's first frame then zeros, and with ``first_last`` its last frame, as ``WanImageToVideoPipeline`` builds
+it) and the image encoder's features of those frames (CLIP ViT-H's penultimate hidden states). Under
 ``torchrun`` rank ``r`` takes inputs ``r, r + world, ...`` and writes its own shards; rank 0 then indexes
 every shard for Energon. A rerun skips the inputs of finished shards. A file that cannot be prepared is
 logged, counted and listed in ``prepare_report.json``; with ``strict`` it stops the run instead.
@@ -27,11 +30,20 @@ import torch
 from attrs import validators as v
 from tqdm import tqdm
 
-from dfm.app.bootstrap import ClipError, ClipOptions, encode_sample, energon_writer, is_media_file, load_clip
+from dfm.app.bootstrap import (
+    ClipError,
+    ClipOptions,
+    encode_sample,
+    energon_writer,
+    is_media_file,
+    load_clip,
+    to_uint8_frames,
+)
 from dfm.app.logging import get_logger
 from dfm.app.services.paths import check_output_dir
-from dfm.ports.codecs import LatentCodec, TextEncoder
-from dfm.ports.samples import FORMAT_VERSION, SampleMeta
+from dfm.domain.diffusion.image_condition import condition_pixels
+from dfm.ports.codecs import ImageEncoder, LatentCodec, TextEncoder
+from dfm.ports.samples import CONDITION_IMAGES, FORMAT_VERSION, ConditionKind, SampleMeta
 
 log = get_logger("dfm.prepare")
 
@@ -87,6 +99,11 @@ class PrepareRequest:
     """Stop at the first input that cannot be prepared instead of skipping it."""
     progress: bool = True
     """Show a tqdm bar (rank 0)."""
+    image_condition: ConditionKind | None = attrs.field(
+        default=None, validator=v.optional(v.in_(tuple(CONDITION_IMAGES)))
+    )
+    """Image-to-video data: ``first`` stores the condition latents and image features of each clip's first frame,
+    ``first_last`` of its first and last frames (first-last-frame models); ``None``: text-to-video samples."""
 
 
 @attrs.frozen(kw_only=True)
@@ -183,12 +200,18 @@ def _read_csv(path: Path) -> list[tuple[str, str]]:
         return [(row["file"], row["caption"] or "") for row in reader]
 
 
-def check_request(request: PrepareRequest, vae: LatentCodec) -> None:
-    """Refuse buckets and frame counts the VAE cannot encode, before any work.
+def check_request(request: PrepareRequest, vae: LatentCodec, image_encoder: ImageEncoder | None = None) -> None:
+    """Refuse buckets and frame counts the VAE cannot encode, and image conditioning without an image encoder,
+    before any work.
 
     Raises:
-        PrepareError: Naming the bucket or frame count and the VAE's strides.
+        PrepareError: Naming the bucket or frame count and the VAE's strides, or ``--image-encoder``.
     """
+    if request.image_condition is not None and image_encoder is None:
+        raise PrepareError(
+            f"--image-condition {request.image_condition} needs --image-encoder DIR (the CLIP vision model, e.g. the "
+            "image_encoder/ of Wan2.1-I2V-14B-480P-Diffusers)"
+        )
     spec = vae.latent_spec
     for height, width in request.clip.buckets:
         if height % spec.spatial_stride or width % spec.spatial_stride:
@@ -217,12 +240,19 @@ class SampleEncoder:
     """Turns one input file into the members of one sample (see :mod:`dfm.ports.samples`)."""
 
     def __init__(
-        self, request: PrepareRequest, vae: LatentCodec, text_encoder: TextEncoder, captions: Captions
+        self,
+        request: PrepareRequest,
+        vae: LatentCodec,
+        text_encoder: TextEncoder,
+        captions: Captions,
+        image_encoder: ImageEncoder | None = None,
     ) -> None:
         self.request, self.vae, self.text_encoder, self.captions = request, vae, text_encoder, captions
+        self.image_encoder = image_encoder
         self.dtype = _DTYPES[request.dtype]
         self.mean, self.std = _normalisation(vae)
         self.vae_id, self.text_id = _identity(vae), _identity(text_encoder)
+        self.image_id = _identity(image_encoder) if image_encoder is not None else None
 
     def __call__(self, path: Path) -> dict[str, bytes]:
         """The sample's members.
@@ -235,8 +265,14 @@ class SampleEncoder:
             clip = load_clip(path, self.request.clip)
         except ClipError as err:
             raise SkipInputError(err.kind, err.reason) from None
+        kind = self.request.image_condition
+        if kind == "first_last" and clip.frames < 2:
+            raise SkipInputError(
+                "too_short", "--image-condition first_last needs clips of at least 2 frames (an image is one)"
+            )
         try:
             latents, text = self._encode(clip.pixels, caption)
+            condition, image = self._condition(clip.pixels) if kind is not None else (None, None)
         except (RuntimeError, ValueError, TypeError) as err:
             raise SkipInputError("encode_failed", f"encoding failed: {type(err).__name__}: {err}") from None
         meta = SampleMeta(
@@ -252,8 +288,11 @@ class SampleEncoder:
             text_encoder=self.text_id,
             latents_mean=self.mean,
             latents_std=self.std,
+            condition=kind,
+            image_encoder=self.image_id if kind is not None else None,
+            image_shape=tuple(image.shape) if image is not None else None,
         )
-        return encode_sample(latents, text, meta)
+        return encode_sample(latents, text, meta, condition=condition, image=image)
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,6 +300,18 @@ class SampleEncoder:
         embeddings, mask = self.text_encoder.encode([caption], self.request.text_max_length)
         text = embeddings[0][mask[0].to(embeddings.device)]
         return _stored(latents, self.dtype), _stored(text, self.dtype)
+
+    @torch.no_grad()
+    def _condition(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The condition latents ``[C, F, H, W]`` (the VAE's encoding of ``[first, zeros..., (last)]``) and the image
+        features ``[n, R, D]`` of the conditioning frames, of a clip's pixels ``[3, T, H, W]`` in ``[-1, 1]``."""
+        assert self.image_encoder is not None
+        frames = pixels.shape[1]
+        given = [0, frames - 1] if self.request.image_condition == "first_last" else [0]
+        first, last = pixels[None, :, 0], (pixels[None, :, -1] if len(given) == 2 else None)
+        latents = self.vae.encode(condition_pixels(first, frames, last).to(self.request.device))[0]
+        features = self.image_encoder.encode(list(to_uint8_frames(pixels[:, given], layout="cthw")))
+        return _stored(latents, self.dtype), _stored(features, self.dtype)
 
 
 def _stored(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -345,7 +396,12 @@ def _write_json(path: Path, record: object) -> None:
 
 
 def prepare(
-    request: PrepareRequest, *, vae: LatentCodec, text_encoder: TextEncoder, ranks: Ranks | None = None
+    request: PrepareRequest,
+    *,
+    vae: LatentCodec,
+    text_encoder: TextEncoder,
+    image_encoder: ImageEncoder | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, object] | None:
     """Prepare every input of ``request`` (this rank's share), then (rank 0) index the shards for Energon.
 
@@ -353,25 +409,27 @@ def prepare(
         request: What to prepare.
         vae: Encodes ``[1, 3, T, H, W]`` pixels in ``[-1, 1]`` to normalised latents.
         text_encoder: Embeds captions.
+        image_encoder: Embeds the conditioning frames (``request.image_condition``; needed exactly then).
         ranks: This process among the preparing processes (default: a world of one).
 
     Returns:
         On rank 0 the report also written to ``out/prepare_report.json``; ``None`` on other ranks.
 
     Raises:
-        PrepareError: No inputs, a missing caption file, a bucket the VAE cannot encode, or (``strict``)
-            the first input that cannot be prepared.
+        PrepareError: No inputs, a missing caption file, a bucket the VAE cannot encode, image conditioning
+            without an image encoder, or (``strict``) the first input that cannot be prepared.
         ValueError: ``out`` is an existing file or cannot be written.
     """
     ranks = ranks or Ranks()
     check_output_dir(request.out, option="--out")
-    check_request(request, vae)
+    check_request(request, vae, image_encoder)
     files = list_inputs(request.input)
     if not files:
         raise PrepareError(f"no videos or images found in {request.input}")
     captions = Captions.load(request)
     request.out.mkdir(parents=True, exist_ok=True)
-    report = prepare_rank(request, SampleEncoder(request, vae, text_encoder, captions), files, ranks)
+    encoder = SampleEncoder(request, vae, text_encoder, captions, image_encoder)
+    report = prepare_rank(request, encoder, files, ranks)
     _write_json(request.out / REPORT_DIR / f"r{ranks.rank:03d}.json", attrs.asdict(report))
     ranks.barrier()
     summary = None

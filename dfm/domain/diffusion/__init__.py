@@ -1,8 +1,9 @@
-"""Diffusion processes: flow matching (SD3, WAN 2.1) and EDM (Karras et al., 2022), and CFG text dropout."""
+"""Diffusion processes: flow matching (SD3, WAN 2.1) and EDM (Karras et al., 2022), and CFG text (and image) dropout."""
 
 from dfm.domain.diffusion.conditioning import (
     DenoiserNetwork,
     TrainingTerms,
+    drop_image,
     drop_text,
     network_text_mask,
     per_sample_view,
@@ -26,6 +27,7 @@ __all__ = [
     "FlowMatching",
     "Preconditioning",
     "TrainingTerms",
+    "drop_image",
     "drop_text",
     "interpolate",
     "mode_transform",

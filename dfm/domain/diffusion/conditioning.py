@@ -5,7 +5,7 @@ text_mask) -> out``, per-sample broadcasting of ``sigma``, the network inputs a 
 training batch and the (prediction, target, weight) triple it forms from the network's output (a process
 never calls the network itself, so a packed or pipelined objective can call it as it needs), and the
 text dropout of classifier-free guidance (Ho & Salimans, "Classifier-Free Diffusion Guidance", 2022)
-drawn per sample (DESIGN.md rule 2).
+drawn per sample (DESIGN.md rule 2), and its optional counterpart for an image-to-video model's image.
 """
 
 from __future__ import annotations
@@ -125,3 +125,56 @@ def drop_text(
     r = rng.rand(indices, (), Stream.TEXT_DROPOUT).to(text.device)
     keep = r >= p
     return torch.where(per_sample_view(keep, text), text, torch.zeros_like(text)), keep
+
+
+def drop_image(
+    condition: torch.Tensor,
+    image: torch.Tensor,
+    p: float,
+    rng: SampleRNG,
+    indices: Sequence[int] | torch.Tensor,
+    *,
+    latent_channels: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Classifier-free-guidance dropout of an image-to-video sample's image, decided per sample (optional).
+
+    Sample ``b`` keeps its image when ``r_b >= p``, ``r_b ~ U[0, 1)`` drawn from the ``IMAGE_DROPOUT`` stream of
+    sample ``indices[b]``, independently of its text dropout (so a fraction ``p_text p_image`` of the samples
+    loses both). With ``p == 0`` nothing is drawn and the inputs are returned as they are: a run without image
+    dropout keeps its random streams and losses bit for bit.
+
+    A dropped sample has its image **features** (the CLIP tokens) and its **condition latents** (the VAE latents
+    of ``[first frame, zeros..., (last frame)]``) replaced by zeros; its **frame mask** is kept:
+
+    - both carry the picture: zeroing the features alone would leave the given frame (its VAE encoding) in the
+      condition latents, and the sample would not be image-unconditional;
+    - the mask says which frames are given (the task: the first frame, or the first and the last), not what they
+      show; as :func:`drop_text` keeps the text mask, the null condition is zeros in place of the content, always
+      the same input, which is what guidance contrasts with (zero latents are the mean of the normalised latent
+      space, not a black frame's encoding).
+
+    Wan 2.1's image-to-video training does not drop the image, and generation guides on the text alone (as
+    ``WanImageToVideoPipeline``): the option is for fine-tuning a model that also learns the image-free
+    prediction (for guidance on the image, or less reliance on it).
+
+    Args:
+        condition: The condition channels ``[B, M + C, F, h, w]``: the frame mask (``M`` channels) then the
+            condition latents (:func:`~dfm.domain.diffusion.image_condition.condition_channels`).
+        image: Image features ``[kB, R, D]`` (``k`` images per sample: 2 for first-last-frame models).
+        p: Probability of dropping a sample's image, in ``[0, 1]``.
+        rng: The step's per-sample random streams.
+        indices: Global sample indices ``[B]``.
+        latent_channels: ``C``, the condition latents' channels (the last ``C`` of ``condition``).
+
+    Returns:
+        ``(condition, image, keep)``: the new condition and features (same dtypes and devices) and ``keep`` ``[B]``
+        bool, ``True`` where the sample kept its image; ``keep`` is ``None`` when ``p == 0`` (nothing drawn).
+    """
+    if p == 0:
+        return condition, image, None
+    keep = rng.rand(indices, (), Stream.IMAGE_DROPOUT).to(condition.device) >= p
+    latents = condition[:, condition.shape[1] - latent_channels :]
+    latents = torch.where(per_sample_view(keep, latents), latents, torch.zeros_like(latents))
+    condition = torch.cat([condition[:, : condition.shape[1] - latent_channels], latents], dim=1)
+    rows = keep.to(image.device).repeat_interleave(image.shape[0] // keep.shape[0])
+    return condition, torch.where(per_sample_view(rows, image), image, torch.zeros_like(image)), keep

@@ -61,6 +61,10 @@ class EDM:
     """Karras schedule exponent."""
     text_dropout: float = attrs.field(default=0.1, validator=[v.ge(0.0), v.le(1.0)])
     """Probability of replacing a sample's text by the null (zero) text, for classifier-free guidance."""
+    image_dropout: float = attrs.field(default=0.0, validator=[v.ge(0.0), v.le(1.0)])
+    """Image-to-video models: probability of replacing a sample's image features and condition latents by zeros
+    (the frame mask kept), drawn independently of the text's, for classifier-free guidance on the image; 0: never
+    (as Wan 2.1 trained). See ``dfm.domain.diffusion.conditioning.drop_image``."""
     mask_text_padding: bool = True
     """``true``: cross-attention ignores the text's padding tokens (the text mask is applied); ``false``: the
     network attends to all ``data.text_len`` tokens, the padding being zeros. Training and sampling both

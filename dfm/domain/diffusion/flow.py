@@ -114,6 +114,10 @@ class FlowMatching:
     """``none``: weight 1; ``shift``: weight ``1 + s sigma``."""
     text_dropout: float = attrs.field(default=0.1, validator=[v.ge(0.0), v.le(1.0)])
     """Probability of replacing a sample's text by the null (zero) text, for classifier-free guidance."""
+    image_dropout: float = attrs.field(default=0.0, validator=[v.ge(0.0), v.le(1.0)])
+    """Image-to-video models: probability of replacing a sample's image features and condition latents by zeros
+    (the frame mask kept), drawn independently of the text's, for classifier-free guidance on the image; 0: never
+    (as Wan 2.1 trained). See ``dfm.domain.diffusion.conditioning.drop_image``."""
     num_train_timesteps: int = attrs.field(default=1000, validator=v.gt(0))
     """``T``: in training the network sees ``t = sigma T``; a sampler gives it the time its diffusers scheduler
     pairs with each level (UniPC: ``floor(sigma T)``, flow Euler: ``sigma T``)."""

@@ -2,7 +2,8 @@
 
 One 4-rank launch runs every case of ``sampling_worker.py`` (WAN with UniPC and flow Euler, DiT with EDM Heun;
 CFG 2 x context 2, and context 4 with and without guidance; a first-block step cache deciding over the context
-group's shards); the layout choice is checked here, in one process.
+group's shards; WAN image-to-video and first-last-frame, the condition bound around the parallel model); the
+layout choice is checked here, in one process.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ CASES = (
     "wan_context4",
     "wan_context4_no_guidance",
     "wan_cfg_context_first_block",
+    "wan_i2v_cfg_context",
+    "wan_i2v_context4",
+    "wan_flf_cfg_context",
 )
 RTOL = {"dit_cfg_context": 2e-5}
 """Relative tolerance on the latents (default 1e-5). EDM starts at ``sigma_max = 80``: float32 rounding of

@@ -102,6 +102,23 @@ def test_cross_field_checks_name_the_key() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(1.5, "must be <= 1.0, got 1.5"), (-0.1, "must be >= 0.0, got -0.1"), (float("nan"), "must be >= 0.0, got nan")],
+)
+def test_image_dropout_is_a_probability(value: float, message: str) -> None:
+    assert problems({"diffusion": {"image_dropout": value}}) == [f"diffusion.image_dropout: {message}"]
+    cfg = resolve_config("wan_tiny_i2v", None, ["diffusion.image_dropout=0.25"])
+    assert cfg.diffusion.image_dropout == 0.25 and resolve_config("wan_tiny_i2v", None, []).diffusion.image_dropout == 0
+
+
+def test_image_dropout_needs_an_image_to_video_model() -> None:
+    assert problems({"diffusion": {"image_dropout": 0.1}}) == [
+        "diffusion.image_dropout: 0.1 drops the image of image-to-video samples, but this model is text-to-video "
+        "(model.image_dim is null); set diffusion.image_dropout=0, or train an image-to-video model"
+    ]
+
+
 def test_every_problem_is_reported_once_one_per_line() -> None:
     found = problems(
         {
