@@ -89,11 +89,13 @@ def batch(b: int = 6, start: int = 100) -> Batch:
 
 
 @pytest.mark.parametrize("name", sorted(PROCESSES))
-def test_without_image_dropout_the_losses_are_those_of_before_bit_for_bit(name: str) -> None:
+def test_without_image_dropout_the_losses_are_those_of_before(name: str) -> None:
     process = PROCESSES[name]
     assert process.image_dropout == 0.0  # the default
     out = training_loss(ImageNet(), batch(), process, SampleRNG(seed=5, step=7))
-    assert [v.hex() for v in out.per_sample.double().tolist()] == GOLDEN[name]
+    golden = torch.tensor([float.fromhex(v) for v in GOLDEN[name]], dtype=torch.float64)
+    # a changed random stream moves a loss by far more than the 1e-6 left for another CPU's kernels
+    torch.testing.assert_close(out.per_sample.double(), golden, rtol=1e-6, atol=0)
     assert "image_dropped" not in out.metrics
 
 
