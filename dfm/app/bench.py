@@ -3,7 +3,8 @@
 Builds the runtime, model and data source exactly as ``python -m dfm.app.train`` does (recipe < YAML <
 ``key=value``; ``torchrun`` for several processes), runs ``--warmup`` steps then ``--steps`` timed steps
 (CUDA synchronised around each), and prints one JSON line on rank 0: seconds per step (mean, min, max),
-samples/s, tokens/s, model TFLOP/s per device (the spec's analytic training FLOPs,
+samples/s, tokens/s, the host's share of a step spent drawing its batches (``data_s_per_step``, within
+``s_per_step``: the device waits meanwhile), model TFLOP/s per device (the spec's analytic training FLOPs,
 :func:`dfm.domain.specs.training_flops`; recompute not counted), peak memory, and the final loss. Samples,
 tokens and FLOPs are counted from the timed steps' micro-batches as they ran (their own latent shapes and
 text length, every data-parallel rank's; :mod:`dfm.app.services.throughput`), so bucketed and packed data
@@ -56,7 +57,7 @@ def bench_train(cfg: TrainConfig, *, warmup: int = 2, steps: int = 6, profile: P
     codec, text = bootstrap.build_codecs(cfg)
     data = iter(bootstrap.build_data_source(cfg, runtime.topology, codec, text))
     n_micro = bootstrap.batch_layout(cfg, runtime.topology.dp_size).micro_batches
-    times, loss, prof, work = [], float("nan"), None, Work()
+    times, data_times, loss, prof, work = [], [], float("nan"), None, Work()
     extra = 2 if profile is not None else 0  # profiled after the timed steps, so timings stay clean
     for step in range(warmup + steps + extra):
         if extra and step == warmup + steps:
@@ -65,16 +66,19 @@ def bench_train(cfg: TrainConfig, *, warmup: int = 2, steps: int = 6, profile: P
         _sync(runtime)
         t0 = time.perf_counter()
         micro = [next(data) for _ in range(n_micro)]
+        t_data = time.perf_counter() - t0
         result = runtime.train_step(micro, step_objective(cfg, step), cfg.train.global_batch_size)
         _sync(runtime)
         if warmup <= step < warmup + steps:
             times.append(time.perf_counter() - t0)
+            data_times.append(t_data)
             work += batch_work(cfg.model, micro)
         loss = result.loss
     if prof is not None and profile is not None:
         prof.__exit__(None, None, None)
         write_profile(prof, profile)
     figures = _figures(cfg, runtime, times, job_work(work, runtime.topology), loss, warmup)
+    figures["data_s_per_step"] = round(statistics.fmean(data_times), 4)
     runtime.close()  # a runtime that created a process group tears it down
     return figures
 

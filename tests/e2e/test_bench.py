@@ -20,6 +20,7 @@ def test_bench_train_prints_the_figures(runtime: str, capsys: pytest.CaptureFixt
     got = json.loads(line)
     assert got["runtime"] == runtime and got["timed_steps"] == 2 and got["world"] == 1
     assert got["s_per_step_min"] <= got["s_per_step"] <= got["s_per_step_max"]
+    assert 0 < got["data_s_per_step"] < got["s_per_step"]
     assert got["samples_per_s"] == pytest.approx(
         got["global_batch_size"] / got["s_per_step"], rel=1e-2
     )  # s_per_step is rounded
