@@ -19,7 +19,9 @@ next, also under another ``W`` or ``m`` as long as the state was taken between s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import torch
@@ -39,6 +41,14 @@ MOCK_CONDITION_STREAM = 0x5EEDC0DE
 """Stream of the condition channels of a mock image-to-video sample."""
 MOCK_IMAGE_STREAM = 0x5EED1A6E
 """Stream of the image features of a mock image-to-video sample."""
+
+
+@functools.cache
+def _drawer() -> ThreadPoolExecutor:
+    """The one background thread that draws mock batches ahead (torch's kernels run without the GIL)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfm-mock-data")
+
+
 _STATE_KEYS = ("source", "seed", "global_batch_size", "micro_batch_size", "world", "next_step", "next_micro")
 
 
@@ -85,6 +95,10 @@ class _SteppedSource:
         self._next_micro += 1
         if self._next_micro == self.micro_batches_per_step:
             self._next_step, self._next_micro = self._next_step + 1, 0
+        return self._batch(indices)
+
+    def _batch(self, indices: list[int]) -> Batch:
+        """:meth:`batch_for_indices` (subclasses may draw it ahead)."""
         return self.batch_for_indices(indices)
 
     def state_dict(self) -> dict[str, Any]:
@@ -297,6 +311,18 @@ class MockLatentSource(_SteppedSource):
         if text_len < 1 or text_dim < 1:
             raise ValueError(f"text_len and text_dim must be >= 1, got {text_len}, {text_dim}")
         self.latent_shape, self.text_len, self.text_dim = shape, text_len, text_dim
+        self._ahead: tuple[list[int], Future[Batch]] | None = None
+
+    def _batch(self, indices: list[int]) -> Batch:
+        """The batch of ``indices``, drawn on a background thread while the caller's step ran; the next position's
+        batch is then started. Mock batches of a large micro-batch are costly to draw (128 x 32 x 4096 text numbers
+        take ~0.1 s), and a benchmark's device should not wait for them. Batches and state are those of drawing in
+        line: a batch is a function of its indices, and the position only moves in :meth:`__next__`."""
+        ahead, self._ahead = self._ahead, None
+        batch = ahead[1].result() if ahead is not None and ahead[0] == indices else self.batch_for_indices(indices)
+        upcoming = self._indices(self._next_step)[self._next_micro]
+        self._ahead = (upcoming, _drawer().submit(self.batch_for_indices, upcoming))
+        return batch
 
     def batch_for_indices(self, indices: Sequence[int]) -> Batch:
         """Draw the given global samples."""

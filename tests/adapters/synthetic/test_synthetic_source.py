@@ -237,3 +237,14 @@ def test_mock_shapes() -> None:
         mock(latent_shape=(4, 3, 6))
     with pytest.raises(ValueError, match="latent_shape"):
         mock(latent_shape=(4, 0, 6, 6))
+
+
+def test_mock_draws_the_next_batch_ahead_and_a_jump_discards_it() -> None:
+    source = mock()
+    first = next(source)
+    assert source._ahead is not None and source._ahead[0] == [2, 3]  # the next micro-batch, being drawn
+    assert _same(next(source), source.batch_for_indices([2, 3]))
+    source.load_state_dict({**source.state_dict(), "next_step": 5, "next_micro": 0})  # e.g. a resume
+    jumped = next(source)
+    assert jumped.sample_index.tolist() == [40, 41] and _same(jumped, source.batch_for_indices([40, 41]))
+    assert not _same(first, jumped)
