@@ -16,6 +16,7 @@ from dfm.domain.networks.layers import (
     RMSNorm,
     TwoLayerMLP,
     apply_rope,
+    eager_fusable,
     timestep_features,
 )
 
@@ -117,7 +118,7 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Apply the FFN to ``x`` ``[..., dim]``.
 
-        Sampling on CUDA runs ``gelu_tanh(x W1^T + b1)`` as one GEMM with the bias and GELU in its epilogue
+        Eager sampling on CUDA runs ``gelu_tanh(x W1^T + b1)`` as one GEMM with the bias and GELU in its epilogue
         (cuBLASLt's GELU is the tanh form), sparing a pass over the ``ffn_dim``-wide hidden activations.
         """
         proj = self.net[0].proj
@@ -127,18 +128,18 @@ class FeedForward(nn.Module):
         return self.net[2](F.gelu(proj(x), approximate=self.approximate))
 
     def _gelu_epilogue(self, x: Tensor, proj: nn.Module) -> bool:
-        """Whether the fused GEMM + GELU applies: a plain ``nn.Linear`` (not LoRA, FP8 or sharded) with a bias, tanh
-        GELU, CUDA (torch's CPU kernel of the fused op computes the exact GELU instead), no autograd. Compiled
-        blocks use it too: inductor calls the op itself, and cannot fuse a GELU into cuBLAS's GEMM on its own."""
+        """Whether the fused GEMM + GELU applies: eager (compiled blocks keep the plain form, as measured), no
+        autograd, CUDA (torch's CPU kernel of the fused op computes the exact GELU instead), tanh GELU, and a plain
+        ``nn.Linear`` with a bias and a plain weight (not LoRA, FP8 or a sharded DTensor)."""
         return (
-            self.approximate == "tanh"
+            eager_fusable(x)
+            and not torch.is_grad_enabled()
+            and x.is_cuda
+            and self.approximate == "tanh"
             and type(proj) is nn.Linear
             and proj.bias is not None
-            and type(proj.weight.data) is Tensor
-            and x.is_cuda
+            and type(proj.weight) is nn.Parameter
             and x.dtype == proj.weight.dtype
-            and not torch.is_grad_enabled()
-            and type(x) is Tensor
         )
 
 
