@@ -99,8 +99,6 @@ def test_a_tiny_model_learns_to_start_from_its_first_frame(tmp_path: Path) -> No
 def test_what_image_to_video_training_does_not_take_yet(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="the megatron runtime trains text-to-video models only"):
         train(resolve_config("wan_tiny_i2v", None, [f"run.dir={tmp_path / 'm'}", "runtime=megatron", *QUIET]))
-    with pytest.raises(ConfigError, match="samples during training are text-to-video only for now"):
-        train(resolve_config("wan_tiny_i2v", None, [f"run.dir={tmp_path / 's'}", "sample.every_n_steps=1", *QUIET]))
 
 
 def test_mock_data_feed_an_image_to_video_benchmark() -> None:

@@ -200,6 +200,13 @@ def render_batch(specs: Sequence[VideoSpec], frames: int, height: int, width: in
     return (bg + (colour - bg) * cov) * 2.0 - 1.0
 
 
+def first_frame(spec: VideoSpec, height: int, width: int) -> torch.Tensor:
+    """The clip's first frame as uint8 ``[height, width, 3]`` (it does not depend on the clip's frame count), rounded
+    as the synthetic source rounds the frame its image-to-video samples are conditioned on."""
+    frame = render_batch([spec], 1, height, width)[0, :, 0]  # [3, H, W] in [-1, 1]
+    return ((frame + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+
+
 def coverage(specs: Sequence[VideoSpec], frames: int, height: int, width: int) -> torch.Tensor:
     """Fraction of each pixel the shape covers, ``[B, frames, height, width]`` in ``[0, 1]``."""
     _check_size(frames, height, width)

@@ -28,7 +28,9 @@ from dfm.adapters.diffusers.wan_weights import save_wan_diffusers
 from dfm.adapters.formats.samples import encode_sample
 from dfm.adapters.fsdp2 import FSDP2Runtime
 from dfm.adapters.local import LocalRuntime, resolve_device
+from dfm.adapters.synthetic.videos import VideoSpec
 from dfm.adapters.synthetic.videos import describe as describe_clip
+from dfm.adapters.synthetic.videos import first_frame as first_clip_frame
 from dfm.adapters.synthetic.videos import render as render_clip
 from dfm.adapters.torch_dist import DistEnv, all_gather_json, init_process_group
 from dfm.adapters.torch_dist import destroy as destroy_process_group
@@ -87,6 +89,7 @@ __all__ = [
     "DistEnv",
     "Mp4Writer",
     "SamplingLayout",
+    "VideoSpec",
     "adapter_key",
     "adapter_template",
     "all_gather_json",
@@ -103,6 +106,7 @@ __all__ = [
     "encode_sample",
     "energon_writer",
     "export_wan_distributed",
+    "first_clip_frame",
     "from_adapter_key",
     "image_condition",
     "init_process_group",

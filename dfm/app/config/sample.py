@@ -8,6 +8,7 @@ import attrs
 from attrs import validators as v
 
 from dfm.app.config.checks import choice, optional, positive
+from dfm.app.config.errors import FieldError
 
 SamplerName = Literal["unipc", "flow_euler", "edm_euler", "edm_heun"]
 FLOW_SAMPLERS: tuple[str, ...] = ("unipc", "flow_euler")
@@ -41,5 +42,18 @@ class SampleConfig:
     prompts: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     """Captions sampled during training; empty: the first three captions of the ``synthetic`` data (other data
     sources need prompts)."""
+    images: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    """Image-to-video models: the first frame of each prompt's sample during training (image files, scaled and
+    centre-cropped to the video's size as ``generate --image`` does), one per prompt or one for every prompt;
+    empty with ``synthetic`` data and no :attr:`prompts`: the first frames of the clips those captions describe.
+    Text-to-video models take none."""
     seed: int = attrs.field(default=0, validator=v.ge(0))
     """Seed of the noise of the samples taken during training (prompt ``i`` uses ``seed + i``)."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.prompts and len(self.images) not in (0, 1, len(self.prompts)):
+            raise FieldError(
+                "images",
+                f"{len(self.images)} images for {len(self.prompts)} prompts: give one image per prompt, or one for "
+                "all of them",
+            )

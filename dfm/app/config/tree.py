@@ -87,3 +87,9 @@ class TrainConfig:
                 f"{image_dropout} drops the image of image-to-video samples, but this model is text-to-video "
                 "(model.image_dim is null); set diffusion.image_dropout=0, or train an image-to-video model",
             )
+        if self.sample.images and not getattr(self.model, "image_to_video", False):
+            raise FieldError(
+                ("sample", "images"),
+                "first frames of image-to-video samples, but this model is text-to-video (model.image_dim is null); "
+                "remove sample.images",
+            )

@@ -50,7 +50,7 @@ from dfm.domain.networks.step_cache import StepCache, step_caching
 from dfm.domain.sampling import sample_latents
 from dfm.domain.specs import LatentSpec
 from dfm.ports.checkpoint import CheckpointError
-from dfm.ports.codecs import LatentCodec, TextEncoder
+from dfm.ports.codecs import ImageEncoder, LatentCodec, TextEncoder
 from dfm.ports.tracking import VideoWriter
 
 log = get_logger("dfm.generate")
@@ -261,11 +261,27 @@ def image_conditioning(
         )
     paths = [p for p in (request.image, request.last_image) if p is not None]
     frames = [bootstrap.load_image(p, plan.height, plan.width) for p in paths]
+    return frame_conditioning(frames, plan, codec, encoder, device)
+
+
+def frame_conditioning(
+    frames: Sequence[torch.Tensor], plan: SamplingPlan, codec: LatentCodec, encoder: ImageEncoder, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The condition channels ``[1, 4 + C, F, h, w]`` and image features of a first frame (and a last one), each
+    uint8 ``[plan.height, plan.width, 3]``: what :func:`image_conditioning` makes of the images it reads.
+
+    Raises:
+        ValueError: No frame, more than two, or frames of another size than the plan's.
+    """
+    size = (plan.height, plan.width, 3)
+    if not 1 <= len(frames) <= 2 or any(tuple(f.shape) != size or f.dtype != torch.uint8 for f in frames):
+        shapes = [(tuple(f.shape), str(f.dtype)) for f in frames]
+        raise ValueError(f"image conditioning takes one or two uint8 frames of shape {size}, got {shapes}")
     pixels = [f.permute(2, 0, 1)[None].float() / 255 * 2 - 1 for f in frames]  # [1, 3, H, W] in [-1, 1]
     latents = codec.encode(condition_pixels(pixels[0], plan.frames, pixels[1] if len(pixels) > 1 else None))
     stride = codec.latent_spec.temporal_stride
     mask = frame_mask(1, plan.frames, tuple(latents.shape[-2:]), stride, last=len(pixels) > 1)
-    return condition_channels(mask, latents).to(device), encoder.encode(frames).to(device)
+    return condition_channels(mask, latents).to(device), encoder.encode(list(frames)).to(device)
 
 
 def decode_videos(codec: LatentCodec, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:

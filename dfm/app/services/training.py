@@ -37,7 +37,7 @@ from dfm.domain.batch import Batch
 from dfm.domain.objective import Objective
 from dfm.domain.rng import SampleRNG
 from dfm.ports.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore
-from dfm.ports.codecs import LatentCodec, TextEncoder
+from dfm.ports.codecs import ImageEncoder, LatentCodec, TextEncoder
 from dfm.ports.data import DataSource
 from dfm.ports.runtime import ParallelRuntime, StepResult
 from dfm.ports.tracking import MetricsSink
@@ -83,6 +83,8 @@ class _Run:
     batches: Iterator[Batch] | None = None
     codecs: tuple[LatentCodec, TextEncoder] | None = None
     """The VAE and text encoder that sample videos while training (``sample.every_n_steps``)."""
+    image_encoder: ImageEncoder | None = None
+    """What encodes the first frames of an image-to-video model's samples (built once, with the codecs)."""
     sampled_step: int | None = None
 
 
@@ -146,6 +148,7 @@ def _train(
     run = _Run(cfg=cfg, runtime=runtime, data=data, store=store, sink=None)  # type: ignore[arg-type]
     if cfg.sample.every_n_steps is not None and codec is not None and text is not None:
         run.codecs = (codec, text)
+        run.image_encoder = bootstrap.build_image_encoder(cfg) if getattr(cfg.model, "image_to_video", False) else None
     selection = select(cfg.checkpoint.resume, store, lambda root: bootstrap.checkpoint_store_at(root, cfg.runtime))
     restored = restore_first(selection, lambda info: _restore(run, info)) if selection is not None else None
     if restored is None and cfg.checkpoint.init_from is not None and not cfg.lora.enabled:
@@ -231,7 +234,7 @@ def _loop(run: _Run) -> TrainResult:
 def _samples(run: _Run) -> None:
     assert run.codecs is not None
     with _disk_errors(Path(run.cfg.run.dir) / "samples"):
-        paths = write_training_samples(run.cfg, run.runtime, run.codecs, run.step)
+        paths = write_training_samples(run.cfg, run.runtime, run.codecs, run.step, image_encoder=run.image_encoder)
     log_videos = getattr(run.sink, "log_videos", None)  # trackers that take videos (W&B)
     if paths and log_videos is not None:
         prompts = training_prompts(run.cfg)
