@@ -12,11 +12,17 @@ analytic forward FLOPs of every row the network ran, dense-equivalent under a ca
 of the denoising loop (weights included) and of the decode. ``--profile DIR`` then profiles a two-step dense run
 (``torch.profiler`` trace and the top operators by device time, as ``bench train --profile``).
 
+Under ``torchrun`` the ranks share each forward as ``generate`` lays them out (CFG parallel x context parallel,
+``--cfg-parallel``/``--context-parallel``); rank 0 prints the rows, with the layout, the whole job's model TFLOP/s
+and its share per device, and its own peak memory.
+
 Examples::
 
     python -m dfm.app.bench generate --recipe wan_1_3b_t2v_pretrain --vae random --frames 81 --height 480 \\
         --width 832 --steps 10 --precision bf16
     python -m dfm.app.bench generate --checkpoint runs/demo --steps 25 --cache first_block:0.05
+    torchrun --nproc-per-node 8 -m dfm.app.bench generate --recipe wan_14b_t2v_pretrain --vae random \\
+        --frames 81 --height 720 --width 1280 --steps 5 --precision bf16 --compile   # CFG 2 x context 4
 """
 
 from __future__ import annotations
@@ -34,10 +40,10 @@ import attrs
 import torch
 
 from dfm.app import bootstrap
-from dfm.app.bootstrap import save_random_wan_vae, to_uint8_frames
+from dfm.app.bootstrap import SamplingRanks, save_random_wan_vae, to_uint8_frames, use_local_device
 from dfm.app.cli import UserError, add_config_arguments, config_from_args, make_parser, parse_args
 from dfm.app.config import TrainConfig
-from dfm.app.generate import sampling_arguments
+from dfm.app.generate import add_parallel_arguments, sampling_arguments
 from dfm.app.logging import configure_logging
 from dfm.app.profiling import profiler, write_profile
 from dfm.app.services.checkpoints import load_for_inference
@@ -46,6 +52,7 @@ from dfm.app.services.generation import (
     compile_blocks,
     generation_codecs,
     inference_dtype,
+    joined_ranks,
     sample_prompts,
 )
 from dfm.app.services.generation_request import GenerateRequest, cache_option, sampling_plan, with_codecs
@@ -81,32 +88,36 @@ def _run(
     request: GenerateRequest,
     cfg: TrainConfig,
     model: torch.nn.Module,
+    ranks: SamplingRanks,
     codecs: tuple[LatentCodec, TextEncoder],
     cache: StepCacheConfig | None,
-) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """One timed generation; its figures, its final latents and its decoded frames."""
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor | None]:
+    """One timed generation by every rank of ``ranks`` (``model`` is the network they share); its figures, its
+    final latents and (rank 0, which decodes) its decoded frames."""
     device = next(model.parameters()).device
     plan = sampling_plan(request, cfg, codecs[0].latent_spec)
     timings = GenerationTimings()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    counter = _RowCounter(model)
+    counter = _RowCounter(ranks.model)  # the whole forward's rows, whatever share of them each rank runs
     t0 = time.perf_counter()
     try:
-        with step_caching(model, cache) as cached:
-            latents = sample_prompts(request, plan, cfg, model, codecs, device, timings)
+        with step_caching(model, cache, reduce=ranks.context_sum) as cached:
+            latents = sample_prompts(request, plan, cfg, ranks.model, codecs, device, timings)
     finally:
         counter.handle.remove()
     denoise_peak = _peak_gib(device)
     t_decode = time.perf_counter()
-    frames = [to_uint8_frames(codecs[0].decode(x.float())[0].cpu()) for x in latents]
+    frames = [to_uint8_frames(codecs[0].decode(x.float())[0].cpu()) for x in latents] if ranks.is_main else None
     end = time.perf_counter()
     spec, latent = cfg.model, codecs[0].latent_spec
     tokens = num_tokens(spec, *latent.latent_shape(plan.frames, plan.height, plan.width)[1:])
     denoise = sum(timings.step_s)
+    flops = counter.rows * forward_flops(spec, tokens, cfg.data.text_len)
     later = timings.step_s[1:] or timings.step_s
     figures = {
+        "cfg": request.cfg,
         "video": [plan.frames, plan.height, plan.width],
         "tokens": tokens,
         "steps": plan.steps,
@@ -117,14 +128,15 @@ def _run(
         "denoise_s": round(denoise, 3),
         "decode_s": round(end - t_decode, 3),
         "total_s": round(end - t0, 3),
-        "model_tflops": round(counter.rows * forward_flops(spec, tokens, cfg.data.text_len) / denoise / 1e12, 2),
+        "model_tflops": round(flops / denoise / 1e12, 2),
+        "model_tflops_per_device": round(flops / denoise / 1e12 / ranks.layout.world, 2),
         "max_memory_gib": denoise_peak,
         "decode_max_memory_gib": _peak_gib(device),
     }
     if cached is not None:
         figures["calls"] = sum(s.calls for s in cached.videos)
         figures["calls_reused"] = sum(s.skipped_calls for s in cached.videos)
-    return figures, torch.cat(latents).float().cpu(), torch.stack(frames)
+    return figures, torch.cat(latents).float().cpu(), None if frames is None else torch.stack(frames)
 
 
 def _peak_gib(device: torch.device) -> float | None:
@@ -156,24 +168,28 @@ def bench_generate(
     A two-step run comes first, untimed but reported as ``warmup_s`` (compilation, kernel autotuning, the
     allocator's first growth, loading the VAE), so the dense run does not pay for what the cached ones then get
     for free. With ``profile``, a two-step dense run is profiled last, so the timings stay clean.
+
+    Under ``torchrun`` every rank calls it and the ranks share each forward as ``generate`` lays them out
+    (:func:`~dfm.app.services.generation.joined_ranks`); rank 0 decodes and returns the rows, the others ``[]``.
     """
-    t0 = time.perf_counter()
-    _run(attrs.evolve(request, steps=2), cfg, model, codecs, None)
-    warmup_s = round(time.perf_counter() - t0, 2)
-    dense, ref_latents, ref_frames = _run(request, cfg, model, codecs, None)
-    rows = [{"setting": "dense", "warmup_s": warmup_s, **dense}]
-    for cache in caches:
-        figures, latents, frames = _run(request, cfg, model, codecs, cache)
-        speedup = round(dense["denoise_s"] / figures["denoise_s"], 3)
-        setting = f"{cache.method}:{cache.threshold:g}"
-        rows.append(
-            {"setting": setting, **figures, "speedup": speedup, **_drift(latents, frames, ref_latents, ref_frames)}
-        )
-    if profile is not None:
-        with profiler() as prof:
-            _run(attrs.evolve(request, steps=2), cfg, model, codecs, None)
-        write_profile(prof, profile)
-    return rows
+    with joined_ranks(request, cfg, model, codecs[0].latent_spec) as (request, ranks):
+        t0 = time.perf_counter()
+        _run(attrs.evolve(request, steps=2), cfg, model, ranks, codecs, None)
+        warmup_s = round(time.perf_counter() - t0, 2)
+        dense, ref_latents, ref_frames = _run(request, cfg, model, ranks, codecs, None)
+        layout = {"world": ranks.layout.world, "cfg_parallel": ranks.layout.cfg, "context": ranks.layout.context}
+        rows = [{"setting": "dense", **layout, "warmup_s": warmup_s, **dense}]
+        for cache in caches:
+            figures, latents, frames = _run(request, cfg, model, ranks, codecs, cache)
+            speedup = round(dense["denoise_s"] / figures["denoise_s"], 3)
+            setting = f"{cache.method}:{cache.threshold:g}"
+            drift = {} if frames is None else _drift(latents, frames, ref_latents, ref_frames)
+            rows.append({"setting": setting, **layout, **figures, "speedup": speedup, **drift})
+        if profile is not None:
+            with profiler() as prof:
+                _run(attrs.evolve(request, steps=2), cfg, model, ranks, codecs, None)
+            write_profile(prof, profile)
+    return rows if ranks.is_main else []
 
 
 def _recipe_network(cfg: TrainConfig, dtype: torch.dtype, attention: str | None, seed: int) -> torch.nn.Module:
@@ -207,6 +223,7 @@ def main_generate(argv: Sequence[str]) -> int:
     parser.add_argument("--vae-tiling", action="store_true")
     parser.add_argument("--cache", action="append", default=[], metavar="METHOD:THRESHOLD", help="repeatable")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR", help="also profile two dense steps")
+    add_parallel_arguments(parser)
     args = parse_args(parser, argv)
     configure_logging()  # stderr: stdout carries only the JSON lines
     try:
@@ -231,7 +248,10 @@ def main_generate(argv: Sequence[str]) -> int:
             cfg="batched" if caches else args.cfg,  # the dense reference runs as the cached settings do
             batch_size=args.batch_size,
             vae_tiling=args.vae_tiling,
+            cfg_parallel=args.cfg_parallel,
+            context_parallel=args.context_parallel,
         )
+        use_local_device()  # under torchrun on GPUs: this rank's own GPU before the network is built
         t0 = time.perf_counter()
         if args.checkpoint is not None:
             cfg, model = load_for_inference(args.checkpoint, dtype=dtype, attention=args.attention)
@@ -252,7 +272,6 @@ def main_generate(argv: Sequence[str]) -> int:
             "precision": args.precision,
             "dtype": str(dtype).removeprefix("torch."),
             "compiled": args.compile,
-            "cfg": request.cfg,
             "batch_size": args.batch_size,
             "attention": args.attention or cfg.train.attention_backend,
             "load_s": load_s,

@@ -145,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument(
         "--vae-tiling", action="store_true", help="decode in overlapping tiles: less memory, slower (WAN VAE)"
     )
+    add_parallel_arguments(p)
+    return p
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    """The multi-process options (``--cfg-parallel``, ``--context-parallel``) ``generate`` and ``bench generate``
+    share."""
     parallel = p.add_argument_group(
         "multi-process generation (torchrun --nproc-per-node N)",
         "Every rank samples the same noise and shares each forward; rank 0 decodes and writes. Left out: CFG "
@@ -164,7 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="ranks that split each video's tokens (Ulysses attention); must divide the attention heads and the "
         "video tokens (default: the processes CFG parallelism leaves)",
     )
-    return p
 
 
 SAMPLING_ARGUMENTS = ("sampler", "steps", "guidance", "shift", "seed", "frames", "height", "width")

@@ -9,6 +9,8 @@ sampled latents recorded and each rank's ``--out`` moved into its own ``rank<R>/
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -177,3 +179,27 @@ def test_impossible_layouts_are_one_line_errors_before_the_weights_load(
     assert len(errors) == 1 and message in errors[0], errors
     assert errors[0] == f"error: {ONE_PROCESS}" or world > 1
     assert not list(tmp_path.iterdir()) and not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("options", "layout"), [(["--cfg-parallel"], (2, 1)), (["--context-parallel", "2"], (1, 2))], ids=("cfg2", "cp2")
+)
+def test_bench_generate_under_torchrun_reports_the_layout(
+    tmp_path: Path, options: list[str], layout: tuple[int, int]
+) -> None:
+    """``torchrun -m dfm.app.bench generate`` (the multi-GPU generation figures' command): the ranks share each
+    forward as ``generate`` lays them out, rank 0 alone prints, and a step cache that never reuses (threshold 0)
+    under context parallelism (its statistics summed over the ranks) leaves the dense latents exactly."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]
+    launcher += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    argv = ["-m", "dfm.app.bench", "generate", "--recipe", "wan_tiny_t2v", "--steps", "3", "--guidance", "5"]
+    argv += ["--cache", "first_block:0", *options]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([*launcher, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    dense, cached = (json.loads(line) for line in result.stdout.splitlines())  # rank 0's two rows, no other
+    for row in (dense, cached):
+        assert (row["world"], row["cfg_parallel"], row["context"], row["cfg"]) == (2, *layout, "batched")
+        assert row["steps"] == 3 and row["denoise_s"] > 0
+    assert (cached["setting"], cached["calls"], cached["calls_reused"]) == ("first_block:0", 3, 0)
+    assert cached["latents_rel_l2"] == 0.0 and cached["frames_psnr_db"] == math.inf

@@ -38,6 +38,7 @@ from dfm.adapters.torch_dist.devices import device_type
 from dfm.adapters.torch_dist.lora import adapter_key, adapter_template, from_adapter_key
 from dfm.adapters.torch_dist.parallel_sampling import (
     SamplingLayout,
+    SamplingRanks,
     choose_layout,
     sampling_ranks,
     use_local_device,
@@ -89,6 +90,7 @@ __all__ = [
     "DistEnv",
     "Mp4Writer",
     "SamplingLayout",
+    "SamplingRanks",
     "VideoSpec",
     "adapter_key",
     "adapter_template",

@@ -22,6 +22,7 @@ from dfm.app.bootstrap import (
     DistEnv,
     Mp4Writer,
     SamplingLayout,
+    SamplingRanks,
     choose_layout,
     contact_sheet,
     read_meta,
@@ -212,19 +213,16 @@ def run_generation(
     """
     codec = codecs[0]
     plan = sampling_plan(request, cfg, codec.latent_spec)
-    layout = parallel_layout(request, cfg, plan, codec.latent_spec)
-    check_cfg_mode(request, layout)
-    request = attrs.evolve(request, cfg=cfg_mode(request, layout.cfg))
+    check_cfg_mode(request, parallel_layout(request, cfg, plan, codec.latent_spec))
     check_image(request, cfg)
     device = next(model.parameters()).device
     if request.compile:
         compile_blocks(model)
     # image-to-video: the condition channels and image features (every rank encodes the same images)
     condition = None if request.image is None else image_conditioning(request, plan, cfg, codec, device)
-    backend = request.attention or cfg.train.attention_backend
     with (
         _clear_oom(request, plan),
-        sampling_ranks(model, layout, attention_backend=backend) as ranks,
+        joined_ranks(request, cfg, model, codec.latent_spec) as (request, ranks),
         step_caching(model, request.cache, reduce=ranks.context_sum) as cache,
     ):
         # bound around the parallel model: CFG parallel splits the conditioned batch and its image features
@@ -242,6 +240,25 @@ def run_generation(
     paths, sheet = write_videos(request, plan, videos, writer)
     log.info("generated", videos=[str(p) for p in paths], contact_sheet=str(sheet))
     return paths
+
+
+@contextlib.contextmanager
+def joined_ranks(
+    request: GenerateRequest, cfg: TrainConfig, model: torch.nn.Module, latent: LatentSpec
+) -> Iterator[tuple[GenerateRequest, SamplingRanks]]:
+    """The ranks ``torchrun`` launched joined in :func:`parallel_layout`'s layout around ``model`` (one process:
+    the model as it is), and ``request`` with its ``--cfg auto`` resolved for that layout.
+
+    Raises:
+        ValueError: A layout the processes, the guidance or the model cannot take, or ``--cfg separate`` under
+            CFG parallelism.
+    """
+    layout = parallel_layout(request, cfg, sampling_plan(request, cfg, latent), latent)
+    check_cfg_mode(request, layout)
+    request = attrs.evolve(request, cfg=cfg_mode(request, layout.cfg))
+    backend = request.attention or cfg.train.attention_backend
+    with sampling_ranks(model, layout, attention_backend=backend) as ranks:
+        yield request, ranks
 
 
 def image_conditioning(
