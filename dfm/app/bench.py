@@ -46,7 +46,9 @@ from dfm.app.logging import configure_logging
 from dfm.app.profiling import profiler, write_profile
 from dfm.app.services.throughput import Work, batch_work, job_work
 from dfm.app.services.training import step_objective
+from dfm.domain.specs import LatentSpec
 from dfm.ports.runtime import ParallelRuntime
+from dfm.ports.samples import ImageCondition
 
 
 def bench_train(cfg: TrainConfig, *, warmup: int = 2, steps: int = 6, profile: Path | None = None) -> dict[str, Any]:
@@ -128,14 +130,17 @@ def bench_data(
     text_len: int = 512,
     text_dim: int = 4096,
     seed: int = 0,
+    image_condition: ImageCondition | None = None,
 ) -> dict[str, Any]:
-    """Time ``steps`` micro-batches of ``batch`` samples from the ``source`` data set at ``path``.
+    """Time ``steps`` micro-batches of ``batch`` samples from the ``source`` data set at ``path`` (image-to-video
+    samples, checked and completed with the frame mask as training reads them, with ``image_condition``).
 
     Raises:
         UserError: The data set cannot be opened with these settings.
     """
     t0 = time.perf_counter()
-    data = _open_source(source, path, batch, num_workers, shuffle_buffer, text_len, text_dim, seed)
+    options = {"text_len": text_len, "text_dim": text_dim, "seed": seed, "image_condition": image_condition}
+    data = _open_source(source, path, batch, num_workers, shuffle_buffer, options)
     it = iter(data)
     for _ in range(warmup):
         next(it)
@@ -143,7 +148,7 @@ def bench_data(
     t0, nbytes, shape = time.perf_counter(), 0, ()
     for _ in range(steps):
         got = next(it)
-        nbytes += _tensor_bytes(got.latents) + _tensor_bytes(got.text)
+        nbytes += sum(_tensor_bytes(t) for t in (got.latents, got.text, got.condition, got.image) if t is not None)
         shape = tuple(got.latents.shape[1:])
     seconds = time.perf_counter() - t0
     if hasattr(data, "close"):
@@ -157,6 +162,7 @@ def bench_data(
         "warmup_batches": warmup,
         "timed_batches": steps,
         "latent_shape": list(shape),
+        **({} if image_condition is None else {"image_condition": image_condition.kind}),
         "setup_s": round(setup, 3),
         "seconds": round(seconds, 4),
         "samples_per_s": round(steps * batch / seconds, 3),
@@ -167,12 +173,12 @@ def bench_data(
 
 
 def _open_source(
-    source: str, path: Path, batch: int, num_workers: int, shuffle_buffer: int, text_len: int, text_dim: int, seed: int
+    source: str, path: Path, batch: int, num_workers: int, shuffle_buffer: int, options: dict[str, Any]
 ) -> Any:
-    common = {"global_batch_size": batch, "micro_batch_size": batch, "seed": seed, "text_len": text_len}
+    common = {"global_batch_size": batch, "micro_batch_size": batch, **options}
     try:
         return bootstrap.open_prepared_source(
-            source, path, text_dim=text_dim, num_workers=num_workers, shuffle_buffer=shuffle_buffer, **common
+            source, path, num_workers=num_workers, shuffle_buffer=shuffle_buffer, **common
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -191,8 +197,11 @@ def make_fake_data(
     text_shape: Sequence[int] = (512, 4096),
     dtype: str = "float32",
     samples_per_shard: int = 16,
+    image_condition: str | None = None,
+    image_shape: Sequence[int] = (257, 1280),
 ) -> dict[str, Any]:
-    """Write ``samples`` random samples as prepared shards in ``root`` (and ``root/hf`` for ``hf_datasets``)."""
+    """Write ``samples`` random samples as prepared shards in ``root`` (and ``root/hf`` for ``hf_datasets``);
+    image-to-video samples with ``image_condition`` (``first``/``first_last``, image features ``image_shape``)."""
     if any(root.iterdir()) if root.is_dir() else root.exists():
         raise UserError(f"{root} exists and is not empty; --make-fake writes a new data set")
     t0 = time.perf_counter()
@@ -203,8 +212,12 @@ def make_fake_data(
         text_shape=text_shape,
         dtype=dtype,
         samples_per_shard=samples_per_shard,
+        image_condition=image_condition,
+        image_shape=image_shape,
     )
     made = {"made": str(root), "samples": samples, "latent_shape": list(latent_shape), "text_shape": list(text_shape)}
+    if image_condition is not None:
+        made |= {"image_condition": image_condition, "image_shape": list(image_shape)}
     if source == "hf_datasets":
         bootstrap.webdataset_to_hf(root, root / "hf")
         made["hf_path"] = str(root / "hf")
@@ -251,12 +264,20 @@ def main_data(argv: Sequence[str]) -> int:
     parser.add_argument("--text-shape", type=_shape, default=(512, 4096), help="L,D of fake text embeddings")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="fake tensor dtype")
     parser.add_argument("--samples-per-shard", type=int, default=16, help="fake samples per .tar shard")
+    parser.add_argument(
+        "--image-condition",
+        choices=("first", "first_last"),
+        default=None,
+        help="image-to-video samples (--make-fake writes condition latents and image features; the reader checks "
+        "them and adds the frame mask, WAN's temporal stride 4)",
+    )
+    parser.add_argument("--image-shape", type=_shape, default=(257, 1280), help="R,D of each image's features")
     args = parser.parse_args(list(argv))
     configure_logging()  # stderr: stdout carries only the JSON lines
     if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.num_workers < 0 or args.samples < 1:
         parser.error("need --batch >= 1, --steps >= 1, --warmup >= 0, --num-workers >= 0 and --samples >= 1")
-    if len(args.latent_shape) != 4 or len(args.text_shape) != 2:
-        parser.error("--latent-shape takes C,F,H,W and --text-shape takes L,D")
+    if len(args.latent_shape) != 4 or len(args.text_shape) != 2 or len(args.image_shape) != 2:
+        parser.error("--latent-shape takes C,F,H,W, --text-shape L,D and --image-shape R,D")
     path = args.path
     if args.make_fake is not None:
         made = make_fake_data(
@@ -267,6 +288,8 @@ def main_data(argv: Sequence[str]) -> int:
             text_shape=args.text_shape,
             dtype=args.dtype,
             samples_per_shard=args.samples_per_shard,
+            image_condition=args.image_condition,
+            image_shape=args.image_shape,
         )
         print(json.dumps(made), flush=True)
         path = path or Path(made.get("hf_path", made["made"]))
@@ -283,6 +306,11 @@ def main_data(argv: Sequence[str]) -> int:
         shuffle_buffer=args.shuffle_buffer,
         text_len=args.text_len,
         text_dim=text_dim,
+        image_condition=None
+        if args.image_condition is None
+        else ImageCondition(
+            kind=args.image_condition, temporal_stride=LatentSpec().temporal_stride, image_dim=args.image_shape[1]
+        ),
     )
     print(json.dumps(figures), flush=True)
     return 0
