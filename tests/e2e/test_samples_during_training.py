@@ -29,22 +29,22 @@ def _rows(run: Path) -> list[tuple[float, float]]:
     return [(row["loss"], row["grad_norm"]) for row in read_metrics(run / "metrics.jsonl")]
 
 
+def _with_and_without_samples(root: Path, recipe: str) -> dict[str, Path]:
+    """Two runs of ``recipe`` on the same settings, one sampling every 2 steps, one never."""
+    out = {"with": root / "with", "without": root / "without"}
+    train(resolve_config(recipe, None, [f"run.dir={out['with']}", *COMMON, *SAMPLES]))
+    train(resolve_config(recipe, None, [f"run.dir={out['without']}", *COMMON]))
+    return out
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("samples")
-    out = {"with": root / "with", "without": root / "without"}
-    train(resolve_config("wan_tiny_t2v", None, [f"run.dir={out['with']}", *COMMON, *SAMPLES]))
-    train(resolve_config("wan_tiny_t2v", None, [f"run.dir={out['without']}", *COMMON]))
-    return out
+    return _with_and_without_samples(tmp_path_factory.mktemp("samples"), "wan_tiny_t2v")
 
 
 @pytest.fixture(scope="module")
 def i2v_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("i2v_samples")
-    out = {"with": root / "with", "without": root / "without"}
-    train(resolve_config("wan_tiny_i2v", None, [f"run.dir={out['with']}", *COMMON, *SAMPLES]))
-    train(resolve_config("wan_tiny_i2v", None, [f"run.dir={out['without']}", *COMMON]))
-    return out
+    return _with_and_without_samples(tmp_path_factory.mktemp("i2v_samples"), "wan_tiny_i2v")
 
 
 def _plan(cfg: TrainConfig) -> SamplingPlan:
