@@ -43,6 +43,7 @@ from dfm.app import bootstrap
 from dfm.app.bootstrap import SamplingRanks, save_random_wan_vae, to_uint8_frames, use_local_device
 from dfm.app.cli import UserError, add_config_arguments, config_from_args, make_parser, parse_args
 from dfm.app.config import TrainConfig
+from dfm.app.config.training import ATTENTION_BACKENDS
 from dfm.app.generate import add_parallel_arguments, sampling_arguments
 from dfm.app.logging import configure_logging
 from dfm.app.profiling import profiler, write_profile
@@ -216,7 +217,7 @@ def main_generate(argv: Sequence[str]) -> int:
     parser.add_argument("--sampler", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
-    parser.add_argument("--attention", choices=("auto", "cudnn", "flash", "efficient", "math"), default=None)
+    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default=None)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--cfg", choices=("auto", "batched", "separate"), default="auto")
     parser.add_argument("--batch-size", type=int, default=1)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dfm.app.cli import UserError, make_parser, run_main
+from dfm.app.config.training import ATTENTION_BACKENDS
 
 EXAMPLES = """\
   python -m dfm.app.generate --checkpoint runs/demo --prompt "a red circle moving left slowly" --out out/red.mp4
@@ -125,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     speed.add_argument(
         "--attention",
-        choices=("auto", "cudnn", "flash", "efficient", "math"),
+        choices=ATTENTION_BACKENDS,
         default=None,
-        help="SDPA backend (default: the run's train.attention_backend; auto: cuDNN first on CUDA)",
+        help="SDPA backend (default: the run's train.attention_backend; auto: cuDNN first on CUDA; fa4: "
+        "FlashAttention-4, needs the flash-attn-4 package)",
     )
     speed.add_argument(
         "--compile", action="store_true", help="torch.compile each block once (CUDA; the first step compiles)"

@@ -7,6 +7,7 @@ CPU, with a warning), and out-of-memory while sampling or decoding (an error: li
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import attrs
@@ -140,7 +141,11 @@ def test_a_step_cache_runs_the_guidance_passes_as_rows_of_one_forward() -> None:
     ("field", "value", "message"),
     [
         ("precision", "fp16", "--precision must be one of auto, bf16, fp32, got 'fp16'"),
-        ("attention", "xformers", "--attention must be one of auto, cudnn, flash, efficient, math, got 'xformers'"),
+        (
+            "attention",
+            "xformers",
+            "--attention must be one of auto, math, flash, efficient, cudnn, fa4, got 'xformers'",
+        ),
         ("cfg", "both", "--cfg must be one of auto, batched, separate, got 'both'"),
         ("batch_size", 0, "--batch-size must be an integer >= 1, got 0"),
     ],
@@ -186,3 +191,7 @@ def test_the_cli_takes_the_options_and_refuses_bad_ones(run_dir: Path, tmp_path:
     assert out.is_file()
     bad = cli("generate", *args, "--batch-size", "0")
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --batch-size must be an integer >= 1, got 0"
+    if importlib.util.find_spec("flash_attn") is None:  # CI: FlashAttention-4 is not installed
+        fa4 = cli("generate", *args, "--attention", "fa4")
+        assert fa4.returncode == 2 and fa4.stderr.startswith("error: attention backend 'fa4' runs FlashAttention-4")
+        assert "pip install flash-attn-4" in fa4.stderr and "Traceback" not in fa4.stderr

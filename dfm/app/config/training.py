@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import attrs
 from attrs import validators as v
@@ -10,7 +10,10 @@ from attrs import validators as v
 from dfm.app.config.checks import choice, finite_positive, optional, positive
 
 ActivationCheckpointing = Literal["off", "full", "selective", "selective_matmul"]
-AttentionBackend = Literal["auto", "math", "flash", "efficient", "cudnn"]
+AttentionBackend = Literal["auto", "math", "flash", "efficient", "cudnn", "fa4"]
+ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
+"""``train.attention_backend`` and ``--attention`` values: ``auto`` (cuDNN first on CUDA, torch's choice on the CPU)
+or one SDPA backend; ``fa4`` is FlashAttention-4 (the ``flash-attn-4`` package, Hopper or Blackwell)."""
 Precision = Literal["fp32", "bf16", "auto"]
 
 

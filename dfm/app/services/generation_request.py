@@ -12,6 +12,7 @@ import attrs
 
 from dfm.app.config import CodecsConfig, TrainConfig
 from dfm.app.config.sample import EDM_SAMPLERS, FLOW_SAMPLERS
+from dfm.app.config.training import ATTENTION_BACKENDS
 from dfm.domain.networks.step_cache import CACHE_METHODS, StepCacheConfig
 from dfm.domain.specs import LatentSpec, ModelSpec
 
@@ -63,8 +64,6 @@ def _choice(option: str, choices: tuple[str, ...]) -> Validator:
 
 PRECISIONS = ("auto", "bf16", "fp32")
 """``--precision`` values: ``auto`` is bf16 on CUDA and fp32 on the CPU."""
-ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
-"""``--attention`` values (SDPA backends; ``auto``: cuDNN first on CUDA, torch's choice on CPU)."""
 CFG_MODES = ("auto", "batched", "separate")
 """``--cfg`` values: guidance's two passes as one forward over the doubled batch, or as two forwards; ``auto``
 is ``separate`` in one process (as fast on an H100, half the activation memory) and ``batched`` under CFG

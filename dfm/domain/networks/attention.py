@@ -8,6 +8,7 @@ parallel plan allows.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -20,8 +21,43 @@ SDPA_BACKENDS: dict[str, tuple[SDPBackend, ...]] = {
     "flash": (SDPBackend.FLASH_ATTENTION,),
     "efficient": (SDPBackend.EFFICIENT_ATTENTION,),
     "cudnn": (SDPBackend.CUDNN_ATTENTION,),
+    "fa4": (SDPBackend.FLASH_ATTENTION,),
 }
-"""Backends selectable by name (only that one runs; a call it cannot serve fails)."""
+"""Backends selectable by name (only that one runs; a call it cannot serve fails). ``"fa4"`` is torch's flash
+backend with FlashAttention-4 (the ``flash-attn-4`` package, CUDA compute capability 9.x or 10.x) activated in
+its place: see :func:`activate_flash_attention_4`."""
+
+ATTENTION_BACKENDS: tuple[str, ...] = ("auto", *SDPA_BACKENDS)
+"""Every name :class:`SDPAAttention` takes: the choices of ``train.attention_backend`` and ``--attention``."""
+
+FA4_HINT = (
+    "attention backend 'fa4' runs FlashAttention-4 through torch's flash-attention registry (torch >= 2.10) and "
+    "needs the flash-attn-4 package: pip install flash-attn-4 (CUDA 13: 'flash-attn-4[cu13]'); or choose cudnn"
+)
+"""What to do when ``"fa4"`` cannot be activated."""
+
+
+@functools.cache
+def activate_flash_attention_4() -> None:
+    """Put FlashAttention-4 behind torch's flash SDPA backend, once per process.
+
+    torch (>= 2.10) ships the registration (``torch.nn.attention.activate_flash_attention_impl("FA4")``); it
+    imports ``flash_attn.cute``. From then on every ``SDPBackend.FLASH_ATTENTION`` call on a CUDA tensor of a
+    supported GPU runs FA4; others fall back to torch's own kernel.
+
+    Raises:
+        ValueError: torch or ``flash-attn-4`` cannot provide it (:data:`FA4_HINT` says what to install).
+    """
+    import torch.nn.attention as attention
+
+    activate = getattr(attention, "activate_flash_attention_impl", None)
+    if activate is None or "FA4" not in attention.list_flash_attention_impls():
+        raise ValueError(f"{FA4_HINT} (torch {torch.__version__} has no FA4 registration)")
+    try:
+        activate("FA4")
+    except (ImportError, RuntimeError) as err:
+        raise ValueError(f"{FA4_HINT} ({type(err).__name__}: {err})") from err
+
 
 AUTO_CUDA_PRIORITY: tuple[SDPBackend, ...] = (
     SDPBackend.CUDNN_ATTENTION,
@@ -47,12 +83,15 @@ class SDPAAttention:
 
     Args:
         backend: ``"auto"`` (on CUDA: :data:`AUTO_CUDA_PRIORITY`; elsewhere torch's choice) or one of
-            :data:`SDPA_BACKENDS`.
+            :data:`SDPA_BACKENDS` (``"fa4"`` activates FlashAttention-4 here, see
+            :func:`activate_flash_attention_4`).
     """
 
     def __init__(self, backend: str = "auto") -> None:
-        if backend != "auto" and backend not in SDPA_BACKENDS:
+        if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown SDPA backend {backend!r}; expected 'auto' or one of {sorted(SDPA_BACKENDS)}")
+        if backend == "fa4":
+            activate_flash_attention_4()
         self.backend = backend
 
     def __call__(

@@ -47,3 +47,23 @@ def test_auto_falls_back_where_cudnn_cannot_serve_the_call() -> None:
     got = SDPAAttention("auto")(q, k, v, mask)
     expected = SDPAAttention("math")(q, k, v, mask)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10), reason="FA4: SM90/SM100"
+)
+def test_fa4_runs_flash_attention_4_in_eager_and_compiled_code() -> None:
+    pytest.importorskip("flash_attn.cute", reason="needs the flash-attn-4 package")
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv(1024))  # WAN's [B, L, H, D] views
+    kernel = SDPAAttention("fa4")
+    names = _kernels(lambda: kernel(q, k, v))
+    assert not any("cudnn" in n or "pytorch_flash" in n for n in names), names
+    expected = SDPAAttention("math")(q.float(), k.float(), v.float())
+    assert (kernel(q, k, v).float() - expected).abs().max().item() < 2e-2
+    compiled = torch.compile(lambda a, b, c: kernel(a, b, c) * 2.0, fullgraph=True)
+    assert (compiled(q, k, v).float() / 2.0 - expected).abs().max().item() < 2e-2
+    q.requires_grad_(True)
+    grad = torch.autograd.grad(kernel(q, k, v).float().square().sum(), q)[0]
+    q32 = q.detach().float().requires_grad_(True)
+    grad_ref = torch.autograd.grad(SDPAAttention("math")(q32, k.float(), v.float()).square().sum(), q32)[0]
+    assert (grad.float() - grad_ref).norm() / grad_ref.norm() < 2e-2
