@@ -27,6 +27,7 @@ from dfm.adapters.diffusers.lora import merge_adapters, read_lora_file, write_lo
 from dfm.adapters.diffusers.wan_weights import save_wan_diffusers
 from dfm.adapters.formats.samples import encode_sample
 from dfm.adapters.fsdp2 import FSDP2Runtime
+from dfm.adapters.kernels import activate_flash_attention_4
 from dfm.adapters.local import LocalRuntime, resolve_device
 from dfm.adapters.synthetic.videos import VideoSpec
 from dfm.adapters.synthetic.videos import describe as describe_clip
@@ -134,12 +135,26 @@ __all__ = [
     "save_random_wan_vae",
     "save_wan_diffusers",
     "to_uint8_frames",
+    "use_attention_backend",
     "use_local_device",
     "webdataset_to_hf",
     "write_fake_dataset",
     "write_lora_file",
     "write_text_atomic",
 ]
+
+
+def use_attention_backend(name: str) -> None:
+    """Make ``name`` (a ``train.attention_backend`` / ``--attention`` value) buildable in this process.
+
+    ``fa4`` activates FlashAttention-4 behind torch's flash backend (:mod:`dfm.adapters.kernels`); the others are
+    torch's own and need nothing.
+
+    Raises:
+        ValueError: ``fa4`` without the ``flash-attn-4`` package or a torch that can host it.
+    """
+    if name == "fa4":
+        activate_flash_attention_4()
 
 
 def build_runtime(cfg: TrainConfig, device: str = "auto") -> ParallelRuntime:
@@ -151,6 +166,7 @@ def build_runtime(cfg: TrainConfig, device: str = "auto") -> ParallelRuntime:
     _check_packing(cfg)  # before any process group exists
     check_batch_layout(cfg, 1)  # global % micro; the data-parallel size is checked with the data source
     t = cfg.train
+    use_attention_backend(t.attention_backend)
     knobs = {
         "device": device,
         "precision": t.precision,

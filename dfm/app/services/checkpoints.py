@@ -92,8 +92,8 @@ def load_for_inference(
         use_ema: Load the EMA weights when the checkpoint keeps them (else the raw training weights).
         dtype: The weights' dtype (``None``: float32; ``torch.bfloat16`` halves the memory).
         device: Where the weights live (``None``: the current CUDA device if any, else the CPU).
-        attention: The SDPA backend (``auto``, ``cudnn``, ``flash``, ``efficient``, ``math``; ``None``: the
-            training config's ``train.attention_backend``).
+        attention: The SDPA backend (``auto``, ``cudnn``, ``flash``, ``efficient``, ``math``, ``fa4``; ``None``:
+            the training config's ``train.attention_backend``).
 
     Raises:
         CheckpointError: no checkpoint at ``where``, one that fails verification, or an exported
@@ -102,6 +102,8 @@ def load_for_inference(
     """
     where = Path(where)
     if is_exported_dir(where):
+        if attention is not None:
+            bootstrap.use_attention_backend(attention)
         kernel = None if attention is None else SDPAAttention(attention)
         return load_exported(where, attention=kernel, dtype=dtype, device=device)
     selection = select_path(where, bootstrap.checkpoint_store_at, option="--checkpoint")
@@ -181,7 +183,10 @@ def load_exported(
             state[name] = value.to(target, torch.float32 if keep & set(name.split(".")) else weight_dtype)
         else:
             state[name] = value.to(target)
-    model = build_wan(spec, state, source=where, attention=attention or SDPAAttention(cfg.train.attention_backend))
+    if attention is None:
+        bootstrap.use_attention_backend(cfg.train.attention_backend)
+        attention = SDPAAttention(cfg.train.attention_backend)
+    model = build_wan(spec, state, source=where, attention=attention)
     return cfg, model.requires_grad_(False).eval()
 
 

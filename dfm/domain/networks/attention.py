@@ -8,7 +8,6 @@ parallel plan allows.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -24,39 +23,17 @@ SDPA_BACKENDS: dict[str, tuple[SDPBackend, ...]] = {
     "fa4": (SDPBackend.FLASH_ATTENTION,),
 }
 """Backends selectable by name (only that one runs; a call it cannot serve fails). ``"fa4"`` is torch's flash
-backend with FlashAttention-4 (the ``flash-attn-4`` package, CUDA compute capability 9.x or 10.x) activated in
-its place: see :func:`activate_flash_attention_4`."""
+backend with FlashAttention-4 (the ``flash-attn-4`` package, CUDA compute capability 9.x or 10.x) in its place;
+the composition root activates it (``dfm.adapters.kernels``) before any kernel is built."""
 
 ATTENTION_BACKENDS: tuple[str, ...] = ("auto", *SDPA_BACKENDS)
 """Every name :class:`SDPAAttention` takes: the choices of ``train.attention_backend`` and ``--attention``."""
 
-FA4_HINT = (
-    "attention backend 'fa4' runs FlashAttention-4 through torch's flash-attention registry (torch >= 2.10) and "
-    "needs the flash-attn-4 package: pip install flash-attn-4 (CUDA 13: 'flash-attn-4[cu13]'); or choose cudnn"
-)
-"""What to do when ``"fa4"`` cannot be activated."""
 
-
-@functools.cache
-def activate_flash_attention_4() -> None:
-    """Put FlashAttention-4 behind torch's flash SDPA backend, once per process.
-
-    torch (>= 2.10) ships the registration (``torch.nn.attention.activate_flash_attention_impl("FA4")``); it
-    imports ``flash_attn.cute``. From then on every ``SDPBackend.FLASH_ATTENTION`` call on a CUDA tensor of a
-    supported GPU runs FA4; others fall back to torch's own kernel.
-
-    Raises:
-        ValueError: torch or ``flash-attn-4`` cannot provide it (:data:`FA4_HINT` says what to install).
-    """
-    import torch.nn.attention as attention
-
-    activate = getattr(attention, "activate_flash_attention_impl", None)
-    if activate is None or "FA4" not in attention.list_flash_attention_impls():
-        raise ValueError(f"{FA4_HINT} (torch {torch.__version__} has no FA4 registration)")
-    try:
-        activate("FA4")
-    except (ImportError, RuntimeError) as err:
-        raise ValueError(f"{FA4_HINT} ({type(err).__name__}: {err})") from err
+def flash_attention_4_active() -> bool:
+    """Whether torch's flash SDPA backend runs FlashAttention-4 in this process (torch >= 2.10's registry)."""
+    current = getattr(torch.nn.attention, "current_flash_attention_impl", None)
+    return current is not None and current() == "FA4"
 
 
 AUTO_CUDA_PRIORITY: tuple[SDPBackend, ...] = (
@@ -83,15 +60,21 @@ class SDPAAttention:
 
     Args:
         backend: ``"auto"`` (on CUDA: :data:`AUTO_CUDA_PRIORITY`; elsewhere torch's choice) or one of
-            :data:`SDPA_BACKENDS` (``"fa4"`` activates FlashAttention-4 here, see
-            :func:`activate_flash_attention_4`).
+            :data:`SDPA_BACKENDS` (``"fa4"``: FlashAttention-4 must be active, see :data:`SDPA_BACKENDS`).
+
+    Raises:
+        ValueError: an unknown backend, or ``"fa4"`` while FlashAttention-4 is not active.
     """
 
     def __init__(self, backend: str = "auto") -> None:
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown SDPA backend {backend!r}; expected 'auto' or one of {sorted(SDPA_BACKENDS)}")
-        if backend == "fa4":
-            activate_flash_attention_4()
+        if backend == "fa4" and not flash_attention_4_active():
+            raise ValueError(
+                "attention backend 'fa4': FlashAttention-4 is not active in this process (dfm's commands activate it "
+                "when train.attention_backend or --attention names fa4; in your own code call "
+                "dfm.adapters.kernels.activate_flash_attention_4() first)"
+            )
         self.backend = backend
 
     def __call__(

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from dfm.adapters.kernels import activate_flash_attention_4
 from dfm.domain.networks.attention import SDPAAttention
 
 pytestmark = [
@@ -54,6 +55,7 @@ def test_auto_falls_back_where_cudnn_cannot_serve_the_call() -> None:
 )
 def test_fa4_runs_flash_attention_4_in_eager_and_compiled_code() -> None:
     pytest.importorskip("flash_attn.cute", reason="needs the flash-attn-4 package")
+    activate_flash_attention_4()
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv(1024))  # WAN's [B, L, H, D] views
     kernel = SDPAAttention("fa4")
     names = _kernels(lambda: kernel(q, k, v))
