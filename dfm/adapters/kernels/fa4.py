@@ -30,14 +30,30 @@ def _interface() -> ModuleType:
     return importlib.import_module("flash_attn.cute.interface")
 
 
+def dense_strides(t: Any) -> Any:
+    """``t`` itself, or the same memory viewed without zero strides on its size-1 dimensions.
+
+    A size-1 dimension may carry any stride (compiled graphs often give it 0, and torch's FA4 registration
+    allocates its output with ``empty_like(query)``, which copies them); FA4 refuses zero strides on the tensors it
+    writes. Any stride addresses the same elements there, so a view with the largest extent in its place is the same
+    tensor to FA4.
+    """
+    if not isinstance(t, torch.Tensor) or all(s or n != 1 for s, n in zip(t.stride(), t.shape, strict=True)):
+        return t
+    span = max((s * n for s, n in zip(t.stride(), t.shape, strict=True)), default=1) or 1
+    return t.as_strided(t.shape, [s if s or n != 1 else span for s, n in zip(t.stride(), t.shape, strict=True)])
+
+
 def _flash_attn_fwd(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """FA4's forward, returning ``(out, lse)`` as torch's FA4 registration unpacks it."""
+    args, kwargs = [dense_strides(a) for a in args], {k: dense_strides(v) for k, v in kwargs.items()}
     out, lse = _interface()._flash_attn_fwd(*args, **kwargs)[:2]
     return out, lse
 
 
 def _flash_attn_bwd(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FA4's backward, returning ``(dq, dk, dv)``."""
+    args, kwargs = [dense_strides(a) for a in args], {k: dense_strides(v) for k, v in kwargs.items()}
     dq, dk, dv = _interface()._flash_attn_bwd(*args, **kwargs)[:3]
     return dq, dk, dv
 
