@@ -217,7 +217,7 @@ def main_generate(argv: Sequence[str]) -> int:
     parser.add_argument("--sampler", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
-    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default=None)
+    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default=None, help="fa4: flash-attn-4")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--cfg", choices=("auto", "batched", "separate"), default="auto")
     parser.add_argument("--batch-size", type=int, default=1)
