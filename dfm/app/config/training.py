@@ -42,7 +42,8 @@ class TrainingConfig:
     activation_checkpointing_every_k: int = attrs.field(default=1, validator=positive)
     """With ``full`` or ``selective``, checkpoint every k-th block only (1 = every block)."""
     attention_backend: AttentionBackend = attrs.field(default="auto", validator=choice(AttentionBackend))
-    """SDPA kernel: ``auto`` lets the runtime choose (cuDNN preferred on Hopper), or force one."""
+    """SDPA kernel: ``auto`` lets the runtime choose (cuDNN preferred on Hopper), or force one; ``fa4`` is
+    FlashAttention-4 behind torch's flash backend (needs the ``flash-attn-4`` package; Hopper or Blackwell)."""
     compile: bool = False
     """``torch.compile`` each transformer block (CUDA only; the ``fsdp2`` and ``megatron`` runtimes; ignored on CPU)."""
     fp8: bool = False
