@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -31,13 +32,35 @@ TESTS = Path(__file__).resolve().parents[1]
 RESULT_VAR = "DFM_TEST_RESULT"
 """Environment variable naming the JSON file a worker writes its result to."""
 _TAIL = 6000
+_PORTS = random.SystemRandom()  # not the global generator, which tests seed: workers would pick the same ports
 
 
 def free_port() -> int:
-    """A TCP port nothing listens on right now (for ``MASTER_PORT``)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port nothing listens on right now (for ``MASTER_PORT``), below the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` comes from the ephemeral range, which the outgoing connections of
+    every running job (gloo's pair connections among them) draw from too; between this check and the master's
+    ``listen`` one of them may take it ("Connection reset by peer" while the ranks meet). Ports below the range are
+    never handed out on their own, so only another explicit bind can race for one.
+    """
+    low = _ephemeral_floor()
+    for _ in range(64):
+        port = _PORTS.randrange(20000, low) if low > 20000 else 0
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise AssertionError("no free TCP port below the ephemeral range after 64 tries")
+
+
+def _ephemeral_floor() -> int:
+    """The first port of Linux's ephemeral range (``ip_local_port_range``; 32768 where it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def run_ranks(target: str | Path, world: int, args: Sequence[str] = (), timeout: float = 120.0) -> list[dict[str, Any]]:
