@@ -194,5 +194,7 @@ def test_the_cli_takes_the_options_and_refuses_bad_ones(run_dir: Path, tmp_path:
     if importlib.util.find_spec("flash_attn") is None:  # CI: FlashAttention-4 is not installed
         fa4 = cli("generate", *args, "--attention", "fa4")
         last = fa4.stderr.strip().splitlines()[-1]
-        assert fa4.returncode == 2 and last.startswith("error: attention backend 'fa4' runs FlashAttention-4")
+        assert fa4.returncode == 2 and last.startswith(
+            "error: --attention: attention backend 'fa4' runs FlashAttention-4"
+        )
         assert "pip install flash-attn-4" in last and "Traceback" not in fa4.stderr

@@ -144,17 +144,20 @@ __all__ = [
 ]
 
 
-def use_attention_backend(name: str) -> None:
+def use_attention_backend(name: str, option: str = "train.attention_backend") -> None:
     """Make ``name`` (a ``train.attention_backend`` / ``--attention`` value) buildable in this process.
 
     ``fa4`` activates FlashAttention-4 behind torch's flash backend (:mod:`dfm.adapters.kernels`); the others are
     torch's own and need nothing.
 
     Raises:
-        ValueError: ``fa4`` without the ``flash-attn-4`` package or a torch that can host it.
+        ConfigError: ``fa4`` without the ``flash-attn-4`` package or a torch that can host it (named ``option``).
     """
     if name == "fa4":
-        activate_flash_attention_4()
+        try:
+            activate_flash_attention_4()
+        except ValueError as err:
+            raise ConfigError(f"{option}: {err}") from err
 
 
 def build_runtime(cfg: TrainConfig, device: str = "auto") -> ParallelRuntime:

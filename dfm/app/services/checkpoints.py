@@ -99,11 +99,12 @@ def load_for_inference(
         CheckpointError: no checkpoint at ``where``, one that fails verification, or an exported
             directory without its ``dfm_config.yaml``.
         ValueError: an exported directory whose weights do not fit its configs, or an unknown device.
+        ConfigError: ``attention="fa4"`` (or a run trained with it) where FlashAttention-4 cannot be activated.
     """
     where = Path(where)
+    if attention is not None:  # named by the user: an error names the option
+        bootstrap.use_attention_backend(attention, option="--attention")
     if is_exported_dir(where):
-        if attention is not None:
-            bootstrap.use_attention_backend(attention)
         kernel = None if attention is None else SDPAAttention(attention)
         return load_exported(where, attention=kernel, dtype=dtype, device=device)
     selection = select_path(where, bootstrap.checkpoint_store_at, option="--checkpoint")

@@ -7,7 +7,8 @@ import importlib.util
 import pytest
 
 from dfm.adapters.kernels import activate_flash_attention_4
-from dfm.app.config import resolve_config
+from dfm.app import bootstrap
+from dfm.app.config import ConfigError, resolve_config
 from dfm.app.config.training import ATTENTION_BACKENDS as CONFIG_CHOICES
 from dfm.domain.networks.attention import ATTENTION_BACKENDS, SDPAAttention, flash_attention_4_active
 
@@ -38,3 +39,10 @@ def test_fa4_without_its_package_says_what_to_install() -> None:
     text = str(caught.value)
     assert text.startswith("attention backend 'fa4' runs FlashAttention-4 through torch's flash-attention registry")
     assert "pip install flash-attn-4" in text and "or choose cudnn" in text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn-4 is installed here")
+def test_a_run_asking_for_fa4_without_its_package_is_a_config_error_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"^train\.attention_backend: attention backend 'fa4' runs FlashAttention-4"):
+        bootstrap.use_attention_backend("fa4")
+    bootstrap.use_attention_backend("cudnn")  # torch's own backends need nothing
