@@ -4,7 +4,7 @@ torch (>= 2.10) can put FA4 behind ``SDPBackend.FLASH_ATTENTION`` itself: its re
 (``torch.nn.attention.activate_flash_attention_impl("FA4")``) registers CUDA kernels for the flash ops that call
 the module's ``_flash_attn_fwd`` and ``_flash_attn_bwd``, so eager code, autograd and ``torch.compile`` (which
 keeps the op as an extern call) all run it. torch expects ``_flash_attn_fwd`` to return ``(out, lse)``; newer FA4
-releases return more (``4.0.0b19`` on: the softmax probabilities and row maxima where asked, ``None`` here), so this
+releases return more (those after ``4.0.0b17``: the softmax probabilities and row maxima where asked), so this
 module is the one torch is pointed at: it forwards to ``flash_attn.cute.interface`` and keeps torch's contract.
 """
 
@@ -62,8 +62,9 @@ def _flash_attn_bwd(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tens
 def activate_flash_attention_4() -> None:
     """Put FlashAttention-4 behind torch's flash SDPA backend, once per process.
 
-    From then on every ``SDPBackend.FLASH_ATTENTION`` call on a CUDA tensor of a Hopper or Blackwell GPU runs FA4
-    (other calls fall back to torch's own flash kernel), and ``SDPAAttention("fa4")`` can be built.
+    From then on every ``SDPBackend.FLASH_ATTENTION`` call on a CUDA tensor runs FA4, and ``SDPAAttention("fa4")``
+    can be built. A CUDA call FA4 cannot serve (another GPU than Hopper or Blackwell, dropout) fails with torch's
+    "FA4 ... unsupported" error; CPU tensors keep torch's CPU kernel.
 
     Raises:
         ValueError: torch has no FA4 registration, or ``flash-attn-4`` is missing or broken (:data:`FA4_HINT`).
