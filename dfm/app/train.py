@@ -98,6 +98,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # under torchrun: shut the process group down here, not in interpreter teardown, where destroying gloo's
+            # objects while their threads run can abort a rank that finished ("terminate called without an active
+            # exception", pytorch/pytorch#179291; seen in test_energon_data_parallel_resume.py)
+            from dfm.app.bootstrap import destroy_process_group
+
+            destroy_process_group()
     return SIGNAL_EXIT.get(result.stopped_by or "", 0)
 
 
